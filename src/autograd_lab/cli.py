@@ -1,0 +1,87 @@
+"""`autograd-lab <command> ...`: the console entry point.
+
+`train` hands its arguments to the Hydra app unchanged, after checking the overrides with
+Hydra's own parser and compose API, so a typo is one line and no run directory is created.
+Nothing here imports torch: `autograd-lab train --help` and `--cfg job` stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .config import UserError
+
+COMMANDS = {
+    "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
+    "demo": "run the seed's zero-grad study (CIFAR-10 when present, else synthetic data)",
+}
+
+# Hydra flags that only print or install things: no job runs, so nothing to validate.
+_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
+               "--version", "--cfg", "-c", "--resolve", "-p", "--package")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0].startswith(("-sc", "--shell-completion")):
+        argv = ["train", *argv]  # Hydra's completion script calls the program without a command
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            return train(rest)
+        if command == "demo":
+            return demo(rest)
+        raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")
+    except UserError as e:
+        print(f"autograd-lab: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _usage() -> str:
+    lines = ["usage: autograd-lab <command> [args]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`autograd-lab train --help` lists the config; README.md has the reference."]
+    return "\n".join(lines)
+
+
+def train(args: list[str]) -> int:
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if not any(a.split("=")[0] in _INFO_FLAGS for a in args):
+        overrides = [a for a in args if not a.startswith("-")]
+        check_overrides_cli(overrides, multirun)
+    from . import train as train_app
+
+    sys.argv = ["autograd-lab train", *args]
+    try:
+        train_app.main()
+    except SystemExit as e:  # Hydra and the app exit with a code: pass it on
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def check_overrides_cli(overrides: list[str], multirun: bool) -> None:
+    from .config import check_overrides
+
+    check_overrides(overrides, multirun)
+
+
+def demo(args: list[str]) -> int:
+    """The main job: the seed's zero-grad study, on CIFAR-10 if it is there, else synthetic."""
+    root = Path(next((a.split("=", 1)[1] for a in args if a.startswith("data.root=")), "data"))
+    have_cifar = (root / "cifar-10-batches-py").is_dir() or (root / "cifar-10-python.tar.gz").is_file()
+    if have_cifar:
+        print(f"demo: CIFAR-10 found in {root.resolve()}: running the seed's zero-grad study on it")
+        data = ["data=cifar10"]
+    else:
+        print(f"demo: no CIFAR-10 in {root.resolve()}: running the zero-grad study on synthetic "
+              f"data (put cifar-10-python.tar.gz there for the real thing)")
+        data = ["data=synthetic"]
+    return train(["-m", "experiment=zero_grad_study", *data, *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Config checks that turn a user's mistake into one line naming the bad value and the valid ones.
+
+Hydra parses and composes the config; this module only adds what Hydra cannot know: which values
+make sense. `check_overrides` runs before Hydra creates any directory (the CLI calls it), so a
+typo never leaves a half-made run directory behind. `validate` runs again inside the job, so
+`python -m autograd_lab.train` gets the same checks. No torch import here: it must stay fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from pathlib import Path
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for. Shown as one line, never as a traceback."""
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key -> (predicate, what is valid). Keys absent from the config (e.g. model.stem for smallnet)
+# are skipped, so one table serves every model and data choice.
+CHECKS: dict[str, tuple] = {
+    "seed": (_is_int, "an integer"),
+    "resume": (lambda v: isinstance(v, bool), "true or false"),
+    "threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "model.activation": (lambda v: v in ("relu", "custom_relu"), "one of: relu, custom_relu"),
+    "model.stem": (lambda v: v in ("imagenet", "cifar"), "one of: imagenet, cifar"),
+    "model.weights": (lambda v: v in (None, "IMAGENET1K_V1", "DEFAULT"),
+                      "one of: null, IMAGENET1K_V1, DEFAULT"),
+    "model.num_classes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "model.weights_path": (lambda v: v is None or isinstance(v, str), "null or a file path"),
+    "data.root": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "data.download": (lambda v: isinstance(v, bool), "true or false"),
+    "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.val_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.shuffle": (lambda v: isinstance(v, bool), "true or false"),
+    "data.augment": (lambda v: v in ("none", "flip_crop"), "one of: none, flip_crop"),
+    "data.train_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.test_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.noise": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "data.synthetic_seed": (_is_int, "an integer"),
+    "optim.lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "optim.momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "optim.nesterov": (lambda v: isinstance(v, bool), "true or false"),
+    "optim.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                    and all(_is_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "train.zero_grad": (lambda v: isinstance(v, bool), "true or false"),
+    "train.freeze": (lambda v: isinstance(v, str) or (isinstance(v, (list, tuple))
+                     and all(isinstance(p, str) for p in v)),
+                     "a list of parameter-name globs, or the preset backbone"),
+    "train.freeze_bn_stats": (lambda v: isinstance(v, bool), "true or false"),
+    "train.detach_at": (lambda v: v is None or isinstance(v, str), "null or a module name"),
+    "eval.grad_mode": (lambda v: v in ("inference", "no_grad", "enabled"),
+                       "one of: inference, no_grad, enabled"),
+    "trainer.max_epochs": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 or -1"),
+    "trainer.max_steps": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 or -1"),
+    "trainer.accelerator": (lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps"),
+                            "one of: auto, cpu, gpu, cuda, mps"),
+    "trainer.devices": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.limit_val_batches": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "trainer.progress_bar": (lambda v: v in ("auto", True, False), "one of: auto, true, false"),
+    "log.flush_every_s": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+}
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def validate(cfg) -> None:
+    """Raise UserError for the first value in `cfg` that is not valid."""
+    for key, (ok, valid) in CHECKS.items():
+        value = _get(cfg, key)
+        if value is _MISSING:
+            continue
+        if hasattr(value, "_content") or hasattr(value, "keys"):  # OmegaConf containers
+            from omegaconf import OmegaConf
+
+            value = OmegaConf.to_container(value)
+        if not ok(value):
+            raise UserError(f"{key}={_show(value)}: must be {valid}")
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------- composing before Hydra runs
+def _is_hydra_override(text: str) -> bool:
+    return text.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))
+
+
+def check_overrides(overrides: list[str], multirun: bool) -> None:
+    """Compose the config for every job the overrides describe and validate each.
+
+    Uses Hydra's own parser and compose API, so what passes here composes the same way in the run.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        if _is_hydra_override(text):
+            continue
+        try:
+            parsed.append(parser.parse_override(text))
+        except HydraException as e:
+            raise UserError(f"{text}: not a valid override ({_first_line(str(e))})") from None
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="check"):
+        base = [_first_choice(o) for o in parsed]
+        cfg = _compose(compose, base, return_hydra=True)
+        sweeps = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}
+        if multirun:  # a study preset may declare its own sweep (hydra.sweeper.params)
+            params = cfg.hydra.sweeper.get("params") or {}
+            for key, values in params.items():
+                if key not in sweeps:
+                    sweeps[key] = parser.parse_override(f"{key}={values}")
+        elif sweeps:
+            key = next(iter(sweeps))
+            raise UserError(f"{key}: a comma list or sweep needs -m (multirun), e.g. "
+                            f"autograd-lab train -m {key}=...")
+        fixed = [_text(o) for o in parsed if o.get_key_element() not in sweeps]
+        choices = [[f"{k}={v}" for v in _sweep_values(o)] for k, o in sweeps.items()]
+        for combo in itertools.islice(itertools.product(*choices), 256):
+            validate(_compose(compose, fixed + list(combo), return_hydra=False))
+    GlobalHydra.instance().clear()
+
+
+def _sweep_values(override) -> Iterable[str]:
+    return list(override.sweep_string_iterator())
+
+
+def _first_choice(override) -> str:
+    if override.is_sweep_override():
+        return f"{override.get_key_element()}={next(iter(_sweep_values(override)))}"
+    return _text(override)
+
+
+def _text(override) -> str:
+    return override.input_line
+
+
+def _compose(compose, overrides: list[str], return_hydra: bool):
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose("train", overrides=overrides, return_hydra_config=return_hydra)
+    except MissingConfigException as e:
+        raise UserError(_missing_group_message(e, overrides)) from None
+    except (ConfigCompositionException, OmegaConfBaseException) as e:
+        raise UserError(_composition_message(e, overrides, compose)) from None
+
+
+def _missing_group_message(e, overrides: list[str]) -> str:
+    missing = getattr(e, "missing_cfg_file", None) or ""
+    group, _, name = str(missing).rpartition("/")
+    options = getattr(e, "options", None)
+    if not options and group:
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    if group and options is not None:
+        return f"{group}={name}: no such {group}; choices are: {', '.join(sorted(options))}"
+    return _first_line(str(e))
+
+
+def _composition_message(e, overrides: list[str], compose) -> str:
+    text = str(e)
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if f"'{key}'" in text or f"'{key.split('.')[-1]}'" in text:
+            parent, _, leaf = key.rpartition(".")
+            rest = [o for o in overrides if o is not ov]
+            try:
+                cfg = compose("train", overrides=rest)
+                node = _get(cfg, parent) if parent else cfg
+                if node is not _MISSING and hasattr(node, "keys"):
+                    where = f"keys in {parent}" if parent else "top-level keys and groups"
+                    return f"{key}: no such key; {where} are: {', '.join(sorted(node.keys()))}"
+            except Exception:  # the other overrides are broken too: fall back to Hydra's words
+                pass
+    return _first_line(text)
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else text

@@ -1,0 +1,271 @@
+"""CIFAR-10 (real or synthetic) as resident uint8 tensors, batched by index slicing.
+
+The seed decodes every image through PIL and ToTensor in DataLoader workers, every epoch. Here
+torchvision's CIFAR-10 loader decodes the pickles once, the result is cached as one uint8 tensor
+file, and batches are slices of that tensor, normalised on the device as the seed does
+((x/255 - 0.5)/0.5). Augmentation draws its random numbers per epoch and works on whole batches.
+
+Synthetic data is written in the real CIFAR-10 on-disk format (str-keyed pickles + batches.meta)
+and read back through the same torchvision class, md5 check included, so the offline path runs
+the real loading code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity, extract_archive
+
+from .config import UserError
+from .records import atomic_write_bytes
+
+ARCHIVE = "cifar-10-python.tar.gz"
+CACHE_NAME = "autograd_lab_uint8.pt"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck"]
+
+
+# ------------------------------------------------------------------ decoding and caching
+def load_split_tensors(cfg) -> dict[str, torch.Tensor]:
+    """Return {'train_x','train_y','test_x','test_y'}: uint8 NCHW images and int64 labels."""
+    root = Path(cfg.root).expanduser()
+    if cfg.name == "synthetic":
+        folder, dataset_cls = write_synthetic(root / "synthetic" / _synthetic_key(cfg), cfg)
+    else:
+        folder, dataset_cls = _locate_cifar10(root, cfg.download), CIFAR10
+    return _cached_decode(folder, dataset_cls)
+
+
+def _locate_cifar10(root: Path, download: bool) -> Path:
+    if (root / CIFAR10.base_folder).is_dir():
+        return root
+    archive = root / ARCHIVE
+    if archive.is_file():
+        if not check_integrity(str(archive), CIFAR10.tgz_md5):
+            raise UserError(f"data.root={root}: {ARCHIVE} is truncated or corrupted (md5 "
+                            f"mismatch); replace it with a complete copy")
+        extract_archive(str(archive), str(root))
+        return root
+    if download:
+        try:
+            CIFAR10(str(root), train=True, download=True)
+            return root
+        except Exception as e:  # no network: say where the file goes
+            raise UserError(f"data.download=true: could not download CIFAR-10 ({e}); put "
+                            f"{ARCHIVE} in {root.resolve()} or use data=synthetic (offline)") from None
+    raise UserError(f"data=cifar10: CIFAR-10 not found in data.root={root.resolve()}; put "
+                    f"{ARCHIVE} (or its extracted {CIFAR10.base_folder}/) there, set "
+                    f"data.download=true, or use data=synthetic (runs offline)")
+
+
+def _source_signature(folder: Path, dataset_cls) -> str:
+    files = [n for n, _ in dataset_cls.train_list + dataset_cls.test_list]
+    parts = []
+    for name in files + [dataset_cls.meta["filename"]]:
+        st = (folder / dataset_cls.base_folder / name).stat()
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _cached_decode(root: Path, dataset_cls) -> dict[str, torch.Tensor]:
+    cache = root / dataset_cls.base_folder / CACHE_NAME
+    try:
+        signature = _source_signature(root, dataset_cls)
+    except FileNotFoundError as e:
+        raise UserError(f"data.root={root}: {Path(e.filename).name} is missing from "
+                        f"{dataset_cls.base_folder}/; restore it or delete the folder") from None
+    if cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            if blob.get("signature") == signature:
+                return {k: v for k, v in blob.items() if k != "signature"}
+        except Exception as e:  # a torn or corrupted cache is rebuilt, not trusted
+            warnings.warn(f"{cache}: unreadable cache ({type(e).__name__}); decoding again",
+                          stacklevel=2)
+    tensors = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = dataset_cls(str(root), train=train, download=False)
+        except RuntimeError as e:
+            raise UserError(f"data.root={root}: {dataset_cls.base_folder} is truncated or "
+                            f"corrupted ({e}); replace the files or the archive") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError) as e:
+            raise UserError(f"data.root={root}: a batch file in {dataset_cls.base_folder} "
+                            f"cannot be read ({type(e).__name__}); replace it") from None
+        tensors[f"{split}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        tensors[f"{split}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
+    try:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({**tensors, "signature": signature}, buf)
+        atomic_write_bytes(cache, buf.getvalue())
+    except OSError as e:  # a read-only data folder still trains, just without the cache
+        warnings.warn(f"{cache}: cannot write the decode cache ({e.strerror})", stacklevel=2)
+    return tensors
+
+
+# ------------------------------------------------------------------ synthetic CIFAR-10
+def _synthetic_key(cfg) -> str:
+    text = f"{cfg.train_size}-{cfg.test_size}-{float(cfg.noise)}-{cfg.synthetic_seed}-v2"
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def make_synthetic(n: int, noise: float, seed: int, split_offset: int):
+    """Deterministic, learnable images: each class is a smooth colour pattern, shifted by a few
+    pixels, with a random brightness offset and pixel noise on top.
+
+    The class patterns depend only on `seed`; shifts, noise and labels also on the split, so
+    train and test are different draws of the same task. A SmallNet learns it well above chance
+    within an epoch, but not instantly, so the seed's curves keep their shape.
+    """
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.rand(10, 3, 4, 4, generator=g) * 2 - 1
+    patterns = F.interpolate(patterns, size=(32, 32), mode="bilinear", align_corners=False)
+    g.manual_seed(seed * 1_000_003 + split_offset)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    shifts = torch.randint(-4, 5, (n, 2), generator=g)
+    images = torch.empty(n, 3, 32, 32)
+    for c in range(10):  # one roll per class and shift: at most 810 small ops, once per data set
+        for (dy, dx) in shifts[labels == c].unique(dim=0).tolist():
+            sel = (labels == c) & (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+            images[sel] = patterns[c].roll((dy, dx), dims=(1, 2))
+    brightness = 25 * torch.randn(n, 1, 1, 1, generator=g)
+    images = 128 + 35 * images + brightness + noise * torch.randn(n, 3, 32, 32, generator=g)
+    return images.round().clamp(0, 255).to(torch.uint8), labels
+
+
+def write_synthetic(folder: Path, cfg) -> tuple[Path, type]:
+    """Write (once) synthetic data in CIFAR-10's on-disk format; return (root, loader class)."""
+    base = folder / CIFAR10.base_folder
+    manifest = base / "manifest.pkl"
+    if not manifest.is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        md5s = {}
+        for split, n, offset in (("train", cfg.train_size, 1), ("test", cfg.test_size, 2)):
+            x, y = make_synthetic(n, float(cfg.noise), cfg.synthetic_seed, offset)
+            chunks = np.array_split(np.arange(n), 5) if split == "train" else [np.arange(n)]
+            for i, idx in enumerate(chunks):
+                name = f"data_batch_{i + 1}" if split == "train" else "test_batch"
+                entry = {"batch_label": f"synthetic {split} {i + 1}",
+                         "data": x[idx].reshape(len(idx), -1).numpy(),
+                         "labels": y[idx].tolist(),
+                         "filenames": [f"synthetic_{split}_{j}.png" for j in idx]}
+                md5s[name] = _write_pickle(base / name, entry)
+        md5s["batches.meta"] = _write_pickle(base / "batches.meta", {
+            "label_names": CLASSES, "num_cases_per_batch": -(-cfg.train_size // 5),
+            "num_vis": 3072})
+        atomic_write_bytes(manifest, pickle.dumps(md5s))
+    with open(manifest, "rb") as f:
+        md5s = pickle.load(f)
+    # A CIFAR10 subclass with this data's md5s, as torchvision's CIFAR100 does for its files:
+    # the real loader, integrity check included, reads the synthetic files.
+    cls = type("SyntheticCIFAR10", (CIFAR10,), {
+        "train_list": [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)],
+        "test_list": [["test_batch", md5s["test_batch"]]],
+        "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5s["batches.meta"]},
+    })
+    return folder, cls
+
+
+def _write_pickle(path: Path, obj) -> str:
+    blob = pickle.dumps(obj, protocol=2)
+    atomic_write_bytes(path, blob)
+    return hashlib.md5(blob).hexdigest()
+
+
+# ------------------------------------------------------------------ batches
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> the seed's ToTensor + Normalize((0.5,)*3, (0.5,)*3)."""
+    return x.float().div_(255).sub_(0.5).div_(0.5)
+
+
+def flip_crop(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+              pad: int = 4) -> torch.Tensor:
+    """Random horizontal flip and reflect-padded crop for a whole batch, in two tensor ops."""
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    n, c, h, w = x.shape
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, chan, rows, cols]
+
+
+class ResidentBatches:
+    """An epoch of (images, labels[, aug]) batches sliced from resident tensors.
+
+    The order of epoch e depends only on (seed, e), so any epoch, and any position in it, can be
+    reproduced. Lightning calls `sampler.set_epoch(e)` before each epoch (as it does for a
+    DistributedSampler); `sampler` is this object.
+    """
+
+    def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, augment: bool = False):
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
+        self.epoch = 0
+        self.sampler, self.batch_sampler = self, None  # what Lightning looks for on a loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self):
+        n, b = len(self.x), self.batch_size
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=g).to(self.x.device) if self.shuffle else None
+        if self.augment:
+            flip = (torch.rand(n, generator=g) < 0.5).to(self.x.device)
+            shift = torch.randint(0, 9, (2, n), generator=g).to(self.x.device)
+        for i in range(0, n, b):
+            if order is None:
+                x, y = self.x[i:i + b], self.y[i:i + b]
+            else:
+                idx = order[i:i + b]
+                x, y = self.x[idx], self.y[idx]
+            if self.augment:
+                yield x, y, (flip[i:i + b], shift[0, i:i + b], shift[1, i:i + b])
+            else:
+                yield x, y
+
+
+class CIFARDataModule(L.LightningDataModule):
+    """Train on the train split, validate on the test split, both resident in memory."""
+
+    def __init__(self, cfg, seed: int):
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.tensors: dict[str, torch.Tensor] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tensors is None:
+            self.tensors = load_split_tensors(self.cfg)
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if device.type != "cpu":  # resident on the accelerator: no per-batch host copies
+            self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+
+    def train_dataloader(self) -> ResidentBatches:
+        t = self.tensors
+        return ResidentBatches(t["train_x"], t["train_y"], self.cfg.batch_size, self.cfg.shuffle,
+                               self.seed, augment=self.cfg.augment == "flip_crop")
+
+    def val_dataloader(self) -> ResidentBatches:
+        t = self.tensors
+        return ResidentBatches(t["test_x"], t["test_y"], self.cfg.val_batch_size, False, self.seed)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x = normalize(batch[0])
+        if len(batch) == 3:
+            x = flip_crop(x, *batch[2])
+        return x, batch[1]

@@ -1,0 +1,99 @@
+"""The LightningModule: the seed's training step, with its switches in plain sight.
+
+Manual optimisation on purpose: the step reads like the seed's `train()` body (zero_grad,
+forward, CrossEntropyLoss, backward, step), so `train.zero_grad=false` is the seed's
+`zero_gradients=False` and nothing else. Losses stay on the device (`step_losses`); the
+RunRecorder flushes them in bulk.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .records import current_rss_mib
+from .variants import eval_context
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.name={cfg.name!r}")  # unreachable: the config group has two files
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, model: nn.Module, optim_cfg, zero_grad: bool = True,
+                 eval_grad_mode: str = "inference", frozen_bn: list[nn.Module] | None = None):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim_cfg
+        self.reset_grads = zero_grad
+        self.eval_grad_mode = eval_grad_mode
+        self.frozen_bn = frozen_bn or []
+        self.automatic_optimization = False
+        self.step_losses: list[torch.Tensor] = []
+        self.val_peak_mib = 0.0
+
+    # Lightning sets `_current_fx_name` twice per hook call, about thirty times a step; going
+    # through nn.Module.__setattr__ (isinstance checks against Parameter/Module/buffers) costs
+    # a few percent of a SmallNet step. The attribute is a plain string: store it directly.
+    def __setattr__(self, name, value):
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        if self.reset_grads:  # train.zero_grad
+            opt.zero_grad()
+        loss = F.cross_entropy(self.model(x), y)
+        self.manual_backward(loss)
+        opt.step()
+        self.step_losses.append(loss.detach())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for bn in self.frozen_bn:  # train.freeze_bn_stats: frozen BN keeps its running stats
+            bn.eval()
+        return self
+
+    # -- validation under the chosen grad mode (Trainer(inference_mode=False) gives no_grad
+    #    around this; eval_context then sets the mode the variant asks for)
+    def on_validation_epoch_start(self):
+        self._val_sums = torch.zeros(3, device=self.device)  # loss sum, correct, count
+        self.val_peak_mib = 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        with eval_context(self.eval_grad_mode):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            if self.device.type == "cpu":  # the graph (if any) is alive here: measure it
+                self.val_peak_mib = max(self.val_peak_mib, current_rss_mib())
+        correct = (logits.argmax(1) == y).sum()
+        self._val_sums += torch.stack([loss.detach(), correct.to(loss.dtype),
+                                       torch.tensor(len(y), dtype=loss.dtype, device=loss.device)])
+
+    def val_metrics(self) -> torch.Tensor:
+        """[mean loss, accuracy] of the validation epoch that just ran (still on the device)."""
+        loss_sum, correct, count = self._val_sums
+        if self.device.type == "cuda":
+            self.val_peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return torch.stack([loss_sum / count, correct / count])
+
+    def configure_optimizers(self):
+        return build_optimizer([p for p in self.model.parameters() if p.requires_grad],
+                               self.optim_cfg)

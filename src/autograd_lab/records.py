@@ -1,0 +1,256 @@
+"""The run directory: every-step curves to TensorBoard and metrics.parquet, run.json, atomic writes.
+
+Per-step values stay on the device as 0-d tensors until a flush (every `log.flush_every_s`
+seconds, at each epoch's end and at the end of the run): one host sync per flush, not per step.
+A flush writes the values to TensorBoard at their global steps and keeps them for
+metrics.parquet, and is where a non-finite loss is noticed: the run stops there, the curve is
+kept up to the last finite step, and the status becomes `diverged`.
+
+Step numbering: `train/loss` at step k is the loss computed by the k-th optimizer step (0-based),
+as index k of the seed's `loss_history`. Epoch-level values (`val/*`) sit at the number of
+optimizer steps done when they were measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
+
+RUN_STATUSES = ("completed", "diverged", "failed", "interrupted")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# ------------------------------------------------------------------ atomic files
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def write_parquet(path: Path, frame) -> None:
+    import io
+
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# ------------------------------------------------------------------ the recorder
+class RunRecorder(L.Callback):
+    """Collects every value that goes to TensorBoard, writes it in bulk, and times the run."""
+
+    def __init__(self, run_dir: Path, flush_every_s: float = 0.5):
+        self.run_dir = Path(run_dir)
+        self.flush_every_s = flush_every_s
+        self.rows: dict[str, list] = {"step": [], "epoch": [], "name": [], "value": []}
+        self.writer = None
+        self.diverged_at: int | None = None
+        self.train_seconds = 0.0
+        self.train_images = 0
+        self.val_seconds: list[float] = []
+        self.val_peak_mib: list[float] = []
+        self.last_loss = math.nan
+        self._next_flush = 0.0
+        self._next_step = 0
+        self._epoch_start = None
+        self._val_start = None
+        self._images_pending = 0
+
+    # -- writing
+    def log_values(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.rows["step"].append(step)
+            self.rows["epoch"].append(epoch)
+            self.rows["name"].append(name)
+            self.rows["value"].append(float(value))
+            if self.writer is not None:
+                self.writer.add_scalar(name, value, step)
+
+    def flush(self, trainer, pl_module) -> None:
+        pending = pl_module.step_losses
+        if not pending:
+            return
+        import torch
+
+        values = torch.stack(pending).tolist()  # the one host sync
+        pending.clear()
+        for k, value in enumerate(values):
+            step = self._next_step + k
+            if not math.isfinite(value):
+                self.diverged_at = step
+                trainer.should_stop = True
+                break
+            self.log_values(step, trainer.current_epoch, {"train/loss": value})
+            self.last_loss = value
+        self._next_step += len(values)
+        self._next_flush = time.perf_counter() + self.flush_every_s
+
+    # -- Lightning hooks
+    def setup(self, trainer, pl_module, stage):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=5)
+        self._next_step = trainer.global_step
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._images_pending += len(batch[1])
+        if time.perf_counter() >= self._next_flush:
+            self.flush(trainer, pl_module)
+
+    def _close_train_interval(self, trainer, pl_module):
+        self.flush(trainer, pl_module)
+        if self._epoch_start is not None:
+            self.train_seconds += time.perf_counter() - self._epoch_start
+            self.train_images += self._images_pending
+            self._epoch_start, self._images_pending = None, 0
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._close_train_interval(trainer, pl_module)
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        elapsed = time.perf_counter() - self._val_start
+        loss, acc = pl_module.val_metrics().tolist()
+        self.val_seconds.append(elapsed)
+        self.val_peak_mib.append(pl_module.val_peak_mib)
+        self.log_values(trainer.global_step, trainer.current_epoch,
+                        {"val/loss": loss, "val/acc": acc, "time/val_seconds": elapsed})
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._close_train_interval(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._close_train_interval(trainer, pl_module)
+
+    # -- results
+    @property
+    def images_per_s(self) -> float:
+        return self.train_images / self.train_seconds if self.train_seconds else 0.0
+
+    def final_metrics(self) -> dict:
+        frame = self.frame()
+        out = {"train_loss": None, "best_train_loss": None, "val_loss": None, "val_acc": None}
+        losses = frame[frame.name == "train/loss"].value
+        if len(losses):
+            out["train_loss"] = float(losses.iloc[-1])
+            out["best_train_loss"] = float(losses.min())
+        for key in ("val_loss", "val_acc"):
+            vals = frame[frame.name == key.replace("_", "/")].value
+            if len(vals):
+                out[key] = float(vals.iloc[-1])
+        out["steps"] = int(self._next_step if self.diverged_at is None else self.diverged_at)
+        return out
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({
+            "step": pd.array(self.rows["step"], dtype="int64"),
+            "epoch": pd.array(self.rows["epoch"], dtype="int64"),
+            "name": pd.array(self.rows["name"], dtype="string"),
+            "value": pd.array(self.rows["value"], dtype="float64")})
+
+    def write_hparams(self, hparams: dict, metrics: dict) -> None:
+        """HParams tab: the run's config beside its final metrics (also logged as scalars)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        metrics = {f"final/{k}": v for k, v in metrics.items() if v is not None}
+        step = max(self._next_step - 1, 0)
+        for summary in hparams_summary(hparams, metrics):
+            self.writer.file_writer.add_summary(summary)
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+# ------------------------------------------------------------------ the progress bar
+class StepProgressBar(ProgressBar):
+    """tqdm bar: epoch, step, last flushed loss and images/s; redraws a few times a second."""
+
+    def __init__(self, recorder: RunRecorder, min_interval_s: float = 0.3):
+        super().__init__()
+        self.recorder, self.min_interval_s = recorder, min_interval_s
+        self.bar = None
+        self._enabled = True
+
+    def disable(self):
+        self._enabled = False
+
+    def enable(self):
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        from tqdm.auto import tqdm
+
+        if not self._enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        total = trainer.num_training_batches
+        self.bar = tqdm(total=total if total != float("inf") else None, unit="step",
+                        desc=f"epoch {trainer.current_epoch}", mininterval=self.min_interval_s,
+                        dynamic_ncols=True, file=sys.stderr, leave=True)
+        self._t0, self._seen = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.bar is None:
+            return
+        self._seen += len(batch[1])
+        self.bar.update(1)
+        now = time.perf_counter()
+        if now - getattr(self, "_last_post", 0.0) >= self.min_interval_s:
+            self._last_post = now
+            rate = self._seen / max(now - self._t0, 1e-9)
+            self.bar.set_postfix(loss=f"{self.recorder.last_loss:.4f}", img_s=f"{rate:,.0f}",
+                                 step=trainer.global_step, refresh=False)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def teardown(self, trainer, pl_module, stage):
+        self.on_train_epoch_end(trainer, pl_module)

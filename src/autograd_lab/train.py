@@ -1,0 +1,187 @@
+"""The Hydra app: config -> data, model, variants, module, callbacks, trainer -> fit -> run record.
+
+This is the one place that wires objects together. Torch and Lightning are imported inside
+`run`, so `--help` and `--cfg job` stay fast.
+
+    autograd-lab train [overrides]          python -m autograd_lab.train [overrides]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import RUN_FORMAT_VERSION, __version__
+from .config import UserError, validate
+
+EXIT_USER_ERROR = 2
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> dict | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        validate(cfg)
+        return run(cfg, run_dir, progress_bar=_progress_bar_wanted(cfg, hc))
+    except UserError as e:
+        print(f"autograd-lab: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _progress_bar_wanted(cfg, hc) -> bool:
+    if cfg.trainer.progress_bar != "auto":
+        return bool(cfg.trainer.progress_bar)
+    parallel = "BasicLauncher" not in str(hc.launcher.get("_target_", "BasicLauncher"))
+    return sys.stderr.isatty() and not (hc.mode.name == "MULTIRUN" and parallel)
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False) -> dict:
+    """Train one configuration into `run_dir` and return its run record (also run.json)."""
+    _quiet_libraries()
+    import lightning as L
+    import torch
+
+    from .data import CIFARDataModule
+    from .models import build_model
+    from .module import Classifier
+    from .records import RunRecorder, StepProgressBar, peak_rss_mib, write_json, write_parquet
+    from .variants import detach_at, freeze, frozen_batchnorms
+
+    t0 = time.perf_counter()
+    record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                    "overrides": _overrides(), "versions": _versions()}
+    recorder = None
+    hooks = []
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        L.seed_everything(cfg.seed, verbose=False)
+        datamodule = CIFARDataModule(cfg.data, cfg.seed)
+        datamodule.tensors = _load_data(cfg)  # fail on data problems before any file is written
+        model = build_model(cfg.model)
+        report = freeze(model, cfg.train.freeze)
+        record["params"] = {"trainable": report.trainable_params, "frozen": report.frozen_params,
+                            "frozen_names": report.frozen}
+        if cfg.train.detach_at:
+            handle, det = detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
+            hooks.append(handle)
+            record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
+                                "upstream_names": det.upstream}
+        frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
+        module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn)
+
+        recorder = RunRecorder(run_dir, cfg.log.flush_every_s)
+        callbacks = [recorder] + ([StepProgressBar(recorder)] if progress_bar else [])
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+            max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
+            check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
+            limit_val_batches=cfg.trainer.limit_val_batches,
+            callbacks=callbacks, logger=False, enable_checkpointing=False,
+            enable_progress_bar=progress_bar, enable_model_summary=False,
+            num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir))
+        trainer.fit(module, datamodule=datamodule)
+        record["status"] = "diverged" if recorder.diverged_at is not None else "completed"
+        if recorder.diverged_at is not None:
+            record["error"] = f"non-finite loss at step {recorder.diverged_at}"
+        record["device"] = str(trainer.strategy.root_device)
+    except UserError as e:
+        record["error"] = str(e)
+        raise
+    except BaseException as e:
+        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        for h in hooks:
+            h.remove()
+        if recorder is not None:
+            record.update(_results(recorder, t0))
+            if recorder.writer is not None:
+                recorder.write_hparams(_hparams(cfg), record["final"])
+                write_parquet(run_dir / "metrics.parquet", recorder.frame())
+            recorder.close()
+        record["wall_seconds"] = time.perf_counter() - t0
+        record["peak_rss_mib"] = peak_rss_mib()
+        if torch.cuda.is_available():
+            record["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run.json", record)
+    return record
+
+
+def _load_data(cfg):
+    from .data import load_split_tensors
+
+    return load_split_tensors(cfg.data)
+
+
+def _results(recorder, t0: float) -> dict:
+    val_s = recorder.val_seconds
+    return {"final": recorder.final_metrics(), "images_per_s": recorder.images_per_s,
+            "train_seconds": recorder.train_seconds,
+            "val_seconds": val_s[-1] if val_s else None,
+            "val_seconds_total": sum(val_s),
+            "val_peak_mib": max(recorder.val_peak_mib) if recorder.val_peak_mib else None}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _hparams(cfg) -> dict:
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    skip = ("data.root", "resume", "trainer.progress_bar", "log.", "threads")
+    return {k: v for k, v in flat.items() if not k.startswith(skip)}
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (called from Python)
+        return []
+
+
+def _versions() -> dict:
+    import hydra as _hydra
+    import lightning
+    import torch
+    import torchvision
+
+    return {"autograd_lab": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "lightning": lightning.__version__, "hydra": _hydra.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+
+if __name__ == "__main__":
+    main()
