@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import check_integrity, extract_archive
+from torchvision.datasets import cifar as tv_cifar
+from torchvision.datasets.utils import extract_archive
 
 from .config import UserError
 from .records import atomic_write_bytes
@@ -49,7 +50,7 @@ def _locate_cifar10(root: Path, download: bool) -> Path:
         return root
     archive = root / ARCHIVE
     if archive.is_file():
-        if not check_integrity(str(archive), CIFAR10.tgz_md5):
+        if not tv_cifar.check_integrity(str(archive), CIFAR10.tgz_md5):
             raise UserError(f"data.root={root}: {ARCHIVE} is truncated or corrupted (md5 "
                             f"mismatch); replace it with a complete copy")
         extract_archive(str(archive), str(root))

@@ -1,0 +1,68 @@
+"""Shared fixtures: configs composed through Hydra's compose API, small synthetic data written
+once per session in the CIFAR-10 on-disk format, and helpers to run the harness or its CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from autograd_lab.config import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data=synthetic", "data.train_size=512", "data.test_size=256",
+         "trainer.max_epochs=1", "trainer.progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def make_cfg(*overrides: str, data_root: Path | None = None):
+    """Compose the harness config exactly as `autograd-lab train` would."""
+    GlobalHydra.instance().clear()
+    extra = [f"data.root={data_root}"] if data_root is not None else []
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*SMALL, *extra, *overrides])
+
+
+@pytest.fixture
+def cfg_factory(data_root):
+    return lambda *overrides: make_cfg(*overrides, data_root=data_root)
+
+
+@pytest.fixture
+def train_run(cfg_factory, tmp_path):
+    """Run the harness in-process; returns (record, run_dir)."""
+    from autograd_lab.train import run
+
+    counter = iter(range(1000))
+
+    def _run(*overrides: str):
+        run_dir = tmp_path / f"run{next(counter)}"
+        return run(cfg_factory(*overrides), run_dir), run_dir
+
+    return _run
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300):
+    """Run the real `autograd-lab` console script."""
+    exe = Path(sys.executable).parent / "autograd-lab"
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> list[float]:
+    import pandas as pd
+
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
+    curve = frame[frame.name == "train/loss"].sort_values("step")
+    assert list(curve.step) == list(range(len(curve))), "every step, in order, no gaps"
+    return curve.value.tolist()

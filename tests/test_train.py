@@ -1,0 +1,168 @@
+"""The harness against oracles: a plain PyTorch loop, a second run, TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import losses
+
+from autograd_lab.data import load_split_tensors
+from autograd_lab.models import SmallNet
+
+
+def _plain_loop(model, x, y, batch_size, lr=0.001, momentum=0.9):
+    """The seed's train() body, written out: zero_grad, forward, CrossEntropyLoss, backward, step."""
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    history = []
+    for i in range(0, len(x), batch_size):
+        inputs = (x[i:i + batch_size].float() / 255 - 0.5) / 0.5
+        labels = y[i:i + batch_size]
+        optimizer.zero_grad()
+        loss = criterion(model(inputs), labels)
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    return history
+
+
+@pytest.mark.parametrize("model_name", ["smallnet", "resnet18"])
+def test_per_step_losses_equal_a_plain_pytorch_loop(model_name, train_run, cfg_factory, tmp_path):
+    torch.manual_seed(1234)
+    if model_name == "smallnet":
+        reference = SmallNet()
+    else:
+        reference = torchvision.models.resnet18(num_classes=10)
+    weights = tmp_path / "init.pt"
+    torch.save(reference.state_dict(), weights)
+    size = 512 if model_name == "smallnet" else 192
+
+    record, run_dir = train_run(f"model={model_name}", "data.shuffle=false",
+                                f"data.train_size={size}", f"model.weights_path={weights}")
+    assert record["status"] == "completed"
+    harness = losses(run_dir)
+
+    data = load_split_tensors(cfg_factory(f"data.train_size={size}").data)
+    reference.load_state_dict(torch.load(weights, weights_only=True))
+    reference.train()
+    expected = _plain_loop(reference, data["train_x"], data["train_y"], 32)
+    assert len(harness) == len(expected) == math.ceil(size / 32)
+    assert max(abs(a - b) for a, b in zip(harness, expected)) < 1e-6
+
+
+def test_same_config_and_seed_give_identical_curves(train_run):
+    args = ("seed=7", "data.augment=flip_crop", "trainer.max_epochs=2")
+    (_, first), (_, second) = train_run(*args), train_run(*args)
+    assert losses(first) == losses(second)
+    (_, other_seed) = train_run("seed=8", "data.augment=flip_crop", "trainer.max_epochs=2")
+    assert losses(other_seed) != losses(first)
+
+
+def test_epochs_use_different_orders_from_the_seed(train_run):
+    """Lightning calls sampler.set_epoch: epoch 1 must not replay epoch 0's batches."""
+    _, run_dir = train_run("trainer.max_epochs=2", "optim.lr=1e-9", "optim.momentum=0")
+    curve = losses(run_dir)
+    half = len(curve) // 2
+    assert curve[:half] != curve[half:]
+
+
+def test_tensorboard_has_every_step_and_the_final_metrics_in_hparams(train_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    record, run_dir = train_run("trainer.max_epochs=2")
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    expected = losses(run_dir)
+    assert [e.step for e in events] == list(range(len(expected))) == list(range(32))
+    assert all(abs(e.value - v) <= 1e-6 * max(1, abs(v)) for e, v in zip(events, expected))
+    val = acc.Scalars("val/acc")
+    assert [e.step for e in val] == [16, 32]
+    assert val[-1].value == pytest.approx(record["final"]["val_acc"], abs=1e-6)
+
+    content = acc.PluginTagToContent("hparams")
+    session = None
+    for blob in content.values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(blob)
+        if data.HasField("session_start_info"):
+            session = data.session_start_info
+        if data.HasField("experiment"):
+            metric_tags = {m.name.tag for m in data.experiment.metric_infos}
+    assert session.hparams["optim.lr"].number_value == pytest.approx(0.001)
+    assert session.hparams["model.name"].string_value == "smallnet"
+    assert {"final/train_loss", "final/val_loss", "final/val_acc"} <= metric_tags
+    final_loss = acc.Scalars("final/train_loss")[-1].value
+    assert final_loss == pytest.approx(record["final"]["train_loss"], rel=1e-6)
+    assert final_loss == pytest.approx(expected[-1], rel=1e-6)  # not a placeholder
+
+
+def test_run_json_records_what_happened(train_run):
+    record, run_dir = train_run()
+    on_disk = json.loads((run_dir / "run.json").read_text())
+    assert on_disk["status"] == "completed" and on_disk["error"] is None
+    assert on_disk["final"]["steps"] == 16
+    assert on_disk["final"]["train_loss"] == pytest.approx(losses(run_dir)[-1])
+    assert on_disk["final"]["best_train_loss"] == pytest.approx(min(losses(run_dir)))
+    assert on_disk["images_per_s"] > 0 and on_disk["wall_seconds"] > 0
+    assert on_disk["peak_rss_mib"] > 50
+    assert on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["config"]["optim"]["lr"] == 0.001
+    assert on_disk["params"] == {"trainable": 6118, "frozen": 0, "frozen_names": []}
+
+
+def test_synthetic_data_is_learnable_well_above_chance(train_run):
+    record, _ = train_run("data.train_size=10000", "data.test_size=1000", "trainer.max_epochs=2")
+    assert record["final"]["val_acc"] > 0.5  # chance is 0.1
+
+
+def test_a_non_finite_loss_stops_the_run_as_diverged(train_run):
+    record, run_dir = train_run("optim.lr=1e8", "log.flush_every_s=0.001",
+                                "data.train_size=4096", "trainer.max_epochs=3")
+    assert record["status"] == "diverged"
+    curve = losses(run_dir)
+    assert all(math.isfinite(v) for v in curve)
+    assert record["final"]["steps"] == len(curve) < 3 * 128
+    assert f"step {len(curve)}" in record["error"]
+
+
+def test_adam_and_resnet_cifar_stem_train(train_run):
+    record, run_dir = train_run("model=resnet18", "model.stem=cifar", "optim=adam",
+                                "data.train_size=64", "data.test_size=64")
+    assert record["status"] == "completed"
+    assert record["params"]["trainable"] == sum(
+        p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters()
+    ) - 64 * 3 * 7 * 7 + 64 * 3 * 3 * 3
+    assert len(losses(run_dir)) == 2
+
+
+def test_eval_runs_under_the_chosen_grad_mode(train_run):
+    records = {m: train_run(f"eval.grad_mode={m}", "seed=3")[0]
+               for m in ("inference", "no_grad", "enabled")}
+    vals = {m: (r["final"]["val_loss"], r["final"]["val_acc"]) for m, r in records.items()}
+    assert vals["inference"] == vals["no_grad"] == vals["enabled"]
+    assert all(r["val_seconds"] > 0 and r["val_peak_mib"] > 0 for r in records.values())
+
+
+def test_custom_relu_gives_the_relu_curve(train_run):
+    _, relu = train_run("model.activation=relu")
+    _, custom = train_run("model.activation=custom_relu")
+    assert max(abs(a - b) for a, b in zip(losses(relu), losses(custom))) < 1e-6
+
+
+def test_normalisation_matches_the_seeds_transforms(cfg_factory):
+    from torchvision import transforms
+
+    from autograd_lab.data import normalize
+
+    x = load_split_tensors(cfg_factory().data)["train_x"][:8]
+    seed_tf = transforms.Compose([transforms.ToTensor(),
+                                  transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    expected = torch.stack([seed_tf(img.permute(1, 2, 0).numpy()) for img in x])
+    assert torch.allclose(normalize(x), expected, atol=1e-6)
+    assert not torch.equal(F.relu(normalize(x)), normalize(x))  # values below zero exist
