@@ -172,13 +172,14 @@ def child(name: str, a: dict) -> None:
 # ------------------------------------------------------------------ the parent
 def spawn(name: str, a: dict) -> dict:
     cmd = [sys.executable, __file__, "--_child", name, "--json-args", json.dumps(a)]
+    load1 = os.getloadavg()[0]  # other work on the machine skews every number: record it
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
     if p.returncode or not lines:
         tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
         print(f"  {name}: FAILED (exit {p.returncode})\n{tail}", file=sys.stderr)
         return {"error": f"exit {p.returncode}"}
-    return json.loads(lines[-1][len(MARK):])
+    return {**json.loads(lines[-1][len(MARK):]), "load1_before": load1}
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -243,7 +244,7 @@ def main() -> None:
             if "error" not in res:
                 print(f"  round {r + 1} {n}: {res['images_per_s']:8.0f} img/s  "
                       f"{res['seconds']:6.1f} s  rss {res['peak_rss_mib']:6.0f} MiB  "
-                      f"loss(last100) {res['loss_last100']:.3f}  threads {res['threads']}",
+                      f"loss(last100) {res['loss_last100']:.3f}  load {res['load1_before']:.1f}",
                       flush=True)
     summary = summarize(results)
     print(f"\n{'variant':48} {'best img/s':>10} {'median':>8} {'peak RSS MiB':>13}")

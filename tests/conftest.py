@@ -24,12 +24,13 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def make_cfg(*overrides: str, data_root: Path | None = None):
-    """Compose the harness config exactly as `autograd-lab train` would."""
+def make_cfg(*overrides: str, data_root: Path | None = None, small: bool = True):
+    """Compose the harness config exactly as `autograd-lab train` would (small synthetic data
+    unless `small=False`)."""
     GlobalHydra.instance().clear()
     extra = [f"data.root={data_root}"] if data_root is not None else []
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*SMALL, *extra, *overrides])
+        return compose("train", overrides=[*(SMALL if small else []), *extra, *overrides])
 
 
 @pytest.fixture
