@@ -155,5 +155,5 @@ def test_no_worker_processes_or_pil_in_the_hot_loop(cfg_factory):
     with mock.patch("PIL.Image.fromarray", side_effect=AssertionError("PIL used")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            for x, y in loader:
+            for x, _y in loader:
                 assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32)

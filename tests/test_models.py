@@ -37,7 +37,7 @@ def test_smallnet_is_the_seeds_net():
     assert [n for n, _ in ours.named_children()] == ["conv", "pool", "fc"]
     assert {k: v.shape for k, v in ours.state_dict().items()} == \
         {k: v.shape for k, v in seed.state_dict().items()}
-    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), seed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), seed.parameters(), strict=True))
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(ours(x), seed(x))
 

@@ -16,7 +16,7 @@ from autograd_lab.models import SmallNet
 
 
 def _plain_loop(model, x, y, batch_size, lr=0.001, momentum=0.9):
-    """The seed's train() body, written out: zero_grad, forward, CrossEntropyLoss, backward, step."""
+    """The seed's train() body written out: zero_grad, forward, CrossEntropyLoss, backward, step."""
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     history = []
@@ -52,7 +52,7 @@ def test_per_step_losses_equal_a_plain_pytorch_loop(model_name, train_run, cfg_f
     reference.train()
     expected = _plain_loop(reference, data["train_x"], data["train_y"], 32)
     assert len(harness) == len(expected) == math.ceil(size / 32)
-    assert max(abs(a - b) for a, b in zip(harness, expected)) < 1e-6
+    assert max(abs(a - b) for a, b in zip(harness, expected, strict=True)) < 1e-6
 
 
 def test_same_config_and_seed_give_identical_curves(train_run):
@@ -81,7 +81,8 @@ def test_tensorboard_has_every_step_and_the_final_metrics_in_hparams(train_run):
     events = acc.Scalars("train/loss")
     expected = losses(run_dir)
     assert [e.step for e in events] == list(range(len(expected))) == list(range(32))
-    assert all(abs(e.value - v) <= 1e-6 * max(1, abs(v)) for e, v in zip(events, expected))
+    pairs = zip(events, expected, strict=True)
+    assert all(abs(e.value - v) <= 1e-6 * max(1, abs(v)) for e, v in pairs)
     val = acc.Scalars("val/acc")
     assert [e.step for e in val] == [16, 32]
     assert val[-1].value == pytest.approx(record["final"]["val_acc"], abs=1e-6)
@@ -152,7 +153,7 @@ def test_eval_runs_under_the_chosen_grad_mode(train_run):
 def test_custom_relu_gives_the_relu_curve(train_run):
     _, relu = train_run("model.activation=relu")
     _, custom = train_run("model.activation=custom_relu")
-    assert max(abs(a - b) for a, b in zip(losses(relu), losses(custom))) < 1e-6
+    assert max(abs(a - b) for a, b in zip(losses(relu), losses(custom), strict=True)) < 1e-6
 
 
 def test_normalisation_matches_the_seeds_transforms(cfg_factory):

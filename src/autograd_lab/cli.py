@@ -72,7 +72,8 @@ def check_overrides_cli(overrides: list[str], multirun: bool) -> None:
 def demo(args: list[str]) -> int:
     """The main job: the seed's zero-grad study, on CIFAR-10 if it is there, else synthetic."""
     root = Path(next((a.split("=", 1)[1] for a in args if a.startswith("data.root=")), "data"))
-    have_cifar = (root / "cifar-10-batches-py").is_dir() or (root / "cifar-10-python.tar.gz").is_file()
+    have_cifar = ((root / "cifar-10-batches-py").is_dir()
+                  or (root / "cifar-10-python.tar.gz").is_file())
     if have_cifar:
         print(f"demo: CIFAR-10 found in {root.resolve()}: running the seed's zero-grad study on it")
         data = ["data=cifar10"]

@@ -61,7 +61,8 @@ def _locate_cifar10(root: Path, download: bool) -> Path:
             return root
         except Exception as e:  # no network: say where the file goes
             raise UserError(f"data.download=true: could not download CIFAR-10 ({e}); put "
-                            f"{ARCHIVE} in {root.resolve()} or use data=synthetic (offline)") from None
+                            f"{ARCHIVE} in {root.resolve()} or use data=synthetic (offline)"
+                            ) from None
     raise UserError(f"data=cifar10: CIFAR-10 not found in data.root={root.resolve()}; put "
                     f"{ARCHIVE} (or its extracted {CIFAR10.base_folder}/) there, set "
                     f"data.download=true, or use data=synthetic (runs offline)")

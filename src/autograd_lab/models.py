@@ -55,7 +55,7 @@ def resnet18(num_classes: int = 10, stem: str = "imagenet", weights: str | None 
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     if activation == "custom_relu":
-        for name, module in list(model.named_modules()):
+        for _name, module in list(model.named_modules()):
             for child_name, child in module.named_children():
                 if isinstance(child, nn.ReLU):
                     setattr(module, child_name, CustomReLU(inplace=child.inplace))
