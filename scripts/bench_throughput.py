@@ -36,6 +36,15 @@ def _rss_mib(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
 
 
+def _cpu_clock() -> tuple[float, float, float]:
+    """(wall s, machine busy CPU s, this process's CPU s incl. reaped workers)."""
+    with open("/proc/stat") as f:
+        t = [int(v) for v in f.readline().split()[1:9]]
+    own = sum(getattr(resource.getrusage(w), k) for k in ("ru_utime", "ru_stime")
+              for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return time.perf_counter(), (sum(t) - t[3] - t[4]) / os.sysconf("SC_CLK_TCK"), own
+
+
 def compose_cfg(a: dict, extra: tuple[str, ...] = ()):
     """The harness config every variant shares (data location, sizes, optimiser)."""
     from hydra import compose, initialize_config_dir
@@ -164,7 +173,11 @@ def child(name: str, a: dict) -> None:
     if a.get("threads"):
         torch.set_num_threads(a["threads"])
     fn = prepare if name == "prepare" else VARIANTS[name][0]
+    before = _cpu_clock()
     out = fn(a)
+    wall, busy, own = (x - y for x, y in zip(_cpu_clock(), before, strict=True))
+    # share of the machine's CPUs other processes used meanwhile: contention skews everything
+    out["others_cpu"] = max(busy - own, 0.0) / (wall * os.cpu_count())
     out["threads"] = torch.get_num_threads()
     print(MARK + json.dumps(out), flush=True)
 
@@ -172,14 +185,13 @@ def child(name: str, a: dict) -> None:
 # ------------------------------------------------------------------ the parent
 def spawn(name: str, a: dict) -> dict:
     cmd = [sys.executable, __file__, "--_child", name, "--json-args", json.dumps(a)]
-    load1 = os.getloadavg()[0]  # other work on the machine skews every number: record it
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
     if p.returncode or not lines:
         tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
         print(f"  {name}: FAILED (exit {p.returncode})\n{tail}", file=sys.stderr)
         return {"error": f"exit {p.returncode}"}
-    return {**json.loads(lines[-1][len(MARK):]), "load1_before": load1}
+    return json.loads(lines[-1][len(MARK):])
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -244,7 +256,7 @@ def main() -> None:
             if "error" not in res:
                 print(f"  round {r + 1} {n}: {res['images_per_s']:8.0f} img/s  "
                       f"{res['seconds']:6.1f} s  rss {res['peak_rss_mib']:6.0f} MiB  "
-                      f"loss(last100) {res['loss_last100']:.3f}  load {res['load1_before']:.1f}",
+                      f"loss(last100) {res['loss_last100']:.3f}  others {res['others_cpu']:4.0%}",
                       flush=True)
     summary = summarize(results)
     print(f"\n{'variant':48} {'best img/s':>10} {'median':>8} {'peak RSS MiB':>13}")
@@ -253,6 +265,10 @@ def main() -> None:
         if "peak_rss_workers_mib" in s:
             rss += f" (+workers {s['peak_rss_workers_mib']:.0f})"
         print(f"{n + ' ' + VARIANTS[n][1]:48} {s['best']:10.0f} {s['median']:8.0f} {rss:>13}")
+    busy = max((r.get("others_cpu", 0) for rs in results.values() for r in rs), default=0)
+    if busy > 0.1:
+        print(f"\nWARNING: other processes used up to {busy:.0%} of the CPUs during a "
+              f"measurement; with {a['threads']} torch threads the numbers are unreliable")
     print()
     for c in checks(summary):
         print(f"{c['check']:24} {c['value']:6.2f}  {'PASS' if c['pass'] else 'FAIL'}")

@@ -45,9 +45,9 @@ def train_run(cfg_factory, tmp_path):
 
     counter = iter(range(1000))
 
-    def _run(*overrides: str):
+    def _run(*overrides: str, callbacks=()):
         run_dir = tmp_path / f"run{next(counter)}"
-        return run(cfg_factory(*overrides), run_dir), run_dir
+        return run(cfg_factory(*overrides), run_dir, callbacks=callbacks), run_dir
 
     return _run
 

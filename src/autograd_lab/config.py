@@ -45,6 +45,7 @@ CHECKS: dict[str, tuple] = {
     "data.val_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "data.shuffle": (lambda v: isinstance(v, bool), "true or false"),
     "data.augment": (lambda v: v in ("none", "flip_crop"), "one of: none, flip_crop"),
+    "data.subset": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "data.train_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "data.test_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "data.noise": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),

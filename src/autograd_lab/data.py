@@ -258,8 +258,9 @@ class CIFARDataModule(L.LightningDataModule):
             self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
 
     def train_dataloader(self) -> ResidentBatches:
-        t = self.tensors
-        return ResidentBatches(t["train_x"], t["train_y"], self.cfg.batch_size, self.cfg.shuffle,
+        t, n = self.tensors, self.cfg.get("subset") or None
+        return ResidentBatches(t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size,
+                               self.cfg.shuffle,
                                self.seed, augment=self.cfg.augment == "flip_crop")
 
     def val_dataloader(self) -> ResidentBatches:

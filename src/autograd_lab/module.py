@@ -62,11 +62,18 @@ class Classifier(L.LightningModule):
         opt.step()
         self.step_losses.append(loss.detach())
 
+    def on_train_start(self):
+        self.train()  # Lightning keeps whatever mode the model came in; set ours explicitly
+
     def train(self, mode: bool = True):
         super().train(mode)
         for bn in self.frozen_bn:  # train.freeze_bn_stats: frozen BN keeps its running stats
             bn.eval()
         return self
+
+    def on_validation_model_zero_grad(self):
+        """Lightning clears .grad before every validation by default. The seed's no-zero-grad
+        run keeps accumulating across epochs, so validation must leave .grad alone."""
 
     # -- validation under the chosen grad mode (Trainer(inference_mode=False) gives no_grad
     #    around this; eval_context then sets the mode the variant asks for)
@@ -86,6 +93,7 @@ class Classifier(L.LightningModule):
         correct = (logits.argmax(1) == y).sum()
         self._val_sums += torch.stack([loss.detach(), correct.to(loss.dtype),
                                        torch.tensor(len(y), dtype=loss.dtype, device=loss.device)])
+        return logits  # callbacks see what the grad mode produced (a graph only when enabled)
 
     def val_metrics(self) -> torch.Tensor:
         """[mean loss, accuracy] of the validation epoch that just ran (still on the device)."""

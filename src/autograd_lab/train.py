@@ -53,8 +53,11 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False) -> dict:
-    """Train one configuration into `run_dir` and return its run record (also run.json)."""
+def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()) -> dict:
+    """Train one configuration into `run_dir` and return its run record (also run.json).
+
+    `callbacks` are extra Lightning callbacks (notebooks and tests use them to look inside).
+    """
     _quiet_libraries()
     import lightning as L
     import torch
@@ -91,7 +94,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False) -> dict:
         module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn)
 
         recorder = RunRecorder(run_dir, cfg.log.flush_every_s)
-        callbacks = [recorder] + ([StepProgressBar(recorder)] if progress_bar else [])
+        callbacks = [recorder, *callbacks] + ([StepProgressBar(recorder)] if progress_bar else [])
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
@@ -143,6 +146,7 @@ def _results(recorder, t0: float) -> dict:
             "train_seconds": recorder.train_seconds,
             "val_seconds": val_s[-1] if val_s else None,
             "val_seconds_total": sum(val_s),
+            "seconds_per_step": recorder.train_seconds / max(recorder.final_metrics()["steps"], 1),
             "val_peak_mib": max(recorder.val_peak_mib) if recorder.val_peak_mib else None}
 
 
