@@ -119,3 +119,26 @@ def test_demo_runs_the_zero_grad_study_and_says_which_data(tmp_path):
     assert sorted(r["config"]["train"]["zero_grad"] for r in records) == [False, True]
     assert all(r["status"] == "completed" and r["config"]["study"] == "zero_grad_study"
                for r in records)
+
+
+@pytest.mark.parametrize("study, runs", [
+    ("zero_grad_study", 2), ("freeze_study", 3), ("detach_study", 6), ("eval_modes", 6),
+    ("custom_function_study", 4)])
+def test_every_study_runs_offline_on_synthetic_data(study, runs, tmp_path, data_root):
+    out = cli("train", "-m", f"experiment={study}", "data=synthetic", "size=quick",
+              f"data.root={data_root}", "data.train_size=256", "data.test_size=128",
+              "data.subset=64", "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}",
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("*/run.json")]
+    assert len(records) == runs
+    assert all(r["status"] == "completed" and r["config"]["study"] == study for r in records)
+    assert all(r["final"]["steps"] == 2 and r["final"]["val_loss"] is not None for r in records)
+    if study == "freeze_study":
+        trainable = sorted(r["params"]["trainable"] for r in records)
+        assert trainable[0] == 512 * 10 + 10 and trainable[0] < trainable[1] < trainable[2]
+    if study == "detach_study":
+        cut = {(r["config"]["model"]["name"], r["config"]["train"]["detach_at"]):
+               r.get("detach", {}).get("upstream_params", 0) for r in records}
+        assert cut[("resnet18", "layer1")] < cut[("resnet18", "layer4")]
+        assert cut[("smallnet", "conv")] == cut[("smallnet", "pool")] == 3 * 3 * 25 + 3
