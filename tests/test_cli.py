@@ -142,3 +142,13 @@ def test_every_study_runs_offline_on_synthetic_data(study, runs, tmp_path, data_
                r.get("detach", {}).get("upstream_params", 0) for r in records}
         assert cut[("resnet18", "layer1")] < cut[("resnet18", "layer4")]
         assert cut[("smallnet", "conv")] == cut[("smallnet", "pool")] == 3 * 3 * 25 + 3
+
+
+def test_tab_completion_goes_through_hydra(tmp_path):
+    install = cli("-sc", "install=bash", cwd=tmp_path)
+    assert install.returncode == 0
+    assert install.stdout.rstrip().endswith("-F hydra_bash_completion autograd-lab")
+    query = cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "autograd-lab train optim="})
+    assert query.stdout.split() == ["optim=adam", "optim=sgd"]
+    query = cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "autograd-lab train model="})
+    assert query.stdout.split() == ["model=resnet18", "model=smallnet"]

@@ -7,6 +7,7 @@ Nothing here imports torch: `autograd-lab train --help` and `--cfg job` stay fas
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0].startswith(("-sc", "--shell-completion")):
-        argv = ["train", *argv]  # Hydra's completion script calls the program without a command
+        # Hydra's completion script calls the program without a command, and passes the line
+        # typed so far in COMP_LINE: complete `autograd-lab train ...` as the train app's line.
+        words = os.environ.get("COMP_LINE", "").split(" ")
+        if len(words) > 1 and words[1] == "train":
+            os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
+        argv = ["train", *argv]
     command, rest = argv[0], argv[1:]
     try:
         if command == "train":
@@ -55,7 +61,7 @@ def train(args: list[str]) -> int:
         check_overrides_cli(overrides, multirun)
     from . import train as train_app
 
-    sys.argv = ["autograd-lab train", *args]
+    sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else "autograd-lab", *args]
     try:
         train_app.main()
     except SystemExit as e:  # Hydra and the app exit with a code: pass it on
