@@ -26,7 +26,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python scripts/bench_throughput.py
+	$(BIN)/python scripts/bench_throughput.py --threads 1
+	$(BIN)/python scripts/bench_throughput.py --threads 2
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

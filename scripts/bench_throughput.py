@@ -240,6 +240,8 @@ def main() -> None:
     if args.quick:
         args.train_size, args.rounds = 5000, 1
     names = [v for v in args.variants.split(",") if v]
+    if unknown := set(names) - set(VARIANTS):
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
     a = {"data_root": str(Path(args.data_root).resolve()), "train_size": args.train_size,
          "threads": args.threads}
     prep = spawn("prepare", a)
@@ -263,7 +265,7 @@ def main() -> None:
     for n, s in summary.items():
         rss = f"{s['peak_rss_mib']:.0f}"
         if "peak_rss_workers_mib" in s:
-            rss += f" (+workers {s['peak_rss_workers_mib']:.0f})"
+            rss += f" (with workers {s['peak_rss_workers_mib']:.0f})"
         print(f"{n + ' ' + VARIANTS[n][1]:48} {s['best']:10.0f} {s['median']:8.0f} {rss:>13}")
     busy = max((r.get("others_cpu", 0) for rs in results.values() for r in rs), default=0)
     if busy > 0.1:

@@ -267,6 +267,13 @@ class CIFARDataModule(L.LightningDataModule):
         t = self.tensors
         return ResidentBatches(t["test_x"], t["test_y"], self.cfg.val_batch_size, False, self.seed)
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # Batches are already where the resident tensors live (setup moved them): skip
+        # Lightning's generic collection walk, which costs ~0.1 ms a step.
+        if all(t.device == device for t in batch[:2]):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x = normalize(batch[0])
         if len(batch) == 3:
