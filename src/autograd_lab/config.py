@@ -72,6 +72,10 @@ CHECKS: dict[str, tuple] = {
     "trainer.check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.limit_val_batches": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "trainer.progress_bar": (lambda v: v in ("auto", True, False), "one of: auto, true, false"),
+    "probes.every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.histogram_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.hessian_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.hessian_iters": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "log.flush_every_s": (lambda v: _is_num(v) and v > 0, "a number > 0"),
 }
 

@@ -79,6 +79,7 @@ class RunRecorder(L.Callback):
         self.flush_every_s = flush_every_s
         self.rows: dict[str, list] = {"step": [], "epoch": [], "name": [], "value": []}
         self.writer = None
+        self.sources: list = []  # e.g. probes: objects with drain() -> [(step, epoch, values)]
         self.diverged_at: int | None = None
         self.train_seconds = 0.0
         self.train_images = 0
@@ -103,22 +104,28 @@ class RunRecorder(L.Callback):
 
     def flush(self, trainer, pl_module) -> None:
         pending = pl_module.step_losses
-        if not pending:
-            return
-        import torch
+        if pending:
+            import torch
 
-        values = torch.stack(pending).tolist()  # the one host sync
-        pending.clear()
-        for k, value in enumerate(values):
-            step = self._next_step + k
-            if not math.isfinite(value):
-                self.diverged_at = step
-                trainer.should_stop = True
-                break
-            self.log_values(step, trainer.current_epoch, {"train/loss": value})
-            self.last_loss = value
-        self._next_step += len(values)
+            values = torch.stack(pending).tolist()  # the one host sync
+            pending.clear()
+            for k, value in enumerate(values):
+                step = self._next_step + k
+                if not math.isfinite(value):
+                    self.diverged_at = step
+                    trainer.should_stop = True
+                    break
+                self.log_values(step, trainer.current_epoch, {"train/loss": value})
+                self.last_loss = value
+            self._next_step += len(values)
+        self.flush_sources()
         self._next_flush = time.perf_counter() + self.flush_every_s
+
+    def flush_sources(self) -> None:
+        for source in self.sources:  # after the loss: nothing past a divergence is kept
+            for step, epoch, values in source.drain():
+                if self.diverged_at is None or step < self.diverged_at:
+                    self.log_values(step, epoch, values)
 
     # -- Lightning hooks
     def setup(self, trainer, pl_module, stage):

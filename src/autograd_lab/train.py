@@ -74,6 +74,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
                     "config": OmegaConf.to_container(cfg, resolve=True),
                     "overrides": _overrides(), "versions": _versions()}
     recorder = None
+    probes: list = []
     hooks = []
     try:
         if cfg.threads:
@@ -94,7 +95,8 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn)
 
         recorder = RunRecorder(run_dir, cfg.log.flush_every_s)
-        callbacks = [recorder, *callbacks] + ([StepProgressBar(recorder)] if progress_bar else [])
+        probes = _probes(cfg, recorder)
+        callbacks = [recorder, *probes, *callbacks] + ([StepProgressBar(recorder)] if progress_bar else [])
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
@@ -119,7 +121,11 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         for h in hooks:
             h.remove()
         if recorder is not None:
+            recorder.flush_sources()
             record.update(_results(recorder, t0))
+            if probes:
+                record["probes"] = {"mode": cfg.probes.mode,
+                                    "frozen_max_change": probes[0].frozen_max_change}
             if recorder.writer is not None:
                 recorder.write_hparams(_hparams(cfg), record["final"])
                 write_parquet(run_dir / "metrics.parquet", recorder.frame())
@@ -132,6 +138,15 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "run.json", record)
     return record
+
+
+def _probes(cfg, recorder) -> list:
+    if cfg.probes.mode == "off":
+        return []
+    from .probes import Probes
+
+    options = {k: v for k, v in cfg.probes.items() if k != "mode"}
+    return [Probes(recorder, cfg.probes.mode, zero_grad=cfg.train.zero_grad, **options)]
 
 
 def _load_data(cfg):
@@ -163,7 +178,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _hparams(cfg) -> dict:
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    skip = ("data.root", "resume", "trainer.progress_bar", "log.", "threads")
+    skip = ("data.root", "resume", "trainer.progress_bar", "log.", "threads", "probes.")
     return {k: v for k, v in flat.items() if not k.startswith(skip)}
 
 
