@@ -96,7 +96,9 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
 
         recorder = RunRecorder(run_dir, cfg.log.flush_every_s)
         probes = _probes(cfg, recorder)
-        callbacks = [recorder, *probes, *callbacks] + ([StepProgressBar(recorder)] if progress_bar else [])
+        callbacks = [recorder, *probes, *callbacks]
+        if progress_bar:
+            callbacks.append(StepProgressBar(recorder))
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
