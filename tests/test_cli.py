@@ -74,6 +74,9 @@ def _one_line_error(out, *needles):
     (["optim.lr=abc"], ["optim.lr='abc'", "number"]),
     (["eval.grad_mode=fast"], ["fast", "inference, no_grad, enabled"]),
     (["seed=1,2"], ["seed", "-m"]),
+    (["trainer.devices=2"], ["trainer.devices=2", "1"]),
+    (["trainer.limit_val_batches=1.5"], ["1.5", "[0, 1]"]),
+    (["optim.momentum=0", "optim.nesterov=true"], ["optim.nesterov=true", "momentum"]),
 ])
 def test_bad_config_is_one_line_and_creates_nothing(args, needles, tmp_path):
     out = cli("train", *SMALL, *args, cwd=tmp_path)

@@ -65,10 +65,19 @@ def test_same_config_and_seed_give_identical_curves(train_run):
 
 def test_epochs_use_different_orders_from_the_seed(train_run):
     """Lightning calls sampler.set_epoch: epoch 1 must not replay epoch 0's batches."""
-    _, run_dir = train_run("trainer.max_epochs=2", "optim.lr=1e-9", "optim.momentum=0")
-    curve = losses(run_dir)
-    half = len(curve) // 2
-    assert curve[:half] != curve[half:]
+    import lightning as L
+
+    class Labels(L.Callback):
+        seen: dict = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.setdefault(trainer.current_epoch, []).append(batch[1].clone())
+
+    cb = Labels()
+    train_run("trainer.max_epochs=2", callbacks=[cb])
+    first, second = torch.cat(cb.seen[0]), torch.cat(cb.seen[1])
+    assert sorted(first.tolist()) == sorted(second.tolist())  # the same examples
+    assert not torch.equal(first, second)                     # in a different order
 
 
 def test_tensorboard_has_every_step_and_the_final_metrics_in_hparams(train_run):
@@ -130,6 +139,11 @@ def test_a_non_finite_loss_stops_the_run_as_diverged(train_run):
     assert all(math.isfinite(v) for v in curve)
     assert record["final"]["steps"] == len(curve) < 3 * 128
     assert f"step {len(curve)}" in record["error"]
+    frame = __import__("pandas").read_parquet(run_dir / "metrics.parquet")
+    assert frame.step.max() < len(curve)  # nothing past the divergence, validation included
+    assert not frame.name.str.startswith("val/").any()
+    json.loads((run_dir / "run.json").read_text(),
+                parse_constant=lambda c: pytest.fail(f"{c} in run.json"))
 
 
 def test_adam_and_resnet_cifar_stem_train(train_run):
@@ -150,9 +164,17 @@ def test_eval_runs_under_the_chosen_grad_mode(train_run):
     assert all(r["val_seconds"] > 0 and r["val_peak_mib"] > 0 for r in records.values())
 
 
-def test_custom_relu_gives_the_relu_curve(train_run):
+def test_custom_relu_gives_the_relu_curve(train_run, monkeypatch):
+    from autograd_lab.functions import CustomReLUFunction
+
+    calls = []
+    original = CustomReLUFunction.backward
+    monkeypatch.setattr(CustomReLUFunction, "backward",
+                        staticmethod(lambda ctx, g: calls.append(1) or original(ctx, g)))
     _, relu = train_run("model.activation=relu")
+    assert not calls
     _, custom = train_run("model.activation=custom_relu")
+    assert len(calls) == 16  # the hand-written backward ran at every step
     assert max(abs(a - b) for a, b in zip(losses(relu), losses(custom), strict=True)) < 1e-6
 
 

@@ -23,6 +23,10 @@ _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completi
                "--version", "--cfg", "-c", "--resolve", "-p", "--package")
 
 
+_VALUE_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
+                "--experimental-rerun")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -57,7 +61,12 @@ def _usage() -> str:
 def train(args: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in args)
     if not any(a.split("=")[0] in _INFO_FLAGS for a in args):
-        overrides = [a for a in args if not a.startswith("-")]
+        overrides, skip = [], False
+        for a in args:  # flags with a separate value (-cn NAME) are Hydra's, not overrides
+            if skip or a.startswith("-"):
+                skip = a in _VALUE_FLAGS
+                continue
+            overrides.append(a)
         check_overrides_cli(overrides, multirun)
     from . import train as train_app
 
@@ -67,7 +76,9 @@ def train(args: list[str]) -> int:
     except SystemExit as e:  # Hydra and the app exit with a code: pass it on
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # Hydra's own argument checks raise before any job runs
-        raise UserError(str(e)) from None
+        from .config import _first_line
+
+        raise UserError(_first_line(str(e))) from None
     return 0
 
 

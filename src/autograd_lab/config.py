@@ -68,9 +68,12 @@ CHECKS: dict[str, tuple] = {
     "trainer.max_steps": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 or -1"),
     "trainer.accelerator": (lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps"),
                             "one of: auto, cpu, gpu, cuda, mps"),
-    "trainer.devices": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.devices": (lambda v: v == 1 and not isinstance(v, bool),
+                        "1 (batches come from resident tensors on one device)"),
     "trainer.check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "trainer.limit_val_batches": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "trainer.limit_val_batches": (lambda v: (_is_int(v) and v >= 0)
+                                  or (isinstance(v, float) and 0 <= v <= 1),
+                                  "a fraction in [0, 1] or a whole number of batches"),
     "trainer.progress_bar": (lambda v: v in ("auto", True, False), "one of: auto, true, false"),
     "probes.every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "probes.histogram_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -94,6 +97,14 @@ _MISSING = object()
 
 def validate(cfg) -> None:
     """Raise UserError for the first value in `cfg` that is not valid."""
+    _validate_keys(cfg)
+    optim = cfg.get("optim") or {}
+    if optim.get("nesterov") and not optim.get("momentum"):
+        raise UserError(f"optim.nesterov=true: needs optim.momentum > 0 "
+                        f"(got {_show(optim.get('momentum'))})")
+
+
+def _validate_keys(cfg) -> None:
     for key, (ok, valid) in CHECKS.items():
         value = _get(cfg, key)
         if value is _MISSING:

@@ -58,10 +58,14 @@ class Classifier(L.LightningModule):
         # there; other strategies (DDP) and precisions (AMP scaling) keep manual_backward.
         from lightning.pytorch.plugins.precision import Precision
         from lightning.pytorch.strategies import SingleDeviceStrategy
+        from lightning.pytorch.utilities.model_helpers import is_overridden
 
         strategy = self.trainer.strategy
+        backward_hooks = any(is_overridden(hook, cb, L.Callback) for cb in self.trainer.callbacks
+                             for hook in ("on_before_backward", "on_after_backward"))
         self._direct_backward = (isinstance(strategy, SingleDeviceStrategy)
-                                 and type(strategy.precision_plugin) is Precision)
+                                 and type(strategy.precision_plugin) is Precision
+                                 and not backward_hooks)  # a callback that asks gets its hooks
         self._optimizer = self.optimizers()  # Lightning's wrapper: its step() counts steps
 
     def training_step(self, batch, batch_idx):

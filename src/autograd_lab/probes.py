@@ -98,8 +98,8 @@ class Probes(L.Callback):
         step = trainer.global_step - 1  # the step that just ran (0-based, as train/loss)
         if self._is_probe(step):
             self.pending.append((step, trainer.current_epoch, self._row(step)))
-            if self.mode == "full":
-                self._full(trainer, pl_module, batch, step)
+        if self.mode == "full":  # histograms and Hessian keep their own intervals
+            self._full(trainer, pl_module, batch, step)
         # Keep .grad after the one or two steps before a probe: enough to recover the previous
         # step's own gradient (and, when .grad accumulates, this step's increment).
         if self._is_probe(step + 1) or (not self.zero_grad and self._is_probe(step + 2)):

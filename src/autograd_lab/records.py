@@ -48,8 +48,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _finite(obj):
+    """NaN/inf -> null: run.json stays strict JSON that any reader accepts."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    text = json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def write_parquet(path: Path, frame) -> None:
@@ -155,6 +167,8 @@ class RunRecorder(L.Callback):
         self._val_start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module):
+        if self.diverged_at is not None:  # Lightning still validates when stopping: not kept
+            return
         elapsed = time.perf_counter() - self._val_start
         loss, acc = pl_module.val_metrics().tolist()
         self.val_seconds.append(elapsed)

@@ -7,6 +7,7 @@ Each function here has an oracle test that fails if the variant silently does no
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 from dataclasses import dataclass
 
@@ -85,60 +86,48 @@ def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Module names in the order their forward starts, with each name once."""
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, inp, name=name: order.append(name))
-               for name, m in model.named_modules() if name]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))
+def _reached(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """Names of the trainable parameters that one forward/backward pass gives a gradient."""
+    probe = copy.deepcopy(model).eval()  # eval: BatchNorm takes a batch of one, stats stay put
+    for p in probe.parameters():
+        p.grad = None
+    probe(example).sum().backward()
+    return {n for n, p in probe.named_parameters() if p.grad is not None}
 
 
 @dataclass
 class DetachReport:
     module: str
-    upstream: list[str]       # parameter names cut off from the loss
+    upstream: list[str]       # trainable parameter names the detach cuts off from the loss
     upstream_params: int
 
 
 def detach_at(model: nn.Module, name: str, example: torch.Tensor):
     """Detach the output of module `name` in every forward pass (the seed's `x.detach()`).
 
-    Returns (hook handle, report). Nothing upstream of the point gets a gradient, so those
-    parameters keep `.grad is None` and do not move.
+    Returns (hook handle, report). What is cut off is found by running autograd on a copy of
+    the model with and without the detach, so skip connections and reused modules are counted
+    right. Nothing cut off gets a gradient: those parameters keep `.grad is None` and do not move.
     """
     modules = dict(model.named_modules())
     if name not in modules or name == "":
         top = [n for n, _ in model.named_children()]
         raise UserError(f"train.detach_at={name!r}: no such module; modules are: "
                         f"{', '.join(top)} (or dotted names inside them, e.g. {top[0]}.0)")
-    order = execution_order(model, example)
-    target = modules[name]
-    inside = {n for n, m in target.named_modules(prefix=name)}
-    cut = order.index(name)
-    upstream_modules = set(order[:cut]) | inside
-    upstream = [f"{mn}.{pn}" for mn in upstream_modules
-                for pn, _ in modules[mn].named_parameters(recurse=False)]
-    upstream_live = [n for n in upstream if model.get_parameter(n).requires_grad]
-    if upstream and not upstream_live:
-        raise UserError(f"train.detach_at={name!r}: everything upstream of it is already frozen "
-                        f"by train.freeze; the detach would change nothing")
-    if not upstream:
-        raise UserError(f"train.detach_at={name!r}: nothing with parameters runs before it; "
-                        f"choose a later module")
-    downstream_live = [n for n, p in model.named_parameters()
-                       if p.requires_grad and n not in set(upstream)]
-    if not downstream_live:
+    before = _reached(model, example)
+    handle = modules[name].register_forward_hook(lambda mod, inp, out: out.detach())
+    try:
+        after = _reached(model, example)
+    except RuntimeError:  # nothing that needs a gradient is left in the graph
+        after = set()
+    cut = sorted(before - after)
+    if not after:
+        handle.remove()
         raise UserError(f"train.detach_at={name!r}: nothing trainable runs after it; nothing "
                         f"left to train")
-    handle = target.register_forward_hook(lambda mod, inp, out: out.detach())
-    n_up = sum(model.get_parameter(n).numel() for n in upstream)
-    return handle, DetachReport(name, sorted(upstream), n_up)
+    if not cut:
+        handle.remove()
+        raise UserError(f"train.detach_at={name!r}: everything upstream of it is already frozen "
+                        f"by train.freeze (or has no parameters); the detach would change nothing")
+    n_up = sum(model.get_parameter(n).numel() for n in cut)
+    return handle, DetachReport(name, cut, n_up)
