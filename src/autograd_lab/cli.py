@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import UserError
+from .config import UserError, check_overrides
 
 COMMANDS = {
     "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
@@ -67,7 +67,7 @@ def train(args: list[str]) -> int:
                 skip = a in _VALUE_FLAGS
                 continue
             overrides.append(a)
-        check_overrides_cli(overrides, multirun)
+        check_overrides(overrides, multirun)
     from . import train as train_app
 
     sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else "autograd-lab", *args]
@@ -80,12 +80,6 @@ def train(args: list[str]) -> int:
 
         raise UserError(_first_line(str(e))) from None
     return 0
-
-
-def check_overrides_cli(overrides: list[str], multirun: bool) -> None:
-    from .config import check_overrides
-
-    check_overrides(overrides, multirun)
 
 
 def demo(args: list[str]) -> int:

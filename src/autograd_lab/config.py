@@ -9,7 +9,6 @@ typo never leaves a half-made run directory behind. `validate` runs again inside
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
 from pathlib import Path
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -164,24 +163,16 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
             key = next(iter(sweeps))
             raise UserError(f"{key}: a comma list or sweep needs -m (multirun), e.g. "
                             f"autograd-lab train -m {key}=...")
-        fixed = [_text(o) for o in parsed if o.get_key_element() not in sweeps]
-        choices = [[f"{k}={v}" for v in _sweep_values(o)] for k, o in sweeps.items()]
+        fixed = [o.input_line for o in parsed if o.get_key_element() not in sweeps]
+        choices = [[f"{k}={v}" for v in o.sweep_string_iterator()] for k, o in sweeps.items()]
         for combo in itertools.islice(itertools.product(*choices), 256):
             validate(_compose(compose, fixed + list(combo), return_hydra=False))
     GlobalHydra.instance().clear()
 
 
-def _sweep_values(override) -> Iterable[str]:
-    return list(override.sweep_string_iterator())
-
-
 def _first_choice(override) -> str:
     if override.is_sweep_override():
-        return f"{override.get_key_element()}={next(iter(_sweep_values(override)))}"
-    return _text(override)
-
-
-def _text(override) -> str:
+        return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
     return override.input_line
 
 
