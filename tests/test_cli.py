@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,31 @@ def test_tab_completion_goes_through_hydra(tmp_path):
     assert query.stdout.split() == ["optim=adam", "optim=sgd"]
     query = cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "autograd-lab train model="})
     assert query.stdout.split() == ["model=resnet18", "model=smallnet"]
+
+
+def test_ctrl_c_records_interrupted_and_keeps_the_curve_so_far(tmp_path, data_root):
+    import os
+    import signal
+    import time
+
+    from conftest import losses
+
+    exe = Path(sys.executable).parent / "autograd-lab"
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(
+        [str(exe), "train", "data=synthetic", f"data.root={data_root}", "data.train_size=512",
+         "data.test_size=128", "trainer.max_epochs=10000", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.time() + 120
+    while not list((run_dir / "tb").glob("events.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # well into training
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    curve = losses(run_dir)  # contiguous from step 0
+    assert len(curve) == record["final"]["steps"] > 16  # more than one epoch was kept

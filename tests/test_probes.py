@@ -111,14 +111,30 @@ def test_top_hessian_eigenvalue_of_a_quadratic_with_known_spectrum():
     assert float(eig) == pytest.approx(7.0, rel=1e-6)
 
 
+class Final(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+        self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()}
+
+
 def test_probes_do_not_change_the_curve_and_full_adds_histograms_and_hessian(train_run):
-    _, off = train_run("probes=off", "model=resnet18", "data.train_size=96")
+    # zero_grad=false keeps any change to .grad visible; BN buffers show in val/loss and the
+    # final state; two epochs put a validation between probe steps
+    common = ("model=resnet18", "data.train_size=96", "train.zero_grad=false",
+              "optim.lr=1e-4", "trainer.max_epochs=2")
+    off_end, full_end = Final(), Final()
+    _, off = train_run("probes=off", *common, callbacks=[off_end])
     _, full = train_run("probes=full", "probes.every_n_steps=1", "probes.hessian_every_n_steps=2",
-                        "probes.histogram_every_n_steps=2", "probes.hessian_iters=3",
-                        "model=resnet18", "data.train_size=96")
+                        "probes.histogram_every_n_steps=2", "probes.hessian_iters=3", *common,
+                        callbacks=[full_end])
     assert losses(off) == losses(full)
+    vals = [pd.read_parquet(d / "metrics.parquet").query("name == 'val/loss'").value.tolist()
+            for d in (off, full)]
+    assert vals[0] == vals[1] and len(vals[0]) == 2
+    assert all(torch.equal(v, full_end.state[k]) for k, v in off_end.state.items())
+    assert all(torch.equal(g, full_end.grads[n]) for n, g in off_end.grads.items())
     frame = pd.read_parquet(full / "metrics.parquet")
-    assert sorted(frame[frame.name == "probes/hessian_top_eig"].step) == [0, 2]
+    assert sorted(frame[frame.name == "probes/hessian_top_eig"].step) == [0, 2, 4]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(full / "tb"), size_guidance={"histograms": 0})

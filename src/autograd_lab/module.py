@@ -39,6 +39,7 @@ class Classifier(L.LightningModule):
         self.automatic_optimization = False
         self.step_losses: list[torch.Tensor] = []
         self.val_peak_mib = 0.0
+        self.cuda_peak_mib = 0.0  # training peak across validation resets (CUDA only)
 
     # Lightning sets `_current_fx_name` twice per hook call, about thirty times a step; going
     # through nn.Module.__setattr__ (isinstance checks against Parameter/Module/buffers) costs
@@ -99,7 +100,9 @@ class Classifier(L.LightningModule):
     def on_validation_epoch_start(self):
         self._val_sums = torch.zeros(3, device=self.device)  # loss sum, correct, count
         self.val_peak_mib = 0.0
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # keep the training peak, then measure validation alone
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.cuda_peak_mib = max(self.cuda_peak_mib, peak)
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def validation_step(self, batch, batch_idx):

@@ -88,7 +88,15 @@ class Probes(L.Callback):
 
     # -- before the update: weights and the gradient the optimizer will use
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if self._is_probe(trainer.global_step):
+        step = trainer.global_step  # the step about to run
+        if self.mode == "full" and step % self.hist_every == 0 and self.recorder.writer:
+            # weights before the update and the .grad the optimizer is about to use, at the
+            # same step numbering as weight_norm and acc_grad_norm
+            for name, p in zip(self.names, self.params, strict=True):
+                self.recorder.writer.add_histogram(f"weights/{name}", p.detach(), step)
+                if p.grad is not None:
+                    self.recorder.writer.add_histogram(f"grads/{name}", p.grad.detach(), step)
+        if self._is_probe(step):
             self.w_before = [p.detach().clone() for p in self.params]
             self.acc = self._grads()
             self.none = torch.tensor([p.grad is None for p in self.params],
@@ -152,12 +160,6 @@ class Probes(L.Callback):
         return torch.cat([*stats, frozen_change])
 
     def _full(self, trainer, pl_module, batch, step: int) -> None:
-        writer = self.recorder.writer
-        if step % self.hist_every == 0 and writer is not None:
-            for name, p in zip(self.names, self.params, strict=True):
-                writer.add_histogram(f"weights/{name}", p.detach(), step)
-                if p.grad is not None:
-                    writer.add_histogram(f"grads/{name}", p.grad.detach(), step)
         if step % self.hess_every == 0:
             # the parameters the loss reaches (not frozen, not cut off by a detach)
             live = [p for p in self.params if p.requires_grad and p.grad is not None]

@@ -25,7 +25,6 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
-RUN_STATUSES = ("completed", "diverged", "failed", "interrupted")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -72,8 +71,25 @@ def write_parquet(path: Path, frame) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM), so a job in a
+    sweep that shares its process with earlier jobs reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    """Peak resident memory since reset_peak_rss (VmHWM), or of the whole process (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -122,14 +138,15 @@ class RunRecorder(L.Callback):
             values = torch.stack(pending).tolist()  # the one host sync
             pending.clear()
             for k, value in enumerate(values):
-                step = self._next_step + k
+                step = self._next_step
                 if not math.isfinite(value):
                     self.diverged_at = step
                     trainer.should_stop = True
+                    self._next_step += len(values) - k
                     break
                 self.log_values(step, trainer.current_epoch, {"train/loss": value})
+                self._next_step += 1  # per row: a Ctrl-C landing here keeps rows and count in step
                 self.last_loss = value
-            self._next_step += len(values)
         self.flush_sources()
         self._next_flush = time.perf_counter() + self.flush_every_s
 
@@ -198,7 +215,7 @@ class RunRecorder(L.Callback):
             vals = frame[frame.name == key.replace("_", "/")].value
             if len(vals):
                 out[key] = float(vals.iloc[-1])
-        out["steps"] = int(self._next_step if self.diverged_at is None else self.diverged_at)
+        out["steps"] = len(losses)  # rows 0..n-1; a diverged run stops before the bad step
         return out
 
     def frame(self):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import signal
 import sys
 import time
 import warnings
@@ -24,6 +25,7 @@ from . import RUN_FORMAT_VERSION, __version__
 from .config import UserError, validate
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -65,7 +67,14 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     from .data import CIFARDataModule
     from .models import build_model
     from .module import Classifier
-    from .records import RunRecorder, StepProgressBar, peak_rss_mib, write_json, write_parquet
+    from .records import (
+        RunRecorder,
+        StepProgressBar,
+        peak_rss_mib,
+        reset_peak_rss,
+        write_json,
+        write_parquet,
+    )
     from .variants import detach_at, freeze, frozen_batchnorms
 
     t0 = time.perf_counter()
@@ -73,9 +82,13 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "config": OmegaConf.to_container(cfg, resolve=True),
                     "overrides": _overrides(), "versions": _versions()}
-    recorder = None
+    recorder = trainer = module = None
     probes: list = []
     hooks = []
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning sets it to ignore after a Ctrl-C
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -116,10 +129,18 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         record["error"] = str(e)
         raise
     except BaseException as e:
-        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        record["error"] = f"{type(e).__name__}: {e}"
+        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
+        interrupted = isinstance(e, KeyboardInterrupt) or (
+            isinstance(e, SystemExit) and trainer is not None and trainer.interrupted)
+        record["status"] = "interrupted" if interrupted else "failed"
+        record["error"] = "interrupted by SIGINT" if interrupted else f"{type(e).__name__}: {e}"
+        if interrupted:
+            raise SystemExit(EXIT_INTERRUPTED) from None
         raise
     finally:
+        signal.signal(signal.SIGINT, sigint)
+        if recorder is not None and trainer is not None and module is not None:
+            recorder.flush(trainer, module)  # losses still on the device are kept, too
         for h in hooks:
             h.remove()
         if recorder is not None:
@@ -135,7 +156,8 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         record["wall_seconds"] = time.perf_counter() - t0
         record["peak_rss_mib"] = peak_rss_mib()
         if torch.cuda.is_available():
-            record["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            record["peak_cuda_mib"] = max(torch.cuda.max_memory_allocated() / 2**20,
+                                          module.cuda_peak_mib if module is not None else 0.0)
         record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "run.json", record)
