@@ -16,6 +16,7 @@ from .config import UserError, check_overrides
 COMMANDS = {
     "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
     "demo": "run the seed's zero-grad study (CIFAR-10 when present, else synthetic data)",
+    "profile": "a short profiled training run (or --op conv1d, the seed's case): op tables",
 }
 
 # Hydra flags that only print or install things: no job runs, so nothing to validate.
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             return train(rest)
         if command == "demo":
             return demo(rest)
+        if command == "profile":
+            return profile(rest)
         raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
@@ -95,6 +98,47 @@ def demo(args: list[str]) -> int:
               f"data (put cifar-10-python.tar.gz there for the real thing)")
         data = ["data=synthetic"]
     return train(["-m", "experiment=zero_grad_study", *data, *args])
+
+
+def profile(args: list[str]) -> int:
+    """`autograd-lab profile [overrides]`: profile a few training steps and print the tables.
+    `autograd-lab profile --op conv1d [--iterations N] [--backward]`: the seed's Conv1d case."""
+    if args and args[0].startswith("--op"):
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="autograd-lab profile")
+        parser.add_argument("--op", choices=["conv1d"], required=True)
+        parser.add_argument("--iterations", type=int, default=1000)
+        parser.add_argument("--backward", action="store_true",
+                            help="also run backward, to see each op's derivative function")
+        opts = parser.parse_args(args)
+        from .profiling import fwd_bwd_table, profile_op
+
+        prof = profile_op(opts.op, opts.iterations, opts.backward)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        if opts.backward:
+            print(fwd_bwd_table(prof.events()).to_markdown(index=False, floatfmt=".1f"))
+        return 0
+    import time
+
+    keys = {a.split("=", 1)[0] for a in args}
+    defaults = {"data": "data=synthetic", "trainer.max_steps": "trainer.max_steps=8",
+                "probes": "probes=off",
+                "hydra.run.dir": f"hydra.run.dir=runs/profile_{time.strftime('%Y-%m-%d_%H-%M-%S')}"}
+    extra = [v for k, v in defaults.items() if k not in keys]
+    run_dir = Path(next(a.split("=", 1)[1] for a in [*args, *extra]
+                        if a.startswith("hydra.run.dir=")))
+    code = train(["profiler=torch", *extra, *args])
+    for name, title in (("profile_ops.csv", "ops by self CPU time"),
+                        ("profile_fwd_bwd.csv", "forward op <-> backward node")):
+        if (run_dir / name).is_file():
+            import pandas as pd
+
+            frame = pd.read_csv(run_dir / name)
+            print(f"\n{title} ({run_dir / name}):")
+            print(frame.head(25).to_markdown(index=False, floatfmt=".1f"))
+    print(f"\ntraces: {run_dir / 'tb'} (open *.pt.trace.json in ui.perfetto.dev)")
+    return code
 
 
 if __name__ == "__main__":

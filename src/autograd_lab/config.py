@@ -78,6 +78,11 @@ CHECKS: dict[str, tuple] = {
     "probes.histogram_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "probes.hessian_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "probes.hessian_iters": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "profiler.wait": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "profiler.warmup": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (PyTorch recommends "
+                        "warming up)"),
+    "profiler.active": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "profiler.repeat": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: until the end)"),
     "log.flush_every_s": (lambda v: _is_num(v) and v > 0, "a number > 0"),
 }
 

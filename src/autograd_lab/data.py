@@ -275,7 +275,8 @@ class CIFARDataModule(L.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x = normalize(batch[0])
-        if len(batch) == 3:
-            x = flip_crop(x, *batch[2])
+        with self.trainer.lightning_module.phase("data"):
+            x = normalize(batch[0])
+            if len(batch) == 3:
+                x = flip_crop(x, *batch[2])
         return x, batch[1]

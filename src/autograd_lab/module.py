@@ -8,6 +8,8 @@ RunRecorder flushes them in bulk.
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 import torch.nn as nn
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 
 from .records import current_rss_mib
 from .variants import eval_context
+
+_NO_RANGE = contextlib.nullcontext()
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -40,6 +44,13 @@ class Classifier(L.LightningModule):
         self.step_losses: list[torch.Tensor] = []
         self.val_peak_mib = 0.0
         self.cuda_peak_mib = 0.0  # training peak across validation resets (CUDA only)
+        self.profiling = False  # set by the profiler callback: phases get record_function ranges
+
+    def phase(self, name: str):
+        """A profiler range for one part of the step while profiling; a no-op otherwise."""
+        if self.profiling:
+            return torch.profiler.record_function(f"autograd_lab::{name}")
+        return _NO_RANGE
 
     # Lightning sets `_current_fx_name` twice per hook call, about thirty times a step; going
     # through nn.Module.__setattr__ (isinstance checks against Parameter/Module/buffers) costs
@@ -73,13 +84,17 @@ class Classifier(L.LightningModule):
         x, y = batch
         opt = self._optimizer
         if self.reset_grads:  # train.zero_grad
-            opt.optimizer.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
-        if self._direct_backward:
-            loss.backward()
-        else:
-            self.manual_backward(loss)
-        opt.step()  # through Lightning's optimizer wrapper: it counts the global step
+            with self.phase("optimizer"):
+                opt.optimizer.zero_grad()
+        with self.phase("forward"):
+            loss = F.cross_entropy(self.model(x), y)
+        with self.phase("backward"):
+            if self._direct_backward:
+                loss.backward()
+            else:
+                self.manual_backward(loss)
+        with self.phase("optimizer"):
+            opt.step()  # through Lightning's optimizer wrapper: it counts the global step
         self.step_losses.append(loss.detach())
 
     def on_train_start(self):

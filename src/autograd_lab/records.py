@@ -81,6 +81,10 @@ def reset_peak_rss() -> None:
         pass
 
 
+def write_csv(path: Path, frame) -> None:
+    atomic_write_bytes(path, frame.to_csv(index=False).encode())
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory since reset_peak_rss (VmHWM), or of the whole process (ru_maxrss)."""
     try:
@@ -169,7 +173,8 @@ class RunRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._images_pending += len(batch[1])
         if time.perf_counter() >= self._next_flush:
-            self.flush(trainer, pl_module)
+            with pl_module.phase("logging"):
+                self.flush(trainer, pl_module)
 
     def _close_train_interval(self, trainer, pl_module):
         self.flush(trainer, pl_module)

@@ -84,6 +84,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
                     "overrides": _overrides(), "versions": _versions()}
     recorder = trainer = module = None
     probes: list = []
+    profiler: list = []
     hooks = []
     sigint = signal.getsignal(signal.SIGINT)  # Lightning sets it to ignore after a Ctrl-C
     reset_peak_rss()
@@ -109,7 +110,8 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
 
         recorder = RunRecorder(run_dir, cfg.log.flush_every_s)
         probes = _probes(cfg, recorder)
-        callbacks = [recorder, *probes, *callbacks]
+        profiler = _profiler(cfg, run_dir, recorder)
+        callbacks = [recorder, *probes, *profiler, *callbacks]
         if progress_bar:
             callbacks.append(StepProgressBar(recorder))
         trainer = L.Trainer(
@@ -146,6 +148,9 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         if recorder is not None:
             recorder.flush_sources()
             record.update(_results(recorder, t0))
+            if profiler:
+                profiler[0].stop(module)  # idempotent: a failed run still writes its tables
+                record["profiler"] = profiler[0].summary
             if probes:
                 record["probes"] = {"mode": cfg.probes.mode,
                                     "frozen_max_change": probes[0].frozen_max_change}
@@ -171,6 +176,15 @@ def _probes(cfg, recorder) -> list:
 
     options = {k: v for k, v in cfg.probes.items() if k != "mode"}
     return [Probes(recorder, cfg.probes.mode, zero_grad=cfg.train.zero_grad, **options)]
+
+
+def _profiler(cfg, run_dir, recorder) -> list:
+    if cfg.profiler.name == "off":
+        return []
+    from .profiling import TorchProfiler
+
+    options = {k: v for k, v in cfg.profiler.items() if k != "name"}
+    return [TorchProfiler(run_dir, recorder, **options)]
 
 
 def _load_data(cfg):
@@ -202,7 +216,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _hparams(cfg) -> dict:
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    skip = ("data.root", "resume", "trainer.progress_bar", "log.", "threads", "probes.")
+    skip = ("data.root", "resume", "trainer.progress_bar", "log.", "threads", "probes.",
+            "profiler.")
     return {k: v for k, v in flat.items() if not k.startswith(skip)}
 
 

@@ -1,0 +1,203 @@
+"""torch.profiler around training: trace files beside the run's scalars, and op tables.
+
+`profiler=torch` wraps training in `torch.profiler.profile` with a wait/warmup/active schedule.
+Each finished cycle is written by `tensorboard_trace_handler` into the run's `tb/` folder (open
+the `*.pt.trace.json` in ui.perfetto.dev or chrome://tracing; no TensorBoard plugin needed). At
+the end of the run:
+
+  profile_ops.csv      the seed's table: key averages by self CPU time (+ device columns on GPU),
+                       also in TensorBoard's Text tab (`profiler/ops`)
+  profile_fwd_bwd.csv  each forward op paired with the backward node autograd made for it
+                       (aten::convolution <-> ConvolutionBackward0), matched by the autograd
+                       sequence number the profiler records on both; also in the Text tab
+  run.json             `profiler`: per-step breakdown (forward, backward, optimizer, data,
+                       logging, other) in ms, and the profiler's own overhead on its steps
+
+The phases are marked with `record_function` ranges only while profiling (module.phase).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import torch
+
+PHASES = ("forward", "backward", "optimizer", "data", "logging")
+
+
+def ops_table(prof) -> pandas.DataFrame:  # noqa: F821
+    """The seed's key_averages table as a frame, sorted by self CPU time."""
+    import pandas as pd
+
+    rows = []
+    for e in prof.key_averages():
+        row = {"name": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total,
+               "cpu_total_us": e.cpu_time_total, "cpu_memory_bytes": e.cpu_memory_usage}
+        if torch.cuda.is_available():
+            row["self_device_us"] = getattr(e, "self_device_time_total", 0.0)
+            row["device_total_us"] = getattr(e, "device_time_total", 0.0)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("self_cpu_us", ascending=False, ignore_index=True)
+
+
+def fwd_bwd_table(events, step_total_us: float | None = None) -> pandas.DataFrame:  # noqa: F821
+    """Pair every forward op with its backward node through the autograd sequence number.
+
+    For one sequence number the profiler shows the forward ops that recorded the node (outermost
+    first: aten::conv2d, aten::convolution) and, in backward, `autograd::engine::
+    evaluate_function: <Node>` around `<Node>`. The innermost forward op names the pair; the
+    outermost forward event (the longest) and the evaluate_function event give the two times.
+    """
+    import pandas as pd
+
+    by_seq: dict[int, list] = defaultdict(list)
+    for e in events:
+        if e.sequence_nr >= 0:
+            by_seq[e.sequence_nr].append(e)
+    pairs: dict[tuple[str, str], dict] = {}
+    for group in by_seq.values():
+        fwd = [e for e in group if not e.name.startswith("autograd::engine")
+               and "Backward" not in e.name]
+        bwd = [e for e in group if e.name.startswith("autograd::engine::evaluate_function")]
+        if not fwd or not bwd:
+            continue
+        for b in bwd:
+            key = (fwd[-1].name, b.name.split(": ", 1)[-1])
+            row = pairs.setdefault(key, {"forward_op": key[0], "backward_node": key[1],
+                                         "calls": 0, "forward_us": 0.0, "backward_us": 0.0})
+            row["calls"] += 1
+            row["forward_us"] += max(e.cpu_time_total for e in fwd)  # the outermost op
+            row["backward_us"] += b.cpu_time_total
+    frame = pd.DataFrame(list(pairs.values()),
+                         columns=["forward_op", "backward_node", "calls", "forward_us",
+                                  "backward_us"])
+    frame["backward_over_forward"] = frame.backward_us / frame.forward_us.where(
+        frame.forward_us > 0)
+    if step_total_us:
+        frame["share_of_step"] = (frame.forward_us + frame.backward_us) / step_total_us
+    return frame.sort_values("backward_us", ascending=False, ignore_index=True)
+
+
+def _markdown(frame, limit: int = 40) -> str:
+    return frame.head(limit).to_markdown(index=False, floatfmt=".1f")
+
+
+class TorchProfiler(L.Callback):
+    """Profiles training on a schedule; writes traces, tables and the step breakdown."""
+
+    def __init__(self, run_dir: Path, recorder, wait: int = 1, warmup: int = 1, active: int = 3,
+                 repeat: int = 1, record_shapes: bool = True, profile_memory: bool = True,
+                 with_stack: bool = False):
+        self.run_dir, self.recorder = Path(run_dir), recorder
+        self.cycle = wait + warmup + active
+        self.schedule = dict(wait=wait, warmup=warmup, active=active, repeat=repeat)
+        self.options = dict(record_shapes=record_shapes, profile_memory=profile_memory,
+                            with_stack=with_stack)
+        self.prof = None
+        self.events: list = []
+        self.step_seconds: dict[str, list[float]] = {"profiled": [], "plain": []}
+        self.summary: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        writer = tensorboard_trace_handler(str(self.run_dir / "tb"))
+
+        def on_trace_ready(prof):
+            writer(prof)
+            self.events.extend(prof.events())
+            self.ops = ops_table(prof)
+
+        self.prof = profile(activities=activities, schedule=schedule(**self.schedule),
+                            on_trace_ready=on_trace_ready, **self.options)
+        pl_module.profiling = True
+        self.prof.start()
+        self._step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.prof is None:
+            return
+        # the step's wall time, filed by whether the profiler was recording it
+        position = self._step % self.cycle
+        in_cycle = self._step < self.cycle * max(self.schedule["repeat"], 1) or \
+            self.schedule["repeat"] == 0
+        recording = in_cycle and position >= self.schedule["wait"] + self.schedule["warmup"]
+        if self._step >= 1:  # the first step pays one-off costs
+            self.step_seconds["profiled" if recording else "plain"].append(
+                time.perf_counter() - self._t0)
+        self._step += 1
+        self.prof.step()
+
+    def on_train_end(self, trainer, pl_module):
+        self.stop(pl_module)
+
+    def teardown(self, trainer, pl_module, stage):
+        self.stop(pl_module)
+
+    def stop(self, pl_module) -> None:
+        if self.prof is None:
+            return
+        self.prof.stop()
+        self.prof = None
+        pl_module.profiling = False
+        self._write()
+
+    def _write(self) -> None:
+        from .records import write_csv
+
+        if not self.events:
+            self.summary = {"error": "no profiled step completed (run more steps than "
+                                     "wait + warmup + active)"}
+            return
+        steps = [e for e in self.events if e.name.startswith("ProfilerStep")]
+        step_total = sum(e.cpu_time_total for e in steps)
+        pairs = fwd_bwd_table(self.events, step_total)
+        write_csv(self.run_dir / "profile_ops.csv", self.ops)
+        write_csv(self.run_dir / "profile_fwd_bwd.csv", pairs)
+        if self.recorder.writer is not None:
+            self.recorder.writer.add_text("profiler/ops", _markdown(self.ops))
+            self.recorder.writer.add_text("profiler/fwd_bwd", _markdown(pairs))
+        phase_us = defaultdict(float)
+        for e in self.events:
+            if e.name.startswith("autograd_lab::"):
+                phase_us[e.name.split("::", 1)[1]] += e.cpu_time_total
+        n = max(len(steps), 1)
+        breakdown = {p: phase_us[p] / n / 1000 for p in PHASES}
+        step_ms = step_total / n / 1000
+        breakdown["other"] = max(step_ms - sum(breakdown.values()), 0.0)
+        plain, profiled = self.step_seconds["plain"], self.step_seconds["profiled"]
+        self.summary = {
+            "profiled_steps": len(steps), "step_ms": step_ms, "breakdown_ms": breakdown,
+            "overhead": (statistics.median(profiled) / statistics.median(plain)
+                         if plain and profiled else None),
+            "trace_files": sorted(p.name for p in (self.run_dir / "tb").glob("*.pt.trace.json*")),
+        }
+
+
+def profile_op(op: str = "conv1d", iterations: int = 1000, backward: bool = False):
+    """The seed's standalone case: Conv1d(16, 32, 3) on (B, Cin, Ns) = (32, 16, 100)."""
+    if op != "conv1d":
+        raise ValueError(op)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(32, 16, 100, device=device)
+    conv1d = torch.nn.Conv1d(16, 32, kernel_size=3).to(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iterations):
+            y = conv1d(x)
+            if backward:
+                y.sum().backward()
+    return prof
