@@ -16,6 +16,7 @@ from .config import UserError, check_overrides
 COMMANDS = {
     "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
     "demo": "run the seed's zero-grad study (CIFAR-10 when present, else synthetic data)",
+    "summarize": "DIR [--by KEY ...]: summary/ for any folder of runs (tables, curves, plots)",
     "profile": "a short profiled training run (or --op conv1d, the seed's case): op tables",
 }
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo(rest)
         if command == "profile":
             return profile(rest)
+        if command == "summarize":
+            return summarize(rest)
         raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
@@ -98,6 +101,23 @@ def demo(args: list[str]) -> int:
               f"data (put cifar-10-python.tar.gz there for the real thing)")
         data = ["data=synthetic"]
     return train(["-m", "experiment=zero_grad_study", *data, *args])
+
+
+def summarize(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="autograd-lab summarize",
+                                     description="Write DIR/summary/ for a folder of runs.")
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--by", nargs="+", default=None,
+                        help="config keys to group by (default: the keys that differ)")
+    opts = parser.parse_args(args)
+    from .summary import summarize as write_summary
+
+    out = write_summary(opts.dir, opts.by)
+    print((out / "summary.md").read_text())
+    print(f"written: {out}")
+    return 0
 
 
 def profile(args: list[str]) -> int:

@@ -24,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from . import RUN_FORMAT_VERSION, __version__
 from .config import UserError, validate
 
+# Job directories are named from the overrides; a path value must not nest them.
+OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "%2F"), replace=True)
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
@@ -32,12 +35,27 @@ EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode.name == "MULTIRUN"
     try:
         validate(cfg)
+        if cfg.resume:
+            from .sweep import finished_record
+
+            done = finished_record(run_dir, OmegaConf.to_container(cfg, resolve=True))
+            if done is not None:
+                print(f"skip {run_dir}: already completed with this config (resume=false to "
+                      f"run it again)", file=sys.stderr)
+                return done
         return run(cfg, run_dir, progress_bar=_progress_bar_wanted(cfg, hc))
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        if not multirun:
+            sys.exit(EXIT_USER_ERROR)
+    except Exception as e:  # in a sweep the job is recorded as failed and the sweep goes on
+        if not multirun:
+            raise
+        print(f"autograd-lab: job failed: {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+    return None
 
 
 def _progress_bar_wanted(cfg, hc) -> bool:

@@ -1,0 +1,225 @@
+"""Run directories -> pandas frames -> CSV / Parquet / markdown / PNG.
+
+For notebooks:
+
+    from autograd_lab.summary import load_runs, load_curves
+    runs = load_runs("multirun/zero_grad_study/2026-11-26_12-00-00")  # one row per run
+    curves = load_curves("multirun/zero_grad_study/2026-11-26_12-00-00")  # long format
+
+`summarize(path)` writes `summary/` there: runs.parquet, runs.csv, curves.parquet, summary.md
+(grouped by the swept keys, mean ± std over seeds) and one loss-curve PNG per study. Any folder
+of runs works: a sweep, several sweeps, single runs, a partial sweep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import RUN_FORMAT_VERSION
+from .config import UserError
+
+METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "steps"]
+NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", "val_seconds",
+           "val_peak_mib", "peak_rss_mib", "peak_cuda_mib"]
+# keys that differ between runs without being what a study compares
+NOT_SWEPT = {"seed", "data.root", "resume", "threads", "trainer.progress_bar", "log.flush_every_s"}
+LABELS = {"zero_grad_study": ("train.zero_grad", {True: "Zero gradients",
+                                                  False: "No zero gradients"})}
+
+
+def find_runs(path) -> list[Path]:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such folder")
+    runs = sorted(p.parent for p in path.rglob("run.json") if "summary" not in p.parts)
+    if not runs:
+        raise UserError(f"{path}: no runs found (no run.json below it); point at a run or "
+                        f"sweep directory")
+    return runs
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v) if isinstance(v, list) else v
+    return out
+
+
+def _read_record(run_dir: Path) -> dict:
+    import json
+
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run_dir / 'run.json'}: unreadable ({type(e).__name__})") from None
+    version = record.get("format_version", 0)
+    if version > RUN_FORMAT_VERSION:
+        raise UserError(f"{run_dir}: written by a newer autograd-lab (format {version}; this "
+                        f"one reads up to {RUN_FORMAT_VERSION}); upgrade to summarize it")
+    return record
+
+
+def load_runs(path) -> pd.DataFrame:
+    """One row per run: swept keys and the whole config, status, metrics, time, memory."""
+    base = Path(path)
+    rows = []
+    for run_dir in find_runs(base):
+        record = _read_record(run_dir)
+        row = {"run": str(run_dir.relative_to(base)) if run_dir != base else run_dir.name,
+               "status": record.get("status"), "error": record.get("error")}
+        row.update({k: (record.get("final") or {}).get(k) for k in METRICS})
+        row.update({k: record.get(k) for k in NUMBERS})
+        params = record.get("params") or {}
+        row["trainable_params"] = params.get("trainable")
+        row["frozen_params"] = params.get("frozen")
+        for section in ("profiler", "probes", "detach"):
+            for k, v in _flatten(record.get(section) or {}).items():
+                if not isinstance(v, (list, dict)):
+                    row[f"{section}.{k}"] = v
+        row.update(_flatten(record.get("config") or {}))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.attrs["swept"] = swept_keys(frame)
+    return frame
+
+
+def swept_keys(frame: pd.DataFrame) -> list[str]:
+    """Config keys whose value differs between the runs (what the sweep compared)."""
+    keys = []
+    for col in frame.columns:
+        if "." in col and not col.startswith(("profiler.", "probes.", "detach.")) \
+                and col not in NOT_SWEPT and frame[col].astype(str).nunique() > 1:
+            keys.append(col)
+    return keys
+
+
+def load_curves(path) -> pd.DataFrame:
+    """Every run's metrics.parquet, long format, with a `run` column."""
+    base = Path(path)
+    parts = []
+    for run_dir in find_runs(base):
+        file = run_dir / "metrics.parquet"
+        if file.is_file():
+            curve = pd.read_parquet(file)
+            curve.insert(0, "run", str(run_dir.relative_to(base)) if run_dir != base
+                         else run_dir.name)
+            parts.append(curve)
+    if not parts:
+        return pd.DataFrame(columns=["run", "step", "epoch", "name", "value"])
+    return pd.concat(parts, ignore_index=True)
+
+
+def group_table(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean ± std over seeds of the final metrics, time and memory, per group."""
+    cols = [c for c in ["train_loss", "best_train_loss", "val_loss", "val_acc", "images_per_s",
+                        "seconds_per_step", "val_seconds", "val_peak_mib", "peak_rss_mib",
+                        "trainable_params", "profiler.breakdown_ms.forward",
+                        "profiler.breakdown_ms.backward", "profiler.breakdown_ms.optimizer"]
+            if c in runs and runs[c].notna().any()]
+    if not by:
+        runs = runs.assign(all="all")
+        by = ["all"]
+    keyed = runs.assign(**{k: runs[k].astype(str) for k in by})
+    stats = keyed.groupby(by, sort=True)[cols].agg(["mean", "std"])
+    table = pd.DataFrame(index=stats.index)
+    for c in cols:
+        mean, std = stats[(c, "mean")], stats[(c, "std")].fillna(0)
+        table[c] = [f"{m:.4g} ± {s:.2g}" for m, s in zip(mean, std, strict=True)]
+    table.insert(0, "runs", keyed.groupby(by, sort=True).size())
+    table.insert(1, "completed", keyed.assign(ok=keyed.status == "completed")
+                 .groupby(by, sort=True).ok.sum())
+    return table.reset_index()
+
+
+def _label(study, key_values: dict) -> str:
+    if study in LABELS:
+        key, names = LABELS[study]
+        value = key_values.get(key)
+        value = {"True": True, "False": False}.get(value, value)
+        if value in names:
+            rest = {k: v for k, v in key_values.items() if k != key}
+            return names[value] + (f" ({_fmt(rest)})" if rest else "")
+    return _fmt(key_values) or "all runs"
+
+
+def _fmt(key_values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in key_values.items())
+
+
+def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Path) -> list[Path]:
+    """One figure per study: train/loss per group, mean over seeds with a min-max band."""
+    import io
+
+    import matplotlib
+
+    from .records import atomic_write_bytes
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    loss = curves[curves.name == "train/loss"]
+    studies = runs["study"].fillna("runs").astype(str) if "study" in runs else \
+        pd.Series("runs", index=runs.index)
+    for study in sorted(studies.unique()):
+        subset = runs[studies == study]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        groups = subset.groupby([subset[k].astype(str) for k in by], sort=True) if by \
+            else [((), subset)]
+        for key, group in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            per_run = loss[loss.run.isin(group.run)].pivot_table(
+                index="step", columns="run", values="value")
+            if per_run.empty:
+                continue
+            mean = per_run.mean(axis=1)
+            line, = ax.plot(mean.index, mean.values, lw=0.8,
+                            label=_label(study, dict(zip(by, key, strict=True))))
+            if per_run.shape[1] > 1:
+                ax.fill_between(mean.index, per_run.min(axis=1), per_run.max(axis=1),
+                                color=line.get_color(), alpha=0.2, lw=0)
+        ax.set(xlabel="optimizer step", ylabel="train loss",
+               title=f"{study}: loss per step (mean over seeds, band: min-max)")
+        ax.legend()
+        path = out / f"{study}_loss.png"
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written
+
+
+def summarize(path, by: list[str] | None = None) -> Path:
+    """Write path/summary/ and return it."""
+    from .records import atomic_write_bytes, write_csv, write_parquet
+
+    path = Path(path)
+    runs = load_runs(path)
+    curves = load_curves(path)
+    by = list(by) if by else runs.attrs["swept"]
+    unknown = [k for k in by if k not in runs]
+    if unknown:
+        raise UserError(f"--by {unknown[0]}: no such key in these runs; swept keys are: "
+                        f"{', '.join(runs.attrs['swept']) or '(none)'}")
+    out = path / "summary"
+    out.mkdir(exist_ok=True)
+    write_parquet(out / "runs.parquet", runs.astype({c: str for c in runs.columns
+                                                     if runs[c].dtype == object}))
+    write_csv(out / "runs.csv", runs)
+    write_parquet(out / "curves.parquet", curves)
+    table = group_table(runs, by)
+    failed = runs[runs.status != "completed"]
+    text = [f"# Summary of {path}", "", f"{len(runs)} runs, grouped by: {', '.join(by) or '-'}",
+            "", table.to_markdown(index=False), ""]
+    if len(failed):
+        text += ["## Runs that did not complete", "",
+                 failed[["run", "status", "error"]].to_markdown(index=False), ""]
+    atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
+    plot_curves(runs, curves, by, out)
+    return out

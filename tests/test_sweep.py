@@ -1,0 +1,113 @@
+"""Sweeps through the real CLI: failures don't sink them, finished jobs are skipped, summaries
+agree with the run records they came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import cli
+
+from autograd_lab.summary import load_curves, load_runs
+
+SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1",
+         "probes=off"]
+
+
+def _records(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/run.json")}
+
+
+def test_failing_and_diverging_jobs_do_not_sink_the_sweep(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    out = cli("train", "-m", *SMALL, f"data.root={data_root}", "log.flush_every_s=0.001",
+              f"model.weights_path=null,{tmp_path / 'missing.pt'}", "optim.lr=0.001,1e8",
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 1  # one line per failed run, non-zero exit
+    assert "Traceback" not in out.stderr
+    failed_lines = [ln for ln in out.stderr.splitlines() if ln.startswith("failed: ")]
+    assert len(failed_lines) == 2 and all("missing.pt" in ln for ln in failed_lines)
+    records = _records(sweep)
+    statuses = sorted((r["config"]["model"]["weights_path"] is None, r["config"]["optim"]["lr"],
+                       r["status"]) for r in records.values())
+    assert statuses == [(False, 0.001, "failed"), (False, 1e8, "failed"),
+                        (True, 0.001, "completed"), (True, 1e8, "diverged")]
+    runs = pd.read_csv(sweep / "summary" / "runs.csv")
+    assert sorted(runs.status) == ["completed", "diverged", "failed", "failed"]
+    assert "missing.pt" in (sweep / "summary" / "summary.md").read_text()
+
+
+def test_summary_numbers_come_from_the_run_records(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    out = cli("train", "-m", "experiment=zero_grad_study", *SMALL, f"data.root={data_root}",
+              "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"tensorboard --logdir {sweep}" in out.stdout
+    records = _records(sweep)
+    runs = load_runs(sweep)
+    assert runs.attrs["swept"] == ["train.zero_grad"]  # seed is averaged over, not a group
+    for _, row in runs.iterrows():
+        record = records[row.run]
+        assert row.val_acc == record["final"]["val_acc"]
+        assert row.images_per_s == record["images_per_s"]
+        assert row["train.zero_grad"] == record["config"]["train"]["zero_grad"]
+    off = [r["final"]["val_loss"] for r in records.values()
+           if not r["config"]["train"]["zero_grad"]]
+    md = (sweep / "summary" / "summary.md").read_text()
+    mean, std = pd.Series(off).mean(), pd.Series(off).std()
+    assert f"{mean:.4g} ± {std:.2g}" in md
+    curves = load_curves(sweep)
+    assert set(curves.run) == set(records)
+    assert len(curves[curves.name == "train/loss"]) == 4 * 8
+    assert pd.read_parquet(sweep / "summary" / "curves.parquet").equals(curves)
+    png = sweep / "summary" / "zero_grad_study_loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerunning_an_interrupted_sweep_skips_finished_jobs(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", *SMALL, f"data.root={data_root}", "seed=0,1,2,3",
+            f"hydra.sweep.dir={sweep}"]
+    exe = Path(sys.executable).parent / "autograd-lab"
+    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not list(sweep.glob("*/run.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a hard kill between or inside jobs
+    proc.wait()
+    done = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/run.json")
+            if json.loads(p.read_text())["status"] == "completed"}
+    assert 1 <= len(done) < 4
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("skip ") == len(done)
+    records = _records(sweep)
+    assert len(records) == 4 and all(r["status"] == "completed" for r in records.values())
+    for name, mtime in done.items():  # finished jobs were not run again
+        assert (sweep / name / "run.json").stat().st_mtime_ns == mtime
+    again = cli(*args, "resume=false", cwd=tmp_path)
+    assert again.returncode == 0 and "skip " not in again.stderr
+
+
+@pytest.mark.parametrize("make", ["empty", "unrelated", "newer"])
+def test_summarize_refuses_folders_without_runs(make, tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    if make == "unrelated":
+        (target / "notes.txt").write_text("hello")
+    if make == "newer":
+        (target / "run").mkdir()
+        (target / "run" / "run.json").write_text(json.dumps({"format_version": 99}))
+    out = cli("summarize", str(target), cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert str(target) in out.stderr
+    assert ("newer" in out.stderr) if make == "newer" else ("no runs found" in out.stderr)
+    assert list(target.rglob("summary")) == []
