@@ -74,3 +74,18 @@ def test_profile_command_prints_both_tables(tmp_path, data_root):
     assert seed.returncode == 0, seed.stderr
     assert "Self CPU time total" in seed.stdout and "aten::conv1d" in seed.stdout
     assert "ConvolutionBackward0" in seed.stdout
+
+
+def test_the_sweep_summary_compares_step_time_breakdowns(tmp_path, data_root):
+    sweep = tmp_path / "sweep"
+    out = cli("train", "-m", "data=synthetic", f"data.root={data_root}", "data.train_size=256",
+              "data.test_size=128", "trainer.max_epochs=1", *PROFILE,
+              "variant=none,frozen_backbone", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    runs = pd.read_csv(sweep / "summary" / "runs.csv")
+    records = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/run.json")}
+    for _, row in runs.iterrows():
+        expected = records[row.run]["profiler"]["breakdown_ms"]["backward"]
+        assert row["profiler.breakdown_ms.backward"] == expected
+    md = (sweep / "summary" / "summary.md").read_text()
+    assert "profiler.breakdown_ms.backward" in md and "frozen_backbone" in md

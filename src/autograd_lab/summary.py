@@ -24,6 +24,7 @@ METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "steps"]
 NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", "val_seconds",
            "val_peak_mib", "peak_rss_mib", "peak_cuda_mib"]
 # keys that differ between runs without being what a study compares
+CHOICES = ("model", "data", "optim", "variant", "experiment", "size", "probes", "profiler")
 NOT_SWEPT = {"seed", "data.root", "resume", "threads", "trainer.progress_bar", "log.flush_every_s"}
 LABELS = {"zero_grad_study": ("train.zero_grad", {True: "Zero gradients",
                                                   False: "No zero gradients"})}
@@ -82,6 +83,7 @@ def load_runs(path) -> pd.DataFrame:
                 if not isinstance(v, (list, dict)):
                     row[f"{section}.{k}"] = v
         row.update(_flatten(record.get("config") or {}))
+        row.update({f"{k}": v for k, v in (record.get("choices") or {}).items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["swept"] = swept_keys(frame)
@@ -92,8 +94,9 @@ def swept_keys(frame: pd.DataFrame) -> list[str]:
     """Config keys whose value differs between the runs (what the sweep compared)."""
     keys = []
     for col in frame.columns:
-        if "." in col and not col.startswith(("profiler.", "probes.", "detach.")) \
-                and col not in NOT_SWEPT and frame[col].astype(str).nunique() > 1:
+        is_key = col in CHOICES or ("." in col and not col.startswith(
+            ("profiler.", "probes.", "detach.")))
+        if is_key and col not in NOT_SWEPT and frame[col].astype(str).nunique() > 1:
             keys.append(col)
     return keys
 

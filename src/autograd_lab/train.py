@@ -99,7 +99,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "config": OmegaConf.to_container(cfg, resolve=True),
-                    "overrides": _overrides(), "versions": _versions()}
+                    "overrides": _overrides(), "choices": _choices(), "versions": _versions()}
     recorder = trainer = module = None
     probes: list = []
     profiler: list = []
@@ -237,6 +237,15 @@ def _hparams(cfg) -> dict:
     skip = ("data.root", "resume", "trainer.progress_bar", "log.", "threads", "probes.",
             "profiler.")
     return {k: v for k, v in flat.items() if not k.startswith(skip)}
+
+
+def _choices() -> dict:
+    """The config-group options this run was composed from (model, data, variant, ...)."""
+    try:
+        choices = HydraConfig.get().runtime.choices
+    except ValueError:
+        return {}
+    return {k: v for k, v in choices.items() if not k.startswith("hydra")}
 
 
 def _overrides() -> list[str]:
