@@ -46,7 +46,9 @@ def main(cfg: DictConfig) -> dict | None:
                 print(f"skip {run_dir}: already completed with this config (resume=false to "
                       f"run it again)", file=sys.stderr)
                 return done
-        return run(cfg, run_dir, progress_bar=_progress_bar_wanted(cfg, hc))
+        parallel = _parallel_launcher(hc)
+        return run(cfg, run_dir, progress_bar=_progress_bar_wanted(cfg, hc),
+                   threads=cfg.threads or (1 if parallel else None))
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
         if not multirun:
@@ -58,11 +60,16 @@ def main(cfg: DictConfig) -> dict | None:
     return None
 
 
+def _parallel_launcher(hc) -> bool:
+    """Jobs of this multirun run side by side (joblib, submitit): one torch thread each."""
+    target = str(hc.launcher.get("_target_", "BasicLauncher"))
+    return hc.mode.name == "MULTIRUN" and "BasicLauncher" not in target
+
+
 def _progress_bar_wanted(cfg, hc) -> bool:
     if cfg.trainer.progress_bar != "auto":
         return bool(cfg.trainer.progress_bar)
-    parallel = "BasicLauncher" not in str(hc.launcher.get("_target_", "BasicLauncher"))
-    return sys.stderr.isatty() and not (hc.mode.name == "MULTIRUN" and parallel)
+    return sys.stderr.isatty() and not _parallel_launcher(hc)
 
 
 def _quiet_libraries() -> None:
@@ -73,14 +80,19 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()) -> dict:
+def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=(),
+        threads: int | None = None) -> dict:
     """Train one configuration into `run_dir` and return its run record (also run.json).
 
     `callbacks` are extra Lightning callbacks (notebooks and tests use them to look inside).
+    `threads` sets torch's intra-op threads (default: cfg.threads, else torch's own).
     """
     _quiet_libraries()
     import lightning as L
     import torch
+
+    if threads or cfg.threads:  # set, not hoped: parallel jobs must not fight for the cores
+        torch.set_num_threads(threads or cfg.threads)
 
     from .data import CIFARDataModule
     from .models import build_model
@@ -109,8 +121,6 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         L.seed_everything(cfg.seed, verbose=False)
         datamodule = CIFARDataModule(cfg.data, cfg.seed)
         datamodule.tensors = _load_data(cfg)  # fail on data problems before any file is written
