@@ -16,6 +16,8 @@ from .config import UserError, check_overrides
 COMMANDS = {
     "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
     "demo": "run the seed's zero-grad study (CIFAR-10 when present, else synthetic data)",
+    "step-check": "one forward/backward/step; every parameter against its update rule",
+    "graph": "[overrides] --out PATH: the backward graph, its saved tensors, DOT and image",
     "summarize": "DIR [--by KEY ...]: summary/ for any folder of runs (tables, curves, plots)",
     "profile": "a short profiled training run (or --op conv1d, the seed's case): op tables",
 }
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             return profile(rest)
         if command == "summarize":
             return summarize(rest)
+        if command == "step-check":
+            return step_check(rest)
+        if command == "graph":
+            return graph(rest)
         raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
@@ -101,6 +107,120 @@ def demo(args: list[str]) -> int:
               f"data (put cifar-10-python.tar.gz there for the real thing)")
         data = ["data=synthetic"]
     return train(["-m", "experiment=zero_grad_study", *data, *args])
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra overrides (key=value) and this command's own --flags."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    return overrides, [a for a in args if a not in overrides]
+
+
+def _compose(overrides: list[str], defaults: list[str]):
+    """The training config for the overrides (checked first: bad input is one line)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .config import CONF_DIR, validate
+
+    keys = {o.split("=", 1)[0] for o in overrides}
+    full = [d for d in defaults if d.split("=", 1)[0] not in keys] + overrides
+    check_overrides(full, multirun=False)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=full)
+    validate(cfg)
+    return cfg
+
+
+def _model_and_batch(cfg, seed_batch: bool = False):
+    """The configured model with its variants applied, and one batch (the seed's random
+    images with soft random targets when `seed_batch`)."""
+    import torch
+
+    from .data import load_split_tensors, normalize
+    from .models import build_model
+    from .variants import detach_at, freeze
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    freeze(model, cfg.train.freeze)
+    if cfg.train.detach_at:
+        detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
+    if seed_batch:  # 64x64 as the seed's ResNet18 cell; SmallNet's Linear(588) needs 32x32
+        side = 64 if cfg.model.name == "resnet18" else 32
+        classes = model.eval()(torch.zeros(1, 3, side, side)).shape[1]
+        model.train()
+        x = torch.rand(cfg.data.batch_size, 3, side, side)
+        y = torch.rand(cfg.data.batch_size, classes)
+    else:
+        tensors = load_split_tensors(cfg.data)
+        x = normalize(tensors["train_x"][:cfg.data.batch_size])
+        y = tensors["train_y"][:cfg.data.batch_size]
+    return model, x, y
+
+
+def step_check(args: list[str]) -> int:
+    import argparse
+
+    overrides, flags = _split(args)
+    parser = argparse.ArgumentParser(prog="autograd-lab step-check")
+    parser.add_argument("--seed-batch", action="store_true",
+                        help="the seed's cell: random 64x64 images and soft random targets")
+    parser.add_argument("--weight", default=None, help="parameter to print (default: last weight)")
+    parser.add_argument("--check-lr", type=float, default=None,
+                        help="give the checker this learning rate instead (to see it fail)")
+    opts = parser.parse_args(flags)
+    seed_sgd = [] if any(o.startswith("optim=") for o in overrides) else \
+        ["optim.lr=0.01", "optim.momentum=0"]  # the seed's cell: SGD(lr=1e-2)
+    cfg = _compose(overrides, ["model=resnet18", "data=synthetic", *seed_sgd])
+    from .checks import step_check as check
+    from .module import build_optimizer
+
+    model, x, y = _model_and_batch(cfg, opts.seed_batch)
+    if opts.weight and opts.weight not in dict(model.named_parameters()):
+        raise UserError(f"--weight {opts.weight}: no such parameter; e.g. "
+                        f"{', '.join(list(dict(model.named_parameters()))[-3:])}")
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    result = check(model, optimizer, cfg.optim, x, y, opts.weight, opts.check_lr)
+    print(f"{cfg.model.name}, optim={cfg.optim.name} lr={cfg.optim.lr}: {result.weight}[0...0]")
+    print(f"  initial {result.initial:.8f}  grad {result.grad:.8f}")
+    print(f"  updated {result.updated:.8f}  predicted by the update rule {result.predicted:.8f}")
+    print(f"every parameter: max |updated - predicted| = {result.max_abs_error:.3g} "
+          f"({result.worst}); tolerance {result.tolerance:g}: {'OK' if result.ok else 'MISMATCH'}")
+    return 0 if result.ok else 1
+
+
+def graph(args: list[str]) -> int:
+    import argparse
+
+    overrides, flags = _split(args)
+    parser = argparse.ArgumentParser(prog="autograd-lab graph")
+    parser.add_argument("--out", type=Path, required=True, help="path without extension")
+    parser.add_argument("--format", choices=["svg", "png", "dot"], default="svg")
+    opts = parser.parse_args(flags)
+    cfg = _compose(overrides, ["data=synthetic"])
+    import torch.nn.functional as F
+
+    from .graph import render, saved_bytes_by_hooks, walk
+
+    model, x, y = _model_and_batch(cfg)
+    model.train()
+    loss, backward = saved_bytes_by_hooks(lambda: F.cross_entropy(model(x), y))
+    g = walk(loss, dict(model.named_parameters()))
+    hooked = backward()
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    table = g.table()
+    table.to_csv(opts.out.with_suffix(".csv"), index=False)
+    files, note = render(g, opts.out, opts.format,
+                         f"{cfg.model.name}: {len(g.nodes)} nodes, saves {g.saved_bytes} B")
+    print(f"{len(g.nodes)} nodes, {sum(1 for n in g.nodes if n['param'])} parameter leaves")
+    verdict = "agree" if hooked == g.saved_bytes else "DISAGREE"
+    print(f"saved for backward: {g.saved_bytes} bytes ({g.saved_bytes / 2**20:.2f} MiB); "
+          f"saved_tensors_hooks count {hooked} bytes: {verdict}")
+    print("written: " + ", ".join(str(f) for f in [opts.out.with_suffix(".csv"), *files]))
+    if note:
+        print(note)
+    return 0 if hooked == g.saved_bytes else 1
 
 
 def summarize(args: list[str]) -> int:
