@@ -114,6 +114,10 @@ def test_graph_command_writes_table_dot_and_image(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "agree" in out.stdout
     assert (tmp_path / "g" / "net.csv").is_file() and (tmp_path / "g" / "net.dot").is_file()
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "g" / "net.parquet")
+    assert set(table[table.param.notna()].param) == {"fc.weight", "fc.bias"}  # conv is frozen
     import shutil
 
     if shutil.which("dot"):

@@ -211,13 +211,15 @@ def graph(args: list[str]) -> int:
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     table = g.table()
     table.to_csv(opts.out.with_suffix(".csv"), index=False)
+    table.to_parquet(opts.out.with_suffix(".parquet"), index=False)
     files, note = render(g, opts.out, opts.format,
                          f"{cfg.model.name}: {len(g.nodes)} nodes, saves {g.saved_bytes} B")
     print(f"{len(g.nodes)} nodes, {sum(1 for n in g.nodes if n['param'])} parameter leaves")
     verdict = "agree" if hooked == g.saved_bytes else "DISAGREE"
     print(f"saved for backward: {g.saved_bytes} bytes ({g.saved_bytes / 2**20:.2f} MiB); "
           f"saved_tensors_hooks count {hooked} bytes: {verdict}")
-    print("written: " + ", ".join(str(f) for f in [opts.out.with_suffix(".csv"), *files]))
+    tables = [opts.out.with_suffix(".csv"), opts.out.with_suffix(".parquet")]
+    print("written: " + ", ".join(str(f) for f in [*tables, *files]))
     if note:
         print(note)
     return 0 if hooked == g.saved_bytes else 1
