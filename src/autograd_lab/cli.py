@@ -257,7 +257,7 @@ def profile(args: list[str]) -> int:
         from .profiling import fwd_bwd_table, profile_op
 
         prof = profile_op(opts.op, opts.iterations, opts.backward)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total"))  # as the seed prints it
         if opts.backward:
             print(fwd_bwd_table(prof.events()).to_markdown(index=False, floatfmt=".1f"))
         return 0
