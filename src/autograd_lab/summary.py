@@ -186,6 +186,8 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Pa
             if per_run.shape[1] > 1:
                 ax.fill_between(mean.index, per_run.min(axis=1), per_run.max(axis=1),
                                 color=line.get_color(), alpha=0.2, lw=0)
+        if len(loss) and loss.value.max() > 100 * max(loss.value.min(), 1e-12):
+            ax.set_yscale("log")  # a run that blows up would flatten every other curve
         ax.set(xlabel="optimizer step", ylabel="train loss",
                title=f"{study}: loss per step (mean over seeds, band: min-max)")
         ax.legend()
