@@ -34,6 +34,14 @@ def test_step_check_identity_holds_and_fails_on_a_wrong_learning_rate(optim):
     wrong = step_check(model, build_optimizer(model.parameters(), cfg), cfg, x, y,
                        check_lr=cfg.lr * 2)
     assert not wrong.ok and wrong.max_abs_error > 1e-5
+    # the checker must also see the coefficients that only act from the second step on
+    off = dict(momentum=0.5) if cfg.name == "sgd" else dict(betas=[0.5, 0.9])
+    if cfg.name == "adam" or cfg.momentum:
+        model = SmallNet()
+        real = build_optimizer(model.parameters(), make_cfg(
+            *optim, *[f"optim.{k}={v}".replace(" ", "") for k, v in off.items()]).optim)
+        mismatch = step_check(model, real, cfg, x, y)
+        assert not mismatch.ok, "a wrong momentum / betas went unnoticed"
 
 
 def test_step_check_command(tmp_path):

@@ -7,6 +7,7 @@ Nothing here imports torch: `autograd-lab train --help` and `--cfg job` stay fas
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -177,9 +178,12 @@ def step_check(args: list[str]) -> int:
     from .module import build_optimizer
 
     model, x, y = _model_and_batch(cfg, opts.seed_batch)
-    if opts.weight and opts.weight not in dict(model.named_parameters()):
-        raise UserError(f"--weight {opts.weight}: no such parameter; e.g. "
-                        f"{', '.join(list(dict(model.named_parameters()))[-3:])}")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if opts.weight and opts.weight not in trainable:
+        why = "is frozen (no gradient)" if opts.weight in dict(model.named_parameters()) \
+            else "no such parameter"
+        raise UserError(f"--weight {opts.weight}: {why}; trainable ones include: "
+                        f"{', '.join(trainable[-3:])}")
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     result = check(model, optimizer, cfg.optim, x, y, opts.weight, opts.check_lr)
     print(f"{cfg.model.name}, optim={cfg.optim.name} lr={cfg.optim.lr}: {result.weight}[0...0]")
@@ -206,7 +210,7 @@ def graph(args: list[str]) -> int:
     model, x, y = _model_and_batch(cfg)
     model.train()
     loss, backward = saved_bytes_by_hooks(lambda: F.cross_entropy(model(x), y))
-    g = walk(loss, dict(model.named_parameters()))
+    g = walk(loss, dict(model.named_parameters()), dict(model.named_buffers()))
     hooked = backward()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     table = g.table()
@@ -216,8 +220,9 @@ def graph(args: list[str]) -> int:
                          f"{cfg.model.name}: {len(g.nodes)} nodes, saves {g.saved_bytes} B")
     print(f"{len(g.nodes)} nodes, {sum(1 for n in g.nodes if n['param'])} parameter leaves")
     verdict = "agree" if hooked == g.saved_bytes else "DISAGREE"
-    print(f"saved for backward: {g.saved_bytes} bytes ({g.saved_bytes / 2**20:.2f} MiB); "
-          f"saved_tensors_hooks count {hooked} bytes: {verdict}")
+    print(f"saved for backward: {g.saved_bytes} bytes ({g.saved_bytes / 2**20:.2f} MiB), of which "
+          f"{g.activation_bytes / 2**20:.2f} MiB activations (the rest is parameters and "
+          f"buffers, alive anyway); saved_tensors_hooks count {hooked} bytes: {verdict}")
     tables = [opts.out.with_suffix(".csv"), opts.out.with_suffix(".parquet")]
     print("written: " + ", ".join(str(f) for f in [*tables, *files]))
     if note:
@@ -245,7 +250,7 @@ def summarize(args: list[str]) -> int:
 def profile(args: list[str]) -> int:
     """`autograd-lab profile [overrides]`: profile a few training steps and print the tables.
     `autograd-lab profile --op conv1d [--iterations N] [--backward]`: the seed's Conv1d case."""
-    if args and args[0].startswith("--op"):
+    if any(a.startswith("--op") for a in args):
         import argparse
 
         parser = argparse.ArgumentParser(prog="autograd-lab profile")
@@ -279,6 +284,9 @@ def profile(args: list[str]) -> int:
             frame = pd.read_csv(run_dir / name)
             print(f"\n{title} ({run_dir / name}):")
             print(frame.head(25).to_markdown(index=False, floatfmt=".1f"))
+    record = run_dir / "run.json"
+    if record.is_file() and "error" in (json.loads(record.read_text()).get("profiler") or {}):
+        print(f"\nprofiler: {json.loads(record.read_text())['profiler']['error']}")
     print(f"\ntraces: {run_dir / 'tb'} (open *.pt.trace.json in ui.perfetto.dev)")
     return code
 

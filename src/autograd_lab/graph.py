@@ -14,24 +14,32 @@ from dataclasses import dataclass, field
 import torch
 
 
-def _key(t: torch.Tensor) -> tuple:
-    """Identity of a tensor's memory: the same buffer saved twice is kept alive once."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+def _key(t: torch.Tensor) -> int:
+    """Identity of a tensor's memory: its storage. Saved twice, or as two views, it is kept
+    alive once, and whole."""
+    return t.untyped_storage().data_ptr()
 
 
 def _bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    return t.untyped_storage().nbytes()
 
 
 @dataclass
 class Graph:
     nodes: list[dict] = field(default_factory=list)     # id, name, kind, param, saved, bytes
     edges: list[tuple[int, int]] = field(default_factory=list)  # (from node, to node)
-    saved: dict[tuple, tuple[str, int]] = field(default_factory=dict)  # unique saved tensors
+    saved: dict[int, tuple[str, int]] = field(default_factory=dict)  # storage -> (where, bytes)
+    state: set[int] = field(default_factory=set)  # storages of parameters and buffers
 
     @property
     def saved_bytes(self) -> int:
+        """Everything the graph references for backward, parameters and buffers included."""
         return sum(b for _, b in self.saved.values())
+
+    @property
+    def activation_bytes(self) -> int:
+        """What backward alone keeps alive: saved tensors that are not model state."""
+        return sum(b for k, (_, b) in self.saved.items() if k not in self.state)
 
     def table(self):
         import pandas as pd
@@ -73,9 +81,12 @@ def _saved_tensors(node) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def walk(loss: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> Graph:
+def walk(loss: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
+         buffers: dict[str, torch.Tensor] | None = None) -> Graph:
+    """`params` names the leaves; `params` and `buffers` are model state, kept alive anyway."""
     names = {id(p): n for n, p in (params or {}).items()}
     graph, ids, stack = Graph(), {}, [loss.grad_fn]
+    graph.state = {_key(t) for t in [*(params or {}).values(), *(buffers or {}).values()]}
     while stack:
         node = stack.pop()
         if node is None or node in ids:
@@ -114,12 +125,13 @@ def saved_bytes_by_hooks(forward):
     unpacked, so they do not count (they are freed with that part). Walk the graph before
     calling it: backward frees the saved tensors.
     """
-    seen: dict[tuple, int] = {}
+    seen: dict[int, int] = {}  # storage address -> its size, counted here on its own
     in_backward = [False]
 
     def unpack(t):
         if in_backward[0]:
-            seen.setdefault(_key(t), _bytes(t))
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):

@@ -29,12 +29,12 @@ import torch
 PHASES = ("forward", "backward", "optimizer", "data", "logging")
 
 
-def ops_table(prof) -> pandas.DataFrame:  # noqa: F821
-    """The seed's key_averages table as a frame, sorted by self CPU time."""
+def ops_table(averages) -> pandas.DataFrame:  # noqa: F821
+    """The seed's key_averages table as a frame, by self CPU time."""
     import pandas as pd
 
     rows = []
-    for e in prof.key_averages():
+    for e in averages:
         row = {"name": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total,
                "cpu_total_us": e.cpu_time_total, "cpu_memory_bytes": e.cpu_memory_usage}
         if torch.cuda.is_available():
@@ -50,8 +50,8 @@ def fwd_bwd_table(events, step_total_us: float | None = None) -> pandas.DataFram
 
     For one sequence number the profiler shows the forward ops that recorded the node (outermost
     first: aten::conv2d, aten::convolution) and, in backward, `autograd::engine::
-    evaluate_function: <Node>` around `<Node>`. The innermost forward op names the pair; the
-    outermost forward event (the longest) and the evaluate_function event give the two times.
+    evaluate_function: <Node>` around `<Node>`. The last forward op with the number made the node
+    and names the pair; its time and the evaluate_function event's give the two times.
     """
     import pandas as pd
 
@@ -71,7 +71,9 @@ def fwd_bwd_table(events, step_total_us: float | None = None) -> pandas.DataFram
             row = pairs.setdefault(key, {"forward_op": key[0], "backward_node": key[1],
                                          "calls": 0, "forward_us": 0.0, "backward_us": 0.0})
             row["calls"] += 1
-            row["forward_us"] += max(e.cpu_time_total for e in fwd)  # the outermost op
+            # the op that made the node is the last one stamped with its number (ops that make
+            # no node, e.g. under a frozen layer, share the number of the next one that does)
+            row["forward_us"] += fwd[-1].cpu_time_total
             row["backward_us"] += b.cpu_time_total
     frame = pd.DataFrame(list(pairs.values()),
                          columns=["forward_op", "backward_node", "calls", "forward_us",
@@ -100,6 +102,7 @@ class TorchProfiler(L.Callback):
                             with_stack=with_stack)
         self.prof = None
         self.events: list = []
+        self.cycle_ops: list = []  # one key_averages table per profiled cycle
         self.step_seconds: dict[str, list[float]] = {"profiled": [], "plain": []}
         self.summary: dict = {}
 
@@ -114,7 +117,7 @@ class TorchProfiler(L.Callback):
         def on_trace_ready(prof):
             writer(prof)
             self.events.extend(prof.events())
-            self.ops = ops_table(prof)
+            self.cycle_ops.append(ops_table(prof.key_averages()))
 
         self.prof = profile(activities=activities, schedule=schedule(**self.schedule),
                             on_trace_ready=on_trace_ready, **self.options)
@@ -132,8 +135,10 @@ class TorchProfiler(L.Callback):
         position = self._step % self.cycle
         in_cycle = self._step < self.cycle * max(self.schedule["repeat"], 1) or \
             self.schedule["repeat"] == 0
-        recording = in_cycle and position >= self.schedule["wait"] + self.schedule["warmup"]
-        if self._step >= 1:  # the first step pays one-off costs
+        wait, warmup = self.schedule["wait"], self.schedule["warmup"]
+        recording = in_cycle and position >= wait + warmup
+        warming = in_cycle and wait <= position < wait + warmup  # neither plain nor recorded
+        if self._step >= 1 and not warming:  # the first step pays one-off costs
             self.step_seconds["profiled" if recording else "plain"].append(
                 time.perf_counter() - self._t0)
         self._step += 1
@@ -163,6 +168,11 @@ class TorchProfiler(L.Callback):
         steps = [e for e in self.events if e.name.startswith("ProfilerStep")]
         step_total = sum(e.cpu_time_total for e in steps)
         pairs = fwd_bwd_table(self.events, step_total)
+        import pandas as pd
+
+        cycles = pd.concat(self.cycle_ops, ignore_index=True)  # every cycle, summed by op
+        self.ops = cycles.groupby("name", as_index=False).sum(numeric_only=True) \
+            .sort_values("self_cpu_us", ascending=False, ignore_index=True)
         write_csv(self.run_dir / "profile_ops.csv", self.ops)
         write_csv(self.run_dir / "profile_fwd_bwd.csv", pairs)
         if self.recorder.writer is not None:

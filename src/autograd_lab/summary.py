@@ -34,7 +34,8 @@ def find_runs(path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such folder")
-    runs = sorted(p.parent for p in path.rglob("run.json") if "summary" not in p.parts)
+    runs = sorted(p.parent for p in path.rglob("run.json")
+                  if "summary" not in p.relative_to(path).parts[:-1])
     if not runs:
         raise UserError(f"{path}: no runs found (no run.json below it); point at a run or "
                         f"sweep directory")
@@ -58,6 +59,8 @@ def _read_record(run_dir: Path) -> dict:
         record = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{run_dir / 'run.json'}: unreadable ({type(e).__name__})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("format_version", 0), int):
+        raise UserError(f"{run_dir / 'run.json'}: not an autograd-lab run record")
     version = record.get("format_version", 0)
     if version > RUN_FORMAT_VERSION:
         raise UserError(f"{run_dir}: written by a newer autograd-lab (format {version}; this "
@@ -68,7 +71,7 @@ def _read_record(run_dir: Path) -> dict:
 def load_runs(path) -> pd.DataFrame:
     """One row per run: swept keys and the whole config, status, metrics, time, memory."""
     base = Path(path)
-    rows = []
+    rows, results = [], set()
     for run_dir in find_runs(base):
         record = _read_record(run_dir)
         row = {"run": str(run_dir.relative_to(base)) if run_dir != base else run_dir.name,
@@ -82,20 +85,21 @@ def load_runs(path) -> pd.DataFrame:
             for k, v in _flatten(record.get(section) or {}).items():
                 if not isinstance(v, (list, dict)):
                     row[f"{section}.{k}"] = v
+                    results.add(f"{section}.{k}")
         row.update(_flatten(record.get("config") or {}))
         row.update({f"{k}": v for k, v in (record.get("choices") or {}).items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
+    frame.attrs["results"] = sorted(results)  # measured, not configured: never swept keys
     frame.attrs["swept"] = swept_keys(frame)
     return frame
 
 
 def swept_keys(frame: pd.DataFrame) -> list[str]:
     """Config keys whose value differs between the runs (what the sweep compared)."""
-    keys = []
+    keys, results = [], set(frame.attrs.get("results", []))
     for col in frame.columns:
-        is_key = col in CHOICES or ("." in col and not col.startswith(
-            ("profiler.", "probes.", "detach.")))
+        is_key = col in CHOICES or ("." in col and col not in results)
         if is_key and col not in NOT_SWEPT and frame[col].astype(str).nunique() > 1:
             keys.append(col)
     return keys
