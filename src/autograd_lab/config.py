@@ -84,6 +84,8 @@ CHECKS: dict[str, tuple] = {
     "profiler.active": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "profiler.repeat": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: until the end)"),
     "log.flush_every_s": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "checkpoint.every_n_steps": (lambda v: _is_int(v) and v >= 0,
+                                 "an integer >= 0 (0: only on a signal and at the end)"),
 }
 
 

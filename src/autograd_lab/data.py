@@ -211,10 +211,12 @@ class ResidentBatches:
     DistributedSampler); `sampler` is this object.
     """
 
-    def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, augment: bool = False):
+    def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, augment: bool = False,
+                 resume_at: tuple[int, int] | None = None):
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
         self.epoch = 0
+        self.resume_at = resume_at  # (epoch, batch): a resumed run's first pass starts there
         self.sampler, self.batch_sampler = self, None  # what Lightning looks for on a loader
 
     def set_epoch(self, epoch: int) -> None:
@@ -230,7 +232,12 @@ class ResidentBatches:
         if self.augment:
             flip = (torch.rand(n, generator=g) < 0.5).to(self.x.device)
             shift = torch.randint(0, 9, (2, n), generator=g).to(self.x.device)
-        for i in range(0, n, b):
+        start = 0
+        if self.resume_at is not None:  # read here: Lightning calls set_epoch before the pass
+            if self.resume_at[0] == self.epoch:
+                start = self.resume_at[1] * b
+            self.resume_at = None
+        for i in range(start, n, b):
             if order is None:
                 x, y = self.x[i:i + b], self.y[i:i + b]
             else:
@@ -249,6 +256,7 @@ class CIFARDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = cfg, seed
         self.tensors: dict[str, torch.Tensor] | None = None
+        self.resume_at: tuple[int, int] | None = None  # (epoch, next batch) from a checkpoint
 
     def setup(self, stage: str | None = None) -> None:
         if self.tensors is None:
@@ -260,8 +268,8 @@ class CIFARDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResidentBatches:
         t, n = self.tensors, self.cfg.get("subset") or None
         return ResidentBatches(t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size,
-                               self.cfg.shuffle,
-                               self.seed, augment=self.cfg.augment == "flip_crop")
+                               self.cfg.shuffle, self.seed,
+                               augment=self.cfg.augment == "flip_crop", resume_at=self.resume_at)
 
     def val_dataloader(self) -> ResidentBatches:
         t = self.tensors

@@ -57,6 +57,7 @@ class Probes(L.Callback):
         self.hess_iters, self.zero_grad = hessian_iters, zero_grad
         self.pending: list[tuple[int, int, torch.Tensor]] = []
         self.frozen_max_change = 0.0
+        self._restored: dict | None = None
         recorder.sources.append(self)
 
     # -- set-up: parameter list, group index, initial weights
@@ -78,6 +79,23 @@ class Probes(L.Callback):
         self.columns.append("probes/frozen_max_change")
         self.snapshots: dict[int, list[torch.Tensor]] = {}  # step -> .grad after that step
         self.generator = torch.Generator().manual_seed(0)
+        if self._restored is not None:  # resuming: the run's own initial weights and history
+            r, self._restored = self._restored, None
+            self.w0 = [w.to(device) for w in r["w0"]]
+            self.snapshots = {s: [g.to(device) for g in gs] for s, gs in r["snapshots"].items()}
+            self.generator.set_state(r["generator"])
+            self.frozen_max_change = r["frozen_max_change"]
+
+    # -- checkpoints: what the rest of the probe rows depend on
+    def state_dict(self) -> dict:
+        if not hasattr(self, "w0"):
+            return {}
+        return {"w0": self.w0, "snapshots": self.snapshots,
+                "generator": self.generator.get_state(),
+                "frozen_max_change": self.frozen_max_change}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state or None
 
     def _is_probe(self, step: int) -> bool:
         return step % self.every == 0

@@ -118,6 +118,7 @@ class RunRecorder(L.Callback):
         self.val_seconds: list[float] = []
         self.val_peak_mib: list[float] = []
         self.last_loss = math.nan
+        self.purge_step: int | None = None  # resuming: TensorBoard drops older events from here
         self._next_flush = 0.0
         self._next_step = 0
         self._epoch_start = None
@@ -164,7 +165,8 @@ class RunRecorder(L.Callback):
     def setup(self, trainer, pl_module, stage):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=5)
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=5,
+                                    purge_step=self.purge_step)
         self._next_step = trainer.global_step
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -203,6 +205,31 @@ class RunRecorder(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._close_train_interval(trainer, pl_module)
+
+    # -- checkpoints (Lightning stores a callback's state_dict and restores it on resume)
+    def state_dict(self) -> dict:
+        import torch
+
+        names = list(dict.fromkeys(self.rows["name"]))
+        code = {n: i for i, n in enumerate(names)}
+        return {"step": torch.tensor(self.rows["step"], dtype=torch.int64),
+                "epoch": torch.tensor(self.rows["epoch"], dtype=torch.int64),
+                "names": names,
+                "code": torch.tensor([code[n] for n in self.rows["name"]], dtype=torch.int64),
+                "value": torch.tensor(self.rows["value"], dtype=torch.float64),
+                "next_step": self._next_step, "last_loss": self.last_loss,
+                "train_seconds": self.train_seconds, "train_images": self.train_images,
+                "val_seconds": list(self.val_seconds), "val_peak_mib": list(self.val_peak_mib)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.rows = {"step": state["step"].tolist(), "epoch": state["epoch"].tolist(),
+                     "name": [state["names"][i] for i in state["code"].tolist()],
+                     "value": state["value"].tolist()}
+        self._next_step, self.last_loss = state["next_step"], state["last_loss"]
+        self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
+        self.val_seconds, self.val_peak_mib = state["val_seconds"], state["val_peak_mib"]
 
     # -- results
     @property

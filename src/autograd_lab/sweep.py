@@ -9,6 +9,22 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse to write into a run directory that a newer autograd-lab wrote: its files would be
+    overwritten by an older shape."""
+    from . import RUN_FORMAT_VERSION
+    from .config import UserError
+
+    try:
+        version = json.loads((Path(run_dir) / "run.json").read_text()).get("format_version", 0)
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(version, int) and version > RUN_FORMAT_VERSION:
+        raise UserError(f"{run_dir} was written by a newer autograd-lab (format_version="
+                        f"{version}; this one writes {RUN_FORMAT_VERSION}): upgrade, or use "
+                        f"another run directory")
+
+
 def finished_record(run_dir: Path, config: dict) -> dict | None:
     """The run.json of a job that already completed with exactly this resolved config."""
     try:
@@ -16,14 +32,16 @@ def finished_record(run_dir: Path, config: dict) -> dict | None:
     except (OSError, ValueError):
         return None
     if record.get("status") == "completed" and \
-            _comparable(record.get("config") or {}) == _comparable(config):
+            comparable(record.get("config") or {}) == comparable(config):
         return record
     return None
 
 
-def _comparable(config: dict) -> dict:
-    """The config minus what does not change the result (bar, threads, flush interval)."""
-    out = {k: v for k, v in config.items() if k not in ("resume", "threads", "log")}
+def comparable(config: dict) -> dict:
+    """The config minus what does not change the result (bar, threads, flush and checkpoint
+    intervals)."""
+    out = {k: v for k, v in config.items()
+           if k not in ("resume", "threads", "log", "checkpoint")}
     out["trainer"] = {k: v for k, v in (config.get("trainer") or {}).items()
                       if k != "progress_bar"}
     return out

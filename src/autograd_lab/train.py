@@ -25,7 +25,9 @@ from . import RUN_FORMAT_VERSION, __version__
 from .config import UserError, validate
 
 # Job directories are named from the overrides; a path value must not nest them.
-OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "%2F"), replace=True)
+# With no overrides the name is "defaults": `autograd-lab train` always lands in runs/defaults.
+OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "%2F") or "defaults",
+                                replace=True)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
@@ -38,9 +40,10 @@ def main(cfg: DictConfig) -> dict | None:
     multirun = hc.mode.name == "MULTIRUN"
     try:
         validate(cfg)
-        if cfg.resume:
-            from .sweep import finished_record
+        from .sweep import check_run_dir, finished_record
 
+        check_run_dir(run_dir)
+        if cfg.resume:
             done = finished_record(run_dir, OmegaConf.to_container(cfg, resolve=True))
             if done is not None:
                 print(f"skip {run_dir}: already completed with this config (resume=false to "
@@ -75,6 +78,8 @@ def _progress_bar_wanted(cfg, hc) -> bool:
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # The checkpoint carries the data position and the datamodule restores it (checkpoint.py)
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning",
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -94,6 +99,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     if threads or cfg.threads:  # set, not hoped: parallel jobs must not fight for the cores
         torch.set_num_threads(threads or cfg.threads)
 
+    from .checkpoint import AtomicCheckpointIO, Checkpointer, RunInterrupted
     from .data import CIFARDataModule
     from .models import build_model
     from .module import Classifier
@@ -108,15 +114,25 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     from .variants import detach_at, freeze, frozen_batchnorms
 
     t0 = time.perf_counter()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # decided before anything is written: a bad checkpoint or run dir loses nothing
+    ckpt_path, resumed = _resume_point(cfg, run_dir, config)
     record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "config": OmegaConf.to_container(cfg, resolve=True),
+                    "config": config, **({"resumed": resumed} if resumed else {}),
                     "overrides": _overrides(), "choices": _choices(), "versions": _versions()}
     recorder = trainer = module = None
     probes: list = []
     profiler: list = []
     hooks = []
     sigint = signal.getsignal(signal.SIGINT)  # Lightning sets it to ignore after a Ctrl-C
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def _stop(signum, frame):  # until training starts; then the Checkpointer takes over
+        raise RunInterrupted(signum, None, saved=False)
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _stop)
     reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -137,11 +153,16 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn)
 
         recorder = RunRecorder(run_dir, cfg.log.flush_every_s)
+        recorder.purge_step = resumed["from_step"] if resumed else None  # TensorBoard drops
+        # the killed attempt's events from the resumed step on
         probes = _probes(cfg, recorder)
         profiler = _profiler(cfg, run_dir, recorder)
+        checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, record["config"],
+                                    recorder, datamodule)
         callbacks = [recorder, *probes, *profiler, *callbacks]
         if progress_bar:
             callbacks.append(StepProgressBar(recorder))
+        callbacks.append(checkpointer)  # last: at a step's end the other rows are complete
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
@@ -149,8 +170,9 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
             limit_val_batches=cfg.trainer.limit_val_batches,
             callbacks=callbacks, logger=False, enable_checkpointing=False,
             enable_progress_bar=progress_bar, enable_model_summary=False,
-            num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir))
-        trainer.fit(module, datamodule=datamodule)
+            num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
+            plugins=[AtomicCheckpointIO()])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         record["status"] = "diverged" if recorder.diverged_at is not None else "completed"
         if recorder.diverged_at is not None:
             record["error"] = f"non-finite loss at step {recorder.diverged_at}"
@@ -158,6 +180,9 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     except UserError as e:
         record["error"] = str(e)
         raise
+    except RunInterrupted as e:
+        record["status"], record["error"] = "interrupted", str(e)
+        raise SystemExit(e.exit_code) from None
     except BaseException as e:
         # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
         interrupted = isinstance(e, KeyboardInterrupt) or (
@@ -169,6 +194,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         raise
     finally:
         signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, sigterm)
         if recorder is not None and trainer is not None and module is not None:
             recorder.flush(trainer, module)  # losses still on the device are kept, too
         for h in hooks:
@@ -195,6 +221,26 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "run.json", record)
     return record
+
+
+def _resume_point(cfg, run_dir: Path, config: dict) -> tuple[Path | None, dict | None]:
+    """The checkpoint this run continues from, or None for a fresh start (which clears what an
+    earlier attempt left in the run directory, so TensorBoard shows one curve)."""
+    import shutil
+
+    from .checkpoint import CHECKPOINT, check_resumable
+    from .sweep import check_run_dir
+
+    check_run_dir(run_dir)
+    path = run_dir / CHECKPOINT
+    if cfg.resume and path.is_file():
+        ckpt = check_resumable(path, config)
+        meta = ckpt["callbacks"]["Checkpointer"]["autograd_lab"]
+        return path, {"from_step": ckpt["global_step"], "epoch": meta["data"]["epoch"],
+                      "checkpoint": str(path)}
+    for stale in ("tb", "checkpoints"):
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    return None, None
 
 
 def _probes(cfg, recorder) -> list:

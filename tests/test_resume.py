@@ -1,0 +1,183 @@
+"""Kill a run with a real signal, re-run it, and get the uninterrupted run's curve bit for bit.
+
+The oracle is an uninterrupted run of the same config: every train/loss, val and probe row of the
+resumed run's metrics.parquet, and its final weights, must be identical (not close).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import losses, make_cfg
+
+from autograd_lab.train import run
+
+OVERRIDES = ["data.train_size=320", "data.test_size=128", "data.batch_size=32",
+             "trainer.max_epochs=3", "log.flush_every_s=1000"]  # 10 steps an epoch, 30 in all
+
+
+class SendSignal(L.Callback):
+    """Deliver a real signal to this process at a chosen step, in training or in validation."""
+
+    def __init__(self, step: int, where: str, signum: int):
+        self.step, self.where, self.signum = step, where, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.where == "train" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        if self.where == "validation" and trainer.global_step == self.step and batch_idx == 1:
+            os.kill(os.getpid(), self.signum)
+
+
+def _rows(run_dir: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
+    frame = frame[~frame.name.str.startswith("time/")]  # wall-clock timings differ by nature
+    return frame.sort_values(["step", "name"]).reset_index(drop=True)
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+_REFERENCES: dict[tuple, Path] = {}
+
+
+def _reference(overrides: tuple, data_root: Path, tmp_path_factory) -> Path:
+    if overrides not in _REFERENCES:
+        run_dir = tmp_path_factory.mktemp("reference") / "run"
+        record = run(make_cfg(*overrides, data_root=data_root), run_dir)
+        assert record["status"] == "completed"
+        _REFERENCES[overrides] = run_dir
+    return _REFERENCES[overrides]
+
+
+CASES = [  # (variant overrides, step, where, signal)
+    (["train.zero_grad=true"], 4, "train", signal.SIGTERM),               # mid first epoch
+    (["train.zero_grad=false"], 15, "train", signal.SIGINT),              # mid second epoch
+    (["train.zero_grad=false", "data.val_batch_size=32"], 10, "validation", signal.SIGINT),
+    (["variant=frozen_early", "data.augment=flip_crop"], 20, "train", signal.SIGTERM),  # last
+    (["variant=detach_shallow", "probes=full"], 12, "train", signal.SIGTERM),
+    (["model=resnet18", "data.train_size=96", "data.test_size=32", "train.zero_grad=false",
+      "variant=frozen_early"], 4, "train", signal.SIGTERM),                # 3 steps an epoch
+]
+
+
+@pytest.mark.parametrize(("variant", "step", "where", "signum"), CASES,
+                         ids=[f"{' '.join(c[0])}@{c[1]}:{c[2]}" for c in CASES])
+def test_kill_and_resume_gives_the_same_curve_bit_for_bit(variant, step, where, signum, tmp_path,
+                                                          data_root, tmp_path_factory):
+    overrides = (*OVERRIDES, *variant)
+    reference = _reference(overrides, data_root, tmp_path_factory)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run(make_cfg(*overrides, data_root=data_root), run_dir,
+            callbacks=[SendSignal(step, where, signum)])
+    assert stop.value.code == 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    assert f"at step {step}" in record["error"]
+    assert len(losses(run_dir)) == step  # the curve up to the signal is on disk already
+
+    resumed = run(make_cfg(*overrides, data_root=data_root), run_dir)  # the same command again
+    assert resumed["status"] == "completed"
+    assert resumed["resumed"]["from_step"] == step
+    assert losses(run_dir) == losses(reference)  # exact equality, not allclose
+    pd.testing.assert_frame_equal(_rows(run_dir), _rows(reference), check_exact=True)
+    ours, theirs = _final_weights(run_dir), _final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_checkpoint_holds_the_accumulated_grad_and_rng(tmp_path, data_root):
+    """What Lightning's own checkpoint leaves out is in ours: with zero_grad off, the
+    accumulated .grad at the signal's step, the RNG state and the position in the epoch."""
+    cfg = make_cfg(*OVERRIDES, "train.zero_grad=false", data_root=data_root)
+    seen = {}
+
+    class Grab(L.Callback):  # runs just before the Checkpointer (which is always last)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                seen["grads"] = [p.grad.clone() for p in pl_module.model.parameters()]
+                seen["rng"] = torch.get_rng_state().clone()
+
+    with pytest.raises(SystemExit):
+        run(cfg, tmp_path / "run", callbacks=[Grab(), SendSignal(5, "train", signal.SIGTERM)])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    mine = ckpt["callbacks"]["Checkpointer"]["autograd_lab"]
+    assert all(torch.equal(a, b) for a, b in zip(mine["grads"], seen["grads"], strict=True))
+    assert all(g.abs().sum() > 0 for g in mine["grads"])
+    assert torch.equal(mine["rng"]["torch"], seen["rng"])
+    assert mine["data"] == {"epoch": 0, "next_batch": 5}
+    assert ckpt["global_step"] == 5
+    rows = ckpt["callbacks"]["RunRecorder"]
+    assert rows["step"].tolist()[:5] == [0, 1, 2, 3, 4]  # the curve so far travels with it
+
+
+def _cli(*args, cwd):
+    exe = Path(sys.executable).parent / "autograd-lab"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root):
+    """Through the real CLI: a kill from outside mid-run, then the same command again.
+    SIGKILL leaves only the periodic checkpoint; SIGTERM/SIGINT save one at the current step."""
+    args = ["train", "data=synthetic", f"data.root={data_root}", "data.train_size=2048",
+            "data.test_size=128", "trainer.max_epochs=3", "checkpoint.every_n_steps=20",
+            "probes=off", "threads=1"]
+    reference = _cli(*args, "hydra.run.dir=ref", cwd=tmp_path)
+    assert reference.wait(300) == 0, reference.stderr.read()
+
+    proc = _cli(*args, cwd=tmp_path)  # lands in runs/<overrides>, found again by the re-run
+    ckpt = next((tmp_path / "runs").glob("*"), tmp_path / "none") / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+        ckpt = next((tmp_path / "runs").glob("*"), tmp_path / "none") / "checkpoints" / \
+            "last.ckpt"
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signum)
+    code = proc.wait(120)
+    stderr = proc.stderr.read()
+    run_dir = ckpt.parent.parent
+    assert code == {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}[signum], stderr
+    if signum != signal.SIGKILL:
+        assert "Traceback" not in stderr
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "interrupted"
+        assert "re-run the same command" in record["error"]
+
+    again = _cli(*args, cwd=tmp_path)
+    assert again.wait(300) == 0, again.stderr.read()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumed"]["from_step"] > 0
+    assert losses(run_dir) == losses(tmp_path / "ref")
+    np.testing.assert_array_equal(_rows(run_dir).value, _rows(tmp_path / "ref").value)
+
+    # TensorBoard shows one curve: the killed attempt's later events are purged on resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(len(losses(run_dir))))
+
+    skipped = _cli(*args, cwd=tmp_path)  # a third time: completed, nothing to do
+    assert skipped.wait(120) == 0
+    assert "already completed" in skipped.stderr.read()
+
