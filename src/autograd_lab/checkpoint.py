@@ -11,8 +11,8 @@ rows and the probes' state (those two are the callbacks' own state_dicts). It is
 
 Files are written to a temporary file and renamed, and read with `weights_only=True`.
 A signal that arrives in an epoch's last step or during validation lets that pass finish (it
-changes no training state) and the checkpoint is taken at the epoch's end; a second Ctrl-C stops at once, keeping the last
-periodic checkpoint.
+changes no training state) and the checkpoint is taken at the epoch's end; a second Ctrl-C
+stops at once, keeping the last periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def check_resumable(path: Path, config: dict) -> dict:
     theirs, ours = comparable(meta["config"]), comparable(config)
     if theirs != ours:
         diffs = _diff(theirs, ours)
-        key = next((k for k in diffs if k.startswith("model.")), diffs[0])
+        key = "model.name" if "model.name" in diffs else next(
+            (k for k in diffs if k.startswith("model.")), diffs[0])
         what = "another model" if key.startswith("model.") else "another config"
         raise UserError(f"checkpoint {path} is from {what} ({key}={_flat(theirs).get(key)!r}, "
                         f"this run has {key}={_flat(ours).get(key)!r}); use another run "

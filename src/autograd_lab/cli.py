@@ -81,6 +81,7 @@ def train(args: list[str]) -> int:
                 continue
             overrides.append(a)
         check_overrides(overrides, multirun)
+        _check_output_dir(args, multirun)
     from . import train as train_app
 
     sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else "autograd-lab", *args]
@@ -93,6 +94,26 @@ def train(args: list[str]) -> int:
 
         raise UserError(_first_line(str(e))) from None
     return 0
+
+
+def _check_output_dir(args: list[str], multirun: bool) -> None:
+    """The run (or sweep) directory must be creatable: one line now, not Hydra's traceback."""
+    import os
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = next((a.split("=", 1)[1] for a in args if a.startswith(key + "=")), None)
+    if given is not None and "${" in given:
+        return  # an interpolation: Hydra resolves it
+    path = Path(given) if given else Path.cwd()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    shown = f"{key}={given}" if given else f"the current folder {path}"
+    if not probe.is_dir():
+        raise UserError(f"{shown}: cannot create the output folder: {probe} is a file; "
+                        f"choose a folder you can write to")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{shown}: cannot write to {probe}; choose a folder you can write to")
 
 
 def demo(args: list[str]) -> int:

@@ -13,6 +13,7 @@ the real loading code.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import warnings
 from pathlib import Path
@@ -148,9 +149,13 @@ def make_synthetic(n: int, noise: float, seed: int, split_offset: int):
 def write_synthetic(folder: Path, cfg) -> tuple[Path, type]:
     """Write (once) synthetic data in CIFAR-10's on-disk format; return (root, loader class)."""
     base = folder / CIFAR10.base_folder
-    manifest = base / "manifest.pkl"
+    manifest = base / "manifest.json"  # JSON, not pickle: nothing in data.root runs as code
     if not manifest.is_file():
-        base.mkdir(parents=True, exist_ok=True)
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"data.root={folder}: cannot write the synthetic data set there "
+                            f"({e.strerror}); set data.root to a writable folder") from None
         md5s = {}
         for split, n, offset in (("train", cfg.train_size, 1), ("test", cfg.test_size, 2)):
             x, y = make_synthetic(n, float(cfg.noise), cfg.synthetic_seed, offset)
@@ -165,9 +170,8 @@ def write_synthetic(folder: Path, cfg) -> tuple[Path, type]:
         md5s["batches.meta"] = _write_pickle(base / "batches.meta", {
             "label_names": CLASSES, "num_cases_per_batch": -(-cfg.train_size // 5),
             "num_vis": 3072})
-        atomic_write_bytes(manifest, pickle.dumps(md5s))
-    with open(manifest, "rb") as f:
-        md5s = pickle.load(f)
+        atomic_write_bytes(manifest, json.dumps(md5s, indent=1).encode())
+    md5s = json.loads(manifest.read_text())
     # A CIFAR10 subclass with this data's md5s, as torchvision's CIFAR100 does for its files:
     # the real loader, integrity check included, reads the synthetic files.
     cls = type("SyntheticCIFAR10", (CIFAR10,), {

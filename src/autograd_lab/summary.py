@@ -34,8 +34,11 @@ def find_runs(path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such folder")
-    runs = sorted(p.parent for p in path.rglob("run.json")
-                  if "summary" not in p.relative_to(path).parts[:-1])
+    # A Hydra job dir (.hydra/) without run.json is a run whose process was killed (SIGKILL,
+    # power loss) before it could record anything: it is listed, as interrupted.
+    found = {p.parent for p in path.rglob("run.json")} | \
+        {p.parent.parent for p in path.rglob(".hydra/config.yaml")}
+    runs = sorted(d for d in found if "summary" not in d.relative_to(path).parts)
     if not runs:
         raise UserError(f"{path}: no runs found (no run.json below it); point at a run or "
                         f"sweep directory")
@@ -52,9 +55,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+KILLED = "no run.json: the process was killed before it recorded a result (or is still " \
+    "running); re-run the same command to continue it"
+
+
 def _read_record(run_dir: Path) -> dict:
     import json
 
+    if not (run_dir / "run.json").exists():
+        from omegaconf import OmegaConf
+
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+        except Exception:  # a half-written Hydra file: the run is still listed
+            config = {}
+        return {"status": "interrupted", "error": KILLED, "config": config}
     try:
         record = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError) as e:

@@ -1,0 +1,172 @@
+"""What the harness does on a CUDA GPU: device choice, memory record, throughput, exactness, resume.
+
+Not part of the test suite (CI has no GPU). Run on a machine with one:
+
+    python scripts/gpu_check.py [--data-root DIR] [--out FILE]
+
+1. `trainer.accelerator=auto` picks the GPU; the run record says `cuda:0` and has peak CUDA memory.
+2. Throughput, side by side in this process: a plain PyTorch loop over resident batches (b) and
+   the harness (c), for SmallNet (batch 32) and ResNet18 (batch 128); prints c/b.
+3. Exactness: the harness's per-step losses against a plain loop from the same weights
+   (cuDNN deterministic), max absolute difference.
+4. Kill and resume on the GPU: a SIGTERM mid-epoch, the same call again, the curve compared with
+   an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def cfg_of(*overrides, data_root):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from autograd_lab.config import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=["data=synthetic", f"data.root={data_root}",
+                                           "trainer.progress_bar=false", "probes=off",
+                                           "log.flush_every_s=1000", *overrides])
+
+
+def plain_loop(cfg, steps: int):
+    """b: resident tensors on the GPU, the same model and optimiser, no framework."""
+    import torch
+    import torch.nn.functional as F
+
+    from autograd_lab.data import load_split_tensors, normalize
+    from autograd_lab.models import build_model
+    from autograd_lab.module import build_optimizer
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).cuda().train()
+    opt = build_optimizer(model.parameters(), cfg.optim)
+    t = load_split_tensors(cfg.data)
+    x, y = t["train_x"].cuda(), t["train_y"].cuda()
+    b = cfg.data.batch_size
+    losses = []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    order = torch.randperm(len(x), device="cuda")
+    for i in range(steps):
+        idx = order[(i * b) % len(x):(i * b) % len(x) + b]
+        opt.zero_grad()
+        loss = F.cross_entropy(model(normalize(x[idx])), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    torch.cuda.synchronize()
+    return steps * b / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=tempfile.mkdtemp(prefix="gpu_check_data_"))
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    import lightning as L
+    import torch
+
+    from autograd_lab.train import run
+
+    assert torch.cuda.is_available(), "no CUDA device"
+    out: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    root = args.data_root
+
+    # 1. device choice and the memory record
+    rec = run(cfg_of("trainer.max_epochs=1", data_root=root), work / "auto")
+    out["auto"] = {k: rec.get(k) for k in ("status", "device", "peak_cuda_mib", "images_per_s")}
+    print("1. accelerator=auto:", out["auto"], flush=True)
+
+    # 2. throughput, plain loop vs harness
+    out["throughput"] = {}
+    for model, batch, size in (("smallnet", 32, 50000), ("resnet18", 128, 20000)):
+        cfg = cfg_of(f"model={model}", f"data.batch_size={batch}", f"data.train_size={size}",
+                     "trainer.max_epochs=2", "trainer.limit_val_batches=0", data_root=root)
+        steps = size // batch
+        plain_loop(cfg, 20)  # warm-up: cuDNN autotune, allocator
+        b = max(plain_loop(cfg, steps) for _ in range(2))
+        c = run(cfg, work / f"tp_{model}")["images_per_s"]  # two epochs: the 2nd is warm
+        out["throughput"][model] = {"b_img_s": round(b), "c_img_s": round(c),
+                                    "c_over_b": round(c / b, 3)}
+        print(f"2. {model} batch {batch}:", out["throughput"][model], flush=True)
+
+    # 3. exactness against a plain loop from the same seed (same initial weights)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    cfg = cfg_of("data.train_size=640", "data.shuffle=false", "trainer.max_epochs=1",
+                 "trainer.limit_val_batches=0", data_root=root)
+    rec = run(cfg, work / "exact")
+    import pandas as pd
+    import torch.nn.functional as F
+
+    from autograd_lab.data import load_split_tensors, normalize
+    from autograd_lab.models import build_model
+    from autograd_lab.module import build_optimizer
+
+    frame = pd.read_parquet(work / "exact" / "metrics.parquet")
+    harness = frame[frame.name == "train/loss"].sort_values("step").value.to_numpy()
+    L.seed_everything(cfg.seed, verbose=False)
+    model = build_model(cfg.model).cuda().train()
+    opt = build_optimizer(model.parameters(), cfg.optim)
+    t = load_split_tensors(cfg.data)
+    x, y = t["train_x"].cuda(), t["train_y"].cuda()
+    plain = []
+    for i in range(0, len(x), cfg.data.batch_size):
+        opt.zero_grad()
+        b = cfg.data.batch_size
+        loss = F.cross_entropy(model(normalize(x[i:i + b])), y[i:i + b])
+        loss.backward()
+        opt.step()
+        plain.append(loss.item())
+    diff = float(abs(torch.tensor(plain) - torch.tensor(harness)).max())
+    out["exactness_max_abs_diff"] = diff
+    print(f"3. harness vs plain loop on GPU, {len(plain)} steps: max |diff| = {diff:.3g}",
+          flush=True)
+
+    # 4. kill and resume on the GPU
+    class Term(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 13:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    over = ("data.train_size=640", "trainer.max_epochs=2", "train.zero_grad=false")
+    ref = run(cfg_of(*over, data_root=root), work / "ref")
+    try:
+        run(cfg_of(*over, data_root=root), work / "cut", callbacks=[Term()])
+    except SystemExit as e:
+        code = e.code
+    else:
+        code = None
+    res = run(cfg_of(*over, data_root=root), work / "cut")
+
+    def curve(d):
+        f = pd.read_parquet(d / "metrics.parquet")
+        return f[f.name == "train/loss"].sort_values("step").value.to_numpy()
+
+    a, b = curve(work / "ref"), curve(work / "cut")
+    out["resume"] = {"exit": code, "status": res["status"],
+                     "from_step": res["resumed"]["from_step"],
+                     "steps": [len(a), len(b)], "bitwise_equal": bool((a == b).all()),
+                     "max_abs_diff": float(abs(a - b).max()), "ref_status": ref["status"]}
+    print("4. kill/resume on GPU:", out["resume"], flush=True)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

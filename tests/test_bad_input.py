@@ -1,0 +1,214 @@
+"""The bad-input matrix: every user mistake through the real `autograd-lab` command gives one
+line naming the bad value and what is valid, a non-zero exit, no traceback, and loses nothing
+that was already on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, make_cfg
+
+SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1",
+         "probes=off"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, data_root) -> Path:
+    """A real SmallNet checkpoint, written by an interrupted-free short run."""
+    from autograd_lab.train import run
+
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    run(make_cfg(*SMALL, "trainer.max_steps=3", data_root=data_root), run_dir)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def _interrupted_run(tmp: Path, ckpt_bytes: bytes) -> None:
+    run = tmp / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(ckpt_bytes)
+    (run / "run.json").write_text(json.dumps({"format_version": 1, "status": "interrupted"}))
+
+
+def _setup_corrupted(tmp, ckpt):
+    _interrupted_run(tmp, b"\x80\x02not a checkpoint at all")
+
+
+def _setup_truncated(tmp, ckpt):
+    blob = ckpt.read_bytes()
+    _interrupted_run(tmp, blob[: len(blob) // 2])
+
+
+def _setup_valid(tmp, ckpt):
+    _interrupted_run(tmp, ckpt.read_bytes())
+
+
+def _setup_newer(tmp, ckpt):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "run.json").write_text(json.dumps({"format_version": 99, "status": "x"}))
+
+
+def _setup_file(tmp, ckpt):
+    (tmp / "afile").write_text("a file, not a folder")
+
+
+def _setup_unrelated(tmp, ckpt):
+    (tmp / "other").mkdir()
+    (tmp / "other" / "notes.txt").write_text("hello")
+    (tmp / "other" / "data.json").write_text("{}")
+
+
+def _setup_weights(tmp, ckpt):
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp / "wrong.pt")
+
+
+def _setup_bad_cifar(tmp, ckpt):
+    base = tmp / "bad" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (base / name).write_bytes(pickle.dumps({"x": 1})[:5])
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]  # after `autograd-lab`; {tmp} and {data} are filled in
+    needles: list[str]
+    setup: object = None
+    keep: list[str] = field(default_factory=list)  # files (under tmp) that must not change
+    creates_nothing: bool = False  # rejected before any run directory exists
+
+
+def train(*args: str) -> list[str]:
+    return ["train", *SMALL, "data.root={data}", *args]
+
+
+CASES = [
+    # misspelled keys and group names, wrong types, out-of-range values (before any run dir)
+    Case("group", train("model=vgg"), ["model=vgg", "resnet18, smallnet"], creates_nothing=True),
+    Case("data group", train("data=imagenet"), ["data=imagenet", "cifar10, synthetic"],
+         creates_nothing=True),
+    Case("optim group", train("optim=rmsprop"), ["optim=rmsprop", "adam, sgd"],
+         creates_nothing=True),
+    Case("misspelled key", train("train.zero_gradd=false"), ["train.zero_gradd", "zero_grad"],
+         creates_nothing=True),
+    Case("misspelled group", train("modle=smallnet"), ["modle", "model"],
+         creates_nothing=True),
+    Case("zero batch", train("data.batch_size=0"), ["data.batch_size=0", ">= 1"],
+         creates_nothing=True),
+    Case("negative batch", train("data.batch_size=-4"), ["data.batch_size=-4", ">= 1"],
+         creates_nothing=True),
+    Case("negative lr", train("optim.lr=-0.1"), ["optim.lr=-0.1", "> 0"], creates_nothing=True),
+    Case("lr type", train("optim.lr=abc"), ["optim.lr='abc'", "number"], creates_nothing=True),
+    Case("grad mode", train("eval.grad_mode=fast"), ["fast", "inference, no_grad, enabled"],
+         creates_nothing=True),
+    Case("list without -m", train("seed=1,2"), ["seed", "-m"], creates_nothing=True),
+    Case("devices", train("trainer.devices=2"), ["trainer.devices=2", "1"],
+         creates_nothing=True),
+    Case("val fraction", train("trainer.limit_val_batches=1.5"), ["1.5", "[0, 1]"],
+         creates_nothing=True),
+    Case("nesterov", train("optim.momentum=0", "optim.nesterov=true"),
+         ["optim.nesterov=true", "momentum"], creates_nothing=True),
+    Case("checkpoint interval", train("checkpoint.every_n_steps=-1"),
+         ["checkpoint.every_n_steps=-1", ">= 0"], creates_nothing=True),
+    Case("epochs", train("trainer.max_epochs=0"), ["trainer.max_epochs=0", ">= 1"],
+         creates_nothing=True),
+    Case("bad sweep value", ["train", "-m", *SMALL, "optim.lr=0.1,abc"], ["optim.lr='abc'"],
+         creates_nothing=True),
+    Case("unknown command", ["trian"], ["trian", "train"], creates_nothing=True),
+    # variants that leave nothing to train
+    Case("freeze everything", train("train.freeze=[*]", "hydra.run.dir={tmp}/run"),
+         ["train.freeze", "nothing left to train"]),
+    Case("detach below frozen", train("train.freeze=[conv.*]", "train.detach_at=pool",
+                                      "hydra.run.dir={tmp}/run"),
+         ["train.detach_at='pool'", "already frozen"]),
+    Case("detach unknown module", train("train.detach_at=layer9", "hydra.run.dir={tmp}/run"),
+         ["layer9", "conv"]),
+    # folders that cannot be written
+    Case("unwritable output", train("hydra.run.dir={tmp}/afile/run"),
+         ["hydra.run.dir=", "is a file"], setup=_setup_file, keep=["afile"]),
+    Case("unwritable sweep", ["train", "-m", *SMALL, "data.root={data}", "seed=0,1",
+                              "hydra.sweep.dir={tmp}/afile/sweep"],
+         ["hydra.sweep.dir=", "is a file"], setup=_setup_file, keep=["afile"]),
+    Case("unwritable data", ["train", *SMALL, "data.root={tmp}/afile/data",
+                             "hydra.run.dir={tmp}/run"],
+         ["data.root=", "cannot write"], setup=_setup_file, keep=["afile"]),
+    # data and weights files
+    Case("missing weights", train("model.weights_path={tmp}/nope.pt", "hydra.run.dir={tmp}/run"),
+         ["nope.pt", "no such file"]),
+    Case("wrong weights", train("model.weights_path={tmp}/wrong.pt", "hydra.run.dir={tmp}/run"),
+         ["wrong.pt", "does not fit"], setup=_setup_weights, keep=["wrong.pt"]),
+    Case("no cifar", ["train", "data=cifar10", "data.root={tmp}/empty", "hydra.run.dir={tmp}/run"],
+         ["cifar-10-python.tar.gz", "data=synthetic"]),
+    Case("corrupted cifar", ["train", "data=cifar10", "data.root={tmp}/bad",
+                             "hydra.run.dir={tmp}/run"], ["corrupted"], setup=_setup_bad_cifar),
+    # checkpoints on resume
+    Case("corrupted checkpoint", train("hydra.run.dir={tmp}/run"),
+         ["last.ckpt", "corrupted or truncated", "resume=false"], setup=_setup_corrupted,
+         keep=["run/checkpoints/last.ckpt", "run/run.json"]),
+    Case("truncated checkpoint", train("hydra.run.dir={tmp}/run"),
+         ["last.ckpt", "corrupted or truncated", "resume=false"], setup=_setup_truncated,
+         keep=["run/checkpoints/last.ckpt", "run/run.json"]),
+    Case("checkpoint of another model", train("model=resnet18", "hydra.run.dir={tmp}/run"),
+         ["last.ckpt", "another model", "model.name='smallnet'", "'resnet18'"],
+         setup=_setup_valid, keep=["run/checkpoints/last.ckpt", "run/run.json"]),
+    Case("checkpoint of another config", train("optim.lr=0.5", "hydra.run.dir={tmp}/run"),
+         ["last.ckpt", "optim.lr=0.001", "0.5", "resume=false"], setup=_setup_valid,
+         keep=["run/checkpoints/last.ckpt", "run/run.json"]),
+    Case("newer run dir", train("hydra.run.dir={tmp}/run"), ["format_version=99", "newer"],
+         setup=_setup_newer, keep=["run/run.json"]),
+    # summarize
+    Case("summarize empty", ["summarize", "{tmp}/empty"], ["no such folder"]),
+    Case("summarize unrelated", ["summarize", "{tmp}/other"], ["no runs found"],
+         setup=_setup_unrelated, keep=["other/notes.txt"]),
+    Case("summarize newer", ["summarize", "{tmp}"], ["newer autograd-lab", "format 99"],
+         setup=_setup_newer, keep=["run/run.json"]),
+]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, request):
+    ckpt = request.getfixturevalue("checkpoint") if case.setup in (
+        _setup_truncated, _setup_valid) else None
+    if case.setup:
+        case.setup(tmp_path, ckpt)
+    before = {k: _digest(tmp_path / k) for k in case.keep}
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{data}", str(data_root))
+            for a in case.args]
+    out = cli(*args, cwd=tmp_path)
+
+    assert out.returncode not in (0, None), out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("autograd-lab: error:")]
+    assert len(errors) == 1, out.stderr
+    for needle in case.needles:
+        assert needle in errors[0], errors[0]
+    for key, digest in before.items():
+        assert _digest(tmp_path / key) == digest, f"{key} changed"
+    if case.creates_nothing:
+        assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_a_corrupted_cache_is_decoded_again_with_a_warning(tmp_path):
+    """Not an error: the cache is derived data, so the run rebuilds it and says so."""
+    root = tmp_path / "data"
+    args = [a.replace("{data}", str(root)) for a in train()]
+    assert cli(*args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path).returncode == 0
+    cache = next(root.rglob("autograd_lab_uint8.pt"))
+    cache.write_bytes(cache.read_bytes()[:100])
+    out = cli(*args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    warning = [ln for ln in out.stderr.splitlines() if "unreadable cache" in ln]
+    assert len(warning) == 1 and "decoding again" in warning[0]
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "completed"
