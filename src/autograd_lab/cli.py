@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training began (a run records its own)
+        print("autograd-lab: interrupted", file=sys.stderr)
+        return 130
 
 
 def _usage() -> str:
