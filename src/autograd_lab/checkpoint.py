@@ -117,6 +117,10 @@ def _diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
+def pl_device(trainer):
+    return trainer.strategy.root_device
+
+
 # ------------------------------------------------------------------ RNG states
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -183,7 +187,18 @@ class Checkpointer(L.Callback):
     def on_exception(self, trainer, pl_module, exception):
         self._restore_signals()
 
+    def _agree(self, trainer) -> None:
+        """DDP: a signal that reached any rank stops every rank at the same step (the save is
+        collective). One tiny all-reduce a step, in DDP runs only."""
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([self.requested or 0], device=pl_device(trainer))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = int(flag.item()) or None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._agree(trainer)
         step = trainer.global_step
         due = self.requested is not None or (self.every and step % self.every == 0)
         if not due or self.recorder.diverged_at is not None:
@@ -196,6 +211,7 @@ class Checkpointer(L.Callback):
             raise RunInterrupted(self.requested, step, saved=True)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        self._agree(trainer)
         if self.recorder.diverged_at is not None:
             return
         if self._at_epoch_end or self.requested is not None:
@@ -211,7 +227,7 @@ class Checkpointer(L.Callback):
     def save(self, trainer, pl_module, next_batch: int) -> None:
         self.recorder.flush(trainer, pl_module)  # losses still on the device become rows
         self._position = {"epoch": trainer.current_epoch, "next_batch": next_batch}
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
         self.saved_step = trainer.global_step
 
     # -- what goes into the checkpoint beside Lightning's own state

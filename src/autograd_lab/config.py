@@ -67,8 +67,8 @@ CHECKS: dict[str, tuple] = {
     "trainer.max_steps": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 or -1"),
     "trainer.accelerator": (lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps"),
                             "one of: auto, cpu, gpu, cuda, mps"),
-    "trainer.devices": (lambda v: v == 1 and not isinstance(v, bool),
-                        "1 (batches come from resident tensors on one device)"),
+    "trainer.devices": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.strategy": (lambda v: v in ("auto", "ddp"), "auto or ddp (trainer=ddp)"),
     "trainer.check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.limit_val_batches": (lambda v: (_is_int(v) and v >= 0)
                                   or (isinstance(v, float) and 0 <= v <= 1),
@@ -104,6 +104,13 @@ _MISSING = object()
 def validate(cfg) -> None:
     """Raise UserError for the first value in `cfg` that is not valid."""
     _validate_keys(cfg)
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("devices", 1) > 1 and trainer.get("strategy") != "ddp":
+        raise UserError(f"trainer.devices={trainer.get('devices')}: more than 1 needs trainer=ddp "
+                        f"(one process per device); or use trainer.devices=1")
+    if trainer.get("strategy") == "ddp" and (cfg.get("profiler") or {}).get("name") == "torch":
+        raise UserError("profiler=torch with trainer=ddp: profile a single-device run "
+                        "(profiler=torch trainer=default); choices here: profiler=off")
     optim = cfg.get("optim") or {}
     if optim.get("nesterov") and not optim.get("momentum"):
         raise UserError(f"optim.nesterov=true: needs optim.momentum > 0 "

@@ -216,39 +216,47 @@ class ResidentBatches:
     """
 
     def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, augment: bool = False,
-                 resume_at: tuple[int, int] | None = None):
+                 resume_at: tuple[int, int] | None = None, rank: int = 0, world: int = 1):
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
         self.epoch = 0
         self.resume_at = resume_at  # (epoch, batch): a resumed run's first pass starts there
+        # DDP: rank r takes every world-th position of the epoch's order, the same count on every
+        # rank, so step k's batches across ranks are positions [k*b*world, (k+1)*b*world): the
+        # single-process run's batch of b*world, split.
+        self.rank, self.world = rank, world
         self.sampler, self.batch_sampler = self, None  # what Lightning looks for on a loader
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.x) // self.batch_size)
+        return -(-(len(self.x) // self.world) // self.batch_size)
 
     def __iter__(self):
-        n, b = len(self.x), self.batch_size
+        n, b, device = len(self.x), self.batch_size, self.x.device
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=g).to(self.x.device) if self.shuffle else None
+        order = torch.randperm(n, generator=g).to(device) if self.shuffle else None
         if self.augment:
-            flip = (torch.rand(n, generator=g) < 0.5).to(self.x.device)
-            shift = torch.randint(0, 9, (2, n), generator=g).to(self.x.device)
+            flip = (torch.rand(n, generator=g) < 0.5).to(device)
+            shift = torch.randint(0, 9, (2, n), generator=g).to(device)
+        shard = None
+        if self.world > 1:  # positions of this rank's share of the epoch
+            shard = torch.arange(self.rank, n - n % self.world, self.world, device=device)
         start = 0
         if self.resume_at is not None:  # read here: Lightning calls set_epoch before the pass
             if self.resume_at[0] == self.epoch:
                 start = self.resume_at[1] * b
             self.resume_at = None
-        for i in range(start, n, b):
+        for i in range(start, n if shard is None else len(shard), b):
+            pos = slice(i, i + b) if shard is None else shard[i:i + b]
             if order is None:
-                x, y = self.x[i:i + b], self.y[i:i + b]
+                x, y = self.x[pos], self.y[pos]
             else:
-                idx = order[i:i + b]
+                idx = order[pos]
                 x, y = self.x[idx], self.y[idx]
             if self.augment:
-                yield x, y, (flip[i:i + b], shift[0, i:i + b], shift[1, i:i + b])
+                yield x, y, (flip[pos], shift[0, pos], shift[1, pos])
             else:
                 yield x, y
 
@@ -273,11 +281,20 @@ class CIFARDataModule(L.LightningDataModule):
         t, n = self.tensors, self.cfg.get("subset") or None
         return ResidentBatches(t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size,
                                self.cfg.shuffle, self.seed,
-                               augment=self.cfg.augment == "flip_crop", resume_at=self.resume_at)
+                               augment=self.cfg.augment == "flip_crop", resume_at=self.resume_at,
+                               **self._shard())
 
     def val_dataloader(self) -> ResidentBatches:
         t = self.tensors
-        return ResidentBatches(t["test_x"], t["test_y"], self.cfg.val_batch_size, False, self.seed)
+        shard = self._shard()  # each rank validates its share; the module sums across ranks
+        r, w = shard["rank"], shard["world"]
+        return ResidentBatches(t["test_x"][r::w], t["test_y"][r::w], self.cfg.val_batch_size,
+                               False, self.seed)
+
+    def _shard(self) -> dict:
+        trainer = self.trainer
+        return {"rank": trainer.global_rank if trainer else 0,
+                "world": trainer.world_size if trainer else 1}
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # Batches are already where the resident tensors live (setup moved them): skip

@@ -134,7 +134,10 @@ class Classifier(L.LightningModule):
 
     def val_metrics(self) -> torch.Tensor:
         """[mean loss, accuracy] of the validation epoch that just ran (still on the device)."""
-        loss_sum, correct, count = self._val_sums
+        sums = self._val_sums
+        if self.trainer.world_size > 1:  # DDP: every rank validated its share
+            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+        loss_sum, correct, count = sums
         if self.device.type == "cuda":
             self.val_peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
         return torch.stack([loss_sum / count, correct / count])

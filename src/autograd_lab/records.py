@@ -124,6 +124,7 @@ class RunRecorder(L.Callback):
         self._epoch_start = None
         self._val_start = None
         self._images_pending = 0
+        self._ddp_flush_every = 0
 
     # -- writing
     def log_values(self, step: int, epoch: int, values: dict[str, float]) -> None:
@@ -140,7 +141,10 @@ class RunRecorder(L.Callback):
         if pending:
             import torch
 
-            values = torch.stack(pending).tolist()  # the one host sync
+            values = torch.stack(pending)
+            if trainer.world_size > 1:  # DDP: the curve is the global batch's loss
+                values = trainer.strategy.reduce(values, reduce_op="mean")
+            values = values.tolist()  # the one host sync
             pending.clear()
             for k, value in enumerate(values):
                 step = self._next_step
@@ -165,16 +169,22 @@ class RunRecorder(L.Callback):
     def setup(self, trainer, pl_module, stage):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=5,
-                                    purge_step=self.purge_step)
+        if trainer.is_global_zero:  # DDP: one rank writes
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=5,
+                                        purge_step=self.purge_step)
         self._next_step = trainer.global_step
+        # DDP flushes reduce across ranks, so they happen at the same steps on every rank
+        self._ddp_flush_every = 64 if trainer.world_size > 1 else 0
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._images_pending += len(batch[1])
-        if time.perf_counter() >= self._next_flush:
+        self._images_pending += len(batch[1]) * trainer.world_size
+        if self._ddp_flush_every:
+            if len(pl_module.step_losses) >= self._ddp_flush_every:
+                self.flush(trainer, pl_module)
+        elif time.perf_counter() >= self._next_flush:
             with pl_module.phase("logging"):
                 self.flush(trainer, pl_module)
 

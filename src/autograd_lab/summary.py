@@ -24,7 +24,8 @@ METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "steps"]
 NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", "val_seconds",
            "val_peak_mib", "peak_rss_mib", "peak_cuda_mib"]
 # keys that differ between runs without being what a study compares
-CHOICES = ("model", "data", "optim", "variant", "experiment", "size", "probes", "profiler")
+CHOICES = ("model", "data", "optim", "variant", "experiment", "size", "probes", "profiler",
+           "trainer")
 NOT_SWEPT = {"seed", "data.root", "resume", "threads", "trainer.progress_bar", "log.flush_every_s"}
 LABELS = {"zero_grad_study": ("train.zero_grad", {True: "Zero gradients",
                                                   False: "No zero gradients"})}

@@ -81,7 +81,8 @@ def _quiet_libraries() -> None:
     # The checkpoint carries the data position and the datamodule restores it (checkpoint.py)
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning",
-                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -101,6 +102,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
 
     from .checkpoint import AtomicCheckpointIO, Checkpointer, RunInterrupted
     from .data import CIFARDataModule
+    from .distributed import is_rank_zero, strategy
     from .models import build_model
     from .module import Classifier
     from .records import (
@@ -116,7 +118,8 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     t0 = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True)
     # decided before anything is written: a bad checkpoint or run dir loses nothing
-    ckpt_path, resumed = _resume_point(cfg, run_dir, config)
+    rank_zero = is_rank_zero()  # DDP: the other ranks write no files of their own
+    ckpt_path, resumed = _resume_point(cfg, run_dir, config, clear=rank_zero)
     record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "config": config, **({"resumed": resumed} if resumed else {}),
@@ -165,6 +168,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         callbacks.append(checkpointer)  # last: at a step's end the other rows are complete
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+            strategy=strategy(cfg, find_unused=bool(cfg.train.detach_at)),
             max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
             check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
             limit_val_batches=cfg.trainer.limit_val_batches,
@@ -172,7 +176,9 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
             enable_progress_bar=progress_bar, enable_model_summary=False,
             num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
             plugins=[AtomicCheckpointIO()])
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with _ddp_environment():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        record["world_size"] = trainer.world_size
         record["status"] = "diverged" if recorder.diverged_at is not None else "completed"
         if recorder.diverged_at is not None:
             record["error"] = f"non-finite loss at step {recorder.diverged_at}"
@@ -182,7 +188,9 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         raise
     except RunInterrupted as e:
         record["status"], record["error"] = "interrupted", str(e)
-        raise SystemExit(e.exit_code) from None
+        # rank 0 reports; another rank exits 0 so Lightning's process observer leaves rank 0
+        # alone while it writes the record
+        raise SystemExit(e.exit_code if rank_zero else 0) from None
     except BaseException as e:
         # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
         interrupted = isinstance(e, KeyboardInterrupt) or (
@@ -210,6 +218,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
                                     "frozen_max_change": probes[0].frozen_max_change}
             if recorder.writer is not None:
                 recorder.write_hparams(_hparams(cfg), record["final"])
+            if rank_zero:
                 write_parquet(run_dir / "metrics.parquet", recorder.frame())
             recorder.close()
         record["wall_seconds"] = time.perf_counter() - t0
@@ -218,12 +227,36 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
             record["peak_cuda_mib"] = max(torch.cuda.max_memory_allocated() / 2**20,
                                           module.cuda_peak_mib if module is not None else 0.0)
         record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "run.json", record)
+        if rank_zero:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "run.json", record)
     return record
 
 
-def _resume_point(cfg, run_dir: Path, config: dict) -> tuple[Path | None, dict | None]:
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+class _ddp_environment:
+    """Lightning's DDP launcher sets rank variables in this process's environment; put them back
+    after the fit, or the next job of a sweep would think it was launched as a rank."""
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in _DDP_ENV}
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _resume_point(cfg, run_dir: Path, config: dict,
+                  clear: bool = True) -> tuple[Path | None, dict | None]:
     """The checkpoint this run continues from, or None for a fresh start (which clears what an
     earlier attempt left in the run directory, so TensorBoard shows one curve)."""
     import shutil
@@ -238,7 +271,7 @@ def _resume_point(cfg, run_dir: Path, config: dict) -> tuple[Path | None, dict |
         meta = ckpt["callbacks"]["Checkpointer"]["autograd_lab"]
         return path, {"from_step": ckpt["global_step"], "epoch": meta["data"]["epoch"],
                       "checkpoint": str(path)}
-    for stale in ("tb", "checkpoints"):
+    for stale in ("tb", "checkpoints") if clear else ():
         shutil.rmtree(run_dir / stale, ignore_errors=True)
     return None, None
 
