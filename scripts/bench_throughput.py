@@ -9,7 +9,9 @@ in the CIFAR-10 format (the package's synthetic path), so every variant reads th
   c  the harness: autograd_lab.train.run on a config composed through Hydra
 
 Each measurement is a fresh subprocess (so peak RSS is per variant); variants are interleaved
-over --rounds. Only the epoch loop is timed. A measurement, not a test: exits 0 either way.
+over --rounds. Then --pairs epochs of b and c alternate in one process, and the median of the
+pairs' c/b ratios is the figure that resists this shared machine's swings. Only the epoch loop
+is timed. A measurement, not a test: exits 0 either way.
 
     python scripts/bench_throughput.py [--quick] [--rounds N] [--threads N] [--out FILE]
 """
@@ -158,6 +160,24 @@ def harness(a: dict, overrides: tuple[str, ...] = ()) -> dict:
             "status": rec["status"], "peak_rss_mib": rec["peak_rss_mib"]}
 
 
+def paired(a: dict) -> dict:
+    """b and c in one process, alternating epoch by epoch (b c, c b, b c, ...): the two halves of
+    a pair run under the same machine load, so their ratio holds even when the absolute speed of
+    this shared machine swings by 20% between rounds."""
+    pairs = []
+    for k in range(a.get("pairs", 4)):
+        order = ("b", "c") if k % 2 == 0 else ("c", "b")
+        speeds = {}
+        for name in order:
+            speeds[name] = (plain_loop(a) if name == "b" else
+                            harness(a, ("probes=off",)))["images_per_s"]
+        pairs.append(speeds)
+    ratios = [p["c"] / p["b"] for p in pairs]
+    return {"pairs": pairs, "ratios": ratios, "median_ratio": statistics.median(ratios),
+            "images_per_s": statistics.median(p["c"] for p in pairs), "seconds": 0.0,
+            "loss_last100": float("nan"), "peak_rss_mib": _rss_mib()}
+
+
 # name -> (function run in the child, label). Add e.g. a harness with extra overrides as
 #   "c_aug": (functools.partial(harness, overrides=("data.augment=flip_crop",)), "...")
 VARIANTS = {
@@ -176,7 +196,7 @@ def child(name: str, a: dict) -> None:
 
     if a.get("threads"):
         torch.set_num_threads(a["threads"])
-    fn = prepare if name == "prepare" else VARIANTS[name][0]
+    fn = {"prepare": prepare, "paired": paired}.get(name) or VARIANTS[name][0]
     before = _cpu_clock()
     out = fn(a)
     wall, busy, own = (x - y for x, y in zip(_cpu_clock(), before, strict=True))
@@ -241,6 +261,8 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list, run in order")
     p.add_argument("--quick", action="store_true", help="smoke run: train_size 5000, 1 round")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--pairs", type=int, default=4,
+                   help="b/c epochs alternated in one process after the rounds (0: skip)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--json-args", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -269,6 +291,13 @@ def main() -> None:
                       f"{res['seconds']:6.1f} s  rss {res['peak_rss_mib']:6.0f} MiB  "
                       f"loss(last100) {res['loss_last100']:.3f}  others {res['others_cpu']:4.0%}",
                       flush=True)
+    paired_result = None
+    if args.pairs:
+        paired_result = spawn("paired", {**a, "pairs": args.pairs})
+        if "error" not in paired_result:
+            print("  paired, one process: " + "  ".join(
+                f"b {p['b']:.0f} c {p['c']:.0f} ({p['c'] / p['b']:.2f})"
+                for p in paired_result["pairs"]), flush=True)
     summary = summarize(results)
     print(f"\n{'variant':48} {'best img/s':>10} {'median':>8} {'peak RSS MiB':>13}")
     for n, s in summary.items():
@@ -281,13 +310,18 @@ def main() -> None:
         print(f"\nWARNING: other processes used up to {busy:.0%} of the CPUs during a "
               f"measurement; with {a['threads']} torch threads the numbers are unreliable")
     print()
-    for c in checks(summary):
+    found = checks(summary)
+    if paired_result and "error" not in paired_result:
+        value = paired_result["median_ratio"]
+        found.append({"check": "c/b (paired, median) >= 0.85", "value": value,
+                      "pass": value >= 0.85})
+    for c in found:
         verdict = '' if c['pass'] is None else ('PASS' if c['pass'] else 'FAIL')
         print(f"{c['check']:30} {c['value']:6.2f}  {verdict}")
     if args.out:
         Path(args.out).write_text(json.dumps(
             {"settings": a, "rounds": args.rounds, "results": results, "summary": summary,
-             "checks": checks(summary)}, indent=2) + "\n")
+             "paired": paired_result, "checks": found}, indent=2) + "\n")
         print(f"wrote {args.out}")
 
 

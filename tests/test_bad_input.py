@@ -1,6 +1,10 @@
-"""The bad-input matrix: every user mistake through the real `autograd-lab` command gives one
-line naming the bad value and what is valid, a non-zero exit, no traceback, and loses nothing
-that was already on disk."""
+"""The bad-input matrix: every user mistake given to the `autograd-lab` command gives one line
+naming the bad value and what is valid, a non-zero exit, no traceback, and loses nothing that was
+already on disk.
+
+The cases call the command's entry point (`autograd_lab.cli:main`, what the console script runs)
+in this process: the same code path, Hydra app included, without paying torch's import 38 times.
+The last test, and test_cli.py, run the installed script in a fresh process."""
 
 from __future__ import annotations
 
@@ -177,8 +181,22 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _in_process(args, cwd, monkeypatch, capsys):
+    """Run `autograd-lab ARGS` through its entry point; exit code and output as a process's."""
+    from types import SimpleNamespace
+
+    from autograd_lab.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, request):
+def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, request,
+                                                 monkeypatch, capsys):
     ckpt = request.getfixturevalue("checkpoint") if case.setup in (
         _setup_truncated, _setup_valid) else None
     if case.setup:
@@ -187,7 +205,7 @@ def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, requ
     listing = sorted(p.name for p in tmp_path.iterdir())
     args = [a.replace("{tmp}", str(tmp_path)).replace("{data}", str(data_root))
             for a in case.args]
-    out = cli(*args, cwd=tmp_path)
+    out = _in_process(args, tmp_path, monkeypatch, capsys)
 
     assert out.returncode not in (0, None), out.stderr
     assert "Traceback" not in out.stderr + out.stdout

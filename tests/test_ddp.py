@@ -65,7 +65,7 @@ def test_ddp_sweep_runs_each_job_once_in_its_own_directory(tmp_path, data_root):
 
 def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, data_root):
     args = ["train", "trainer=ddp", *BASE, f"data.root={data_root}", "data.batch_size=16",
-            "data.train_size=1280", "trainer.max_epochs=3", "checkpoint.every_n_steps=0",
+            "data.train_size=1280", "trainer.max_epochs=8", "checkpoint.every_n_steps=0",
             "train.zero_grad=false"]
     ref = cli(*args, f"hydra.run.dir={tmp_path / 'ref'}", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
@@ -77,7 +77,8 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, 
     deadline = time.time() + 120
     while not list((run_dir / "tb").glob("events.*")) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.3)  # into training (8 epochs take several seconds)
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)  # to rank 0 only: rank 1 must stop at the same step
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err

@@ -92,7 +92,7 @@ def test_kills_at_random_moments_leave_no_torn_file(tmp_path, data_root):
     for _ in range(20):
         proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(1.0, 5.0))
+        time.sleep(rng.uniform(0.8, 3.2))
         if proc.poll() is None:
             proc.send_signal(rng.choice(signals))
             kills += 1
