@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from . import RUN_FORMAT_VERSION
-from .config import UserError
+from .config import UserError, flatten
 from .records import atomic_write_bytes
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -96,24 +96,14 @@ def check_resumable(path: Path, config: dict) -> dict:
         key = "model.name" if "model.name" in diffs else next(
             (k for k in diffs if k.startswith("model.")), diffs[0])
         what = "another model" if key.startswith("model.") else "another config"
-        raise UserError(f"checkpoint {path} is from {what} ({key}={_flat(theirs).get(key)!r}, "
-                        f"this run has {key}={_flat(ours).get(key)!r}); use another run "
+        raise UserError(f"checkpoint {path} is from {what} ({key}={flatten(theirs).get(key)!r}, "
+                        f"this run has {key}={flatten(ours).get(key)!r}); use another run "
                         f"directory or resume=false to start over")
     return ckpt
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _diff(a: dict, b: dict) -> list[str]:
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flatten(a), flatten(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 

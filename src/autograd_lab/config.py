@@ -89,6 +89,17 @@ CHECKS: dict[str, tuple] = {
 }
 
 
+def flatten(d: dict, leaf=lambda v: v, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": leaf(value)}: the dotted keys users type."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, leaf, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = leaf(v)
+    return out
+
+
 def _get(cfg, dotted: str):
     node = cfg
     for part in dotted.split("."):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import RUN_FORMAT_VERSION
-from .config import UserError
+from .config import UserError, flatten
 
 METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "steps"]
 NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", "val_seconds",
@@ -46,14 +46,8 @@ def find_runs(path) -> list[Path]:
     return runs
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v) if isinstance(v, list) else v
-    return out
+def _flatten(d: dict) -> dict:
+    return flatten(d, lambda v: str(v) if isinstance(v, list) else v)
 
 
 KILLED = "no run.json: the process was killed before it recorded a result (or is still " \

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import RUN_FORMAT_VERSION, __version__
-from .config import UserError, validate
+from .config import UserError, flatten, validate
 
 # Job directories are named from the overrides; a path value must not nest them.
 # With no overrides the name is "defaults": `autograd-lab train` always lands in runs/defaults.
@@ -310,19 +310,9 @@ def _results(recorder, t0: float) -> dict:
             "val_peak_mib": max(recorder.val_peak_mib) if recorder.val_peak_mib else None}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 def _hparams(cfg) -> dict:
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True),
+                   lambda v: v if isinstance(v, (int, float, str, bool)) else str(v))
     skip = ("data.root", "resume", "trainer.progress_bar", "log.", "threads", "probes.",
             "profiler.")
     return {k: v for k, v in flat.items() if not k.startswith(skip)}
