@@ -185,8 +185,31 @@ def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cl
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == list(range(len(losses(run_dir))))
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
+    for name in ("val/loss", "val/acc"):  # epoch points at the resumed step are there too
+        rows = frame[frame.name == name].sort_values("step")
+        events = acc.Scalars(name)
+        assert [e.step for e in events] == rows.step.tolist(), name
+        np.testing.assert_allclose([e.value for e in events], rows.value, rtol=1e-6)
 
     skipped = _cli(*args, cwd=tmp_path)  # a third time: completed, nothing to do
     assert skipped.wait(120) == 0
     assert "already completed" in skipped.stderr.read()
 
+
+
+def test_starting_over_removes_only_this_harness_files(tmp_path, data_root):
+    """resume=false (or no checkpoint) clears the old attempt's events, checkpoint and record,
+    and nothing else that happens to live in those folders."""
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(*OVERRIDES, "trainer.max_epochs=1", data_root=data_root)
+    run(cfg, run_dir)
+    old_events = sorted((run_dir / "tb").glob("events.*"))
+    (run_dir / "checkpoints" / "mine.pt").write_text("a user's own file")
+    (run_dir / "tb" / "notes.txt").write_text("a user's own file")
+    record = run(make_cfg(*OVERRIDES, "trainer.max_epochs=1", "resume=false",
+                          data_root=data_root), run_dir)
+    assert "resumed" not in record and record["status"] == "completed"
+    assert (run_dir / "checkpoints" / "mine.pt").exists()
+    assert (run_dir / "tb" / "notes.txt").exists()
+    assert not set(old_events) & set((run_dir / "tb").glob("events.*"))  # one curve in TB

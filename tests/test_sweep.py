@@ -196,3 +196,20 @@ def test_the_slurm_launcher_config_composes(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "SlurmLauncher" in out.stdout and "partition: gpu" in out.stdout
     assert "timeout_min: 30" in out.stdout and "array_parallelism: 32" in out.stdout
+
+
+def test_a_job_killed_before_its_record_is_listed_as_interrupted(tmp_path):
+    """SIGKILL leaves a Hydra job dir without run.json: the summary lists it, with its config
+    resolved (interpolations included) and its group choices."""
+    job = tmp_path / "sweep" / "seed=1,variant=frozen_early"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(
+        "seed: 1\nmodel:\n  name: smallnet\n  early_stages: [conv.*]\n"
+        "train:\n  freeze: ${model.early_stages}\n")
+    (job / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      variant: frozen_early\n"
+        "      hydra/launcher: basic\n")
+    runs = load_runs(tmp_path / "sweep")
+    row = runs.iloc[0]
+    assert row.status == "interrupted" and "killed" in row.error
+    assert row["train.freeze"] == "['conv.*']" and row["variant"] == "frozen_early"

@@ -91,8 +91,8 @@ def check_resumable(path: Path, config: dict) -> dict:
                         f"autograd-lab reads (up to {RUN_FORMAT_VERSION}); upgrade autograd-lab "
                         f"or run with resume=false")
     theirs, ours = comparable(meta["config"]), comparable(config)
-    if theirs != ours:
-        diffs = _diff(theirs, ours)
+    diffs = _diff(theirs, ours)  # dotted keys; a key missing on one side counts as null
+    if diffs:
         key = "model.name" if "model.name" in diffs else next(
             (k for k in diffs if k.startswith("model.")), diffs[0])
         what = "another model" if key.startswith("model.") else "another config"

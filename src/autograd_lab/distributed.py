@@ -15,6 +15,7 @@ reduced across ranks.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -33,7 +34,13 @@ def child_command(local_rank: int) -> tuple[list[str], str]:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    command = [sys.executable, "-m", "autograd_lab.train", *hc.overrides.task,
+    config_args = ["--config-name", hc.job.config_name]  # what this job was composed from
+    for source in hc.runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            config_args += ["--config-dir", source.path]
+    searchpath = [o for o in hc.overrides.hydra if o.startswith("hydra.searchpath")]
+    command = [sys.executable, "-m", "autograd_lab.train", *config_args, *searchpath,
+               *hc.overrides.task,
                # quoted: a sweep's job directory is named `a=1,b=2`, which Hydra would parse
                f"hydra.run.dir='{_escape(hc.runtime.output_dir)}'", "hydra.output_subdir=null",
                f"hydra.job.name=train_rank_{local_rank}", "hydra/job_logging=disabled",
@@ -42,8 +49,19 @@ def child_command(local_rank: int) -> tuple[list[str], str]:
 
 
 def _escape(path: str) -> str:
-    """A path inside a single-quoted Hydra override value."""
-    return str(path).replace("\\", "\\\\").replace("'", "\\'")
+    """A path inside a single-quoted Hydra override value (quotes, backslashes and `${`, which
+    Hydra would resolve even inside quotes, escaped)."""
+    return str(path).replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+
+
+def _die_with_parent() -> None:
+    """Linux: a rank ends when rank 0 does, even on SIGKILL (no orphan holding a GPU)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class _JobLauncher(_SubprocessScriptLauncher):
@@ -64,7 +82,8 @@ class _JobLauncher(_SubprocessScriptLauncher):
         for local_rank in range(1, self.num_processes):
             command, cwd = child_command(local_rank)
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
-            self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd))
+            self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd,
+                                               preexec_fn=_die_with_parent))
         return None
 
 

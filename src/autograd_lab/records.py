@@ -176,6 +176,15 @@ class RunRecorder(L.Callback):
         # DDP flushes reduce across ranks, so they happen at the same steps on every rank
         self._ddp_flush_every = 64 if trainer.world_size > 1 else 0
 
+    def on_train_start(self, trainer, pl_module):
+        # Resumed: the writer purged events from the checkpoint's step on, but rows restored from
+        # the checkpoint may sit at that step (the validation of an epoch-end checkpoint)
+        if self.writer is not None and self.purge_step is not None:
+            for step, name, value in zip(self.rows["step"], self.rows["name"],
+                                         self.rows["value"], strict=True):
+                if step >= self.purge_step:
+                    self.writer.add_scalar(name, value, step)
+
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_start = time.perf_counter()
 

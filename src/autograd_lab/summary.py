@@ -60,11 +60,19 @@ def _read_record(run_dir: Path) -> dict:
     if not (run_dir / "run.json").exists():
         from omegaconf import OmegaConf
 
+        config, choices = {}, {}
         try:
-            config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+            loaded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+            try:
+                config = OmegaConf.to_container(loaded, resolve=True)
+            except Exception:  # an interpolation only the app resolves (a custom resolver)
+                config = OmegaConf.to_container(loaded)
+            hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
+            choices = {k: v for k, v in OmegaConf.to_container(
+                hydra.hydra.runtime.choices).items() if not k.startswith("hydra")}
         except Exception:  # a half-written Hydra file: the run is still listed
-            config = {}
-        return {"status": "interrupted", "error": KILLED, "config": config}
+            pass
+        return {"status": "interrupted", "error": KILLED, "config": config, "choices": choices}
     try:
         record = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError) as e:

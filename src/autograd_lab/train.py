@@ -56,11 +56,39 @@ def main(cfg: DictConfig) -> dict | None:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
         if not multirun:
             sys.exit(EXIT_USER_ERROR)
+        _record_failure(run_dir, cfg, str(e))
     except Exception as e:  # in a sweep the job is recorded as failed and the sweep goes on
         if not multirun:
             raise
         print(f"autograd-lab: job failed: {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+        _record_failure(run_dir, cfg, f"{type(e).__name__}: {e}")
     return None
+
+
+def _record_failure(run_dir: Path, cfg, error: str) -> None:
+    """A sweep job that failed before run() could record it (a bad value, an incompatible
+    checkpoint) still gets a run.json, so the summary says failed, not killed. A record that
+    run() wrote, or one a newer version wrote, is left as it is."""
+    from .distributed import is_rank_zero
+    from .records import write_json
+
+    path = run_dir / "run.json"
+    if not is_rank_zero():
+        return
+    try:
+        import json
+
+        old = json.loads(path.read_text())
+        if old.get("ended") or old.get("format_version", 0) > RUN_FORMAT_VERSION:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an unresolvable value is what failed
+        config = OmegaConf.to_container(cfg, resolve=False)
+    write_json(path, {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": error,
+                      "config": config, "overrides": _overrides(), "choices": _choices()})
 
 
 def _parallel_launcher(hc) -> bool:
@@ -176,8 +204,9 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
             enable_progress_bar=progress_bar, enable_model_summary=False,
             num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
             plugins=[AtomicCheckpointIO()])
-        with _ddp_environment():
+        with _ddp_environment(lambda: trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        signal.signal(signal.SIGTERM, sigterm)  # training is over: a late SIGTERM is not ours
         record["world_size"] = trainer.world_size
         record["status"] = "diverged" if recorder.diverged_at is not None else "completed"
         if recorder.diverged_at is not None:
@@ -216,8 +245,8 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
             if probes:
                 record["probes"] = {"mode": cfg.probes.mode,
                                     "frozen_max_change": probes[0].frozen_max_change}
-            if recorder.writer is not None:
-                recorder.write_hparams(_hparams(cfg), record["final"])
+            if recorder.writer is not None and record["status"] != "interrupted":
+                recorder.write_hparams(_hparams(cfg), record["final"])  # the resumed run will
             if rank_zero:
                 write_parquet(run_dir / "metrics.parquet", recorder.frame())
             recorder.close()
@@ -240,14 +269,26 @@ class _ddp_environment:
     """Lightning's DDP launcher sets rank variables in this process's environment; put them back
     after the fit, or the next job of a sweep would think it was launched as a rank."""
 
+    def __init__(self, trainer):
+        self.trainer = trainer  # a callable: the trainer exists once the block runs
+
     def __enter__(self):
         self.saved = {k: os.environ.get(k) for k in _DDP_ENV}
 
     def __exit__(self, *exc):
+        import subprocess
+
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        # the other ranks end with the fit; wait for them so the next job of a sweep does not
+        # overlap them (and end any that hang)
+        for proc in getattr(getattr(self.trainer().strategy, "launcher", None), "procs", []):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         for k, v in self.saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -259,7 +300,7 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                   clear: bool = True) -> tuple[Path | None, dict | None]:
     """The checkpoint this run continues from, or None for a fresh start (which clears what an
     earlier attempt left in the run directory, so TensorBoard shows one curve)."""
-    import shutil
+    import contextlib
 
     from .checkpoint import CHECKPOINT, check_resumable
     from .sweep import check_run_dir
@@ -271,8 +312,15 @@ def _resume_point(cfg, run_dir: Path, config: dict,
         meta = ckpt["callbacks"]["Checkpointer"]["autograd_lab"]
         return path, {"from_step": ckpt["global_step"], "epoch": meta["data"]["epoch"],
                       "checkpoint": str(path)}
-    for stale in ("tb", "checkpoints") if clear else ():
-        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    if clear:  # only files this harness writes: never a folder of the user's
+        stale = [*(run_dir / "tb").glob("events.out.tfevents.*"), run_dir / "run.json",
+                 *(run_dir / "checkpoints").glob("last.ckpt"),
+                 *(run_dir / "checkpoints").glob(".last.ckpt.*.tmp")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        for folder in (run_dir / "tb", run_dir / "checkpoints"):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if now empty
     return None, None
 
 
