@@ -286,9 +286,13 @@ class CIFARDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> ResidentBatches:
         t = self.tensors
-        shard = self._shard()  # each rank validates its share; the module sums across ranks
+        # Each rank validates its share and the module sums across ranks. Shares are equal
+        # (the last len % world examples are left out under DDP), so every rank runs the same
+        # number of batches and meets the others in the reduce.
+        shard = self._shard()
         r, w = shard["rank"], shard["world"]
-        return ResidentBatches(t["test_x"][r::w], t["test_y"][r::w], self.cfg.val_batch_size,
+        n = len(t["test_x"]) - len(t["test_x"]) % w
+        return ResidentBatches(t["test_x"][r:n:w], t["test_y"][r:n:w], self.cfg.val_batch_size,
                                False, self.seed)
 
     def _shard(self) -> dict:
