@@ -11,6 +11,8 @@ Not part of the test suite (CI has no GPU). Run on a machine with one:
    (cuDNN deterministic), max absolute difference.
 4. Kill and resume on the GPU: a SIGTERM mid-epoch, the same call again, the curve compared with
    an uninterrupted run.
+5. Determinism: two uninterrupted runs and a kill/resume, with default kernels and with
+   `trainer.deterministic=true`.
 """
 
 from __future__ import annotations
@@ -189,6 +191,35 @@ def main() -> None:
                      "steps": [len(a), len(b)], "bitwise_equal": bool((a == b).all()),
                      "max_abs_diff": float(abs(a - b).max()), "ref_status": ref["status"]}
     print("4. kill/resume on GPU:", out["resume"], flush=True)
+    # 5. the same at the tests' settings (zero_grad on, SIGTERM at step 4): default kernels vs
+    #    trainer.deterministic=true; and two uninterrupted default runs, as the baseline
+    over = ("data.train_size=320", "data.test_size=128", "trainer.max_epochs=3",
+            "probes=cheap")
+
+    class Term4(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out["determinism"] = {}
+    for mode in ("false", "true"):
+        # back to PyTorch's defaults (section 3 asked cuDNN for deterministic kernels)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+        o = (*over, f"trainer.deterministic={mode}")
+        run(cfg_of(*o, data_root=root), work / f"d{mode}_ref")
+        run(cfg_of(*o, data_root=root), work / f"d{mode}_ref2")
+        try:
+            run(cfg_of(*o, data_root=root), work / f"d{mode}_cut", callbacks=[Term4()])
+        except SystemExit:
+            pass
+        run(cfg_of(*o, data_root=root), work / f"d{mode}_cut")
+        ref, ref2, cut = (curve(work / f"d{mode}_{k}") for k in ("ref", "ref2", "cut"))
+        out["determinism"][f"deterministic={mode}"] = {
+            "two_runs_equal": bool((ref == ref2).all()),
+            "resumed_equal": bool((ref == cut).all()),
+            "resumed_max_abs_diff": float(abs(ref - cut).max())}
+    print("5. determinism on GPU:", out["determinism"], flush=True)
+
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -69,6 +69,7 @@ CHECKS: dict[str, tuple] = {
                             "one of: auto, cpu, gpu, cuda, mps"),
     "trainer.devices": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.strategy": (lambda v: v in ("auto", "ddp"), "auto or ddp (trainer=ddp)"),
+    "trainer.deterministic": (lambda v: isinstance(v, bool), "true or false"),
     "trainer.check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.limit_val_batches": (lambda v: (_is_int(v) and v >= 0)
                                   or (isinstance(v, float) and 0 <= v <= 1),

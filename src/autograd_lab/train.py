@@ -197,6 +197,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             strategy=strategy(cfg, find_unused=bool(cfg.train.detach_at)),
+            deterministic=cfg.trainer.deterministic,
             max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
             check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
             limit_val_batches=cfg.trainer.limit_val_batches,
