@@ -50,7 +50,14 @@ class RunInterrupted(Exception):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, written atomically and read back with weights_only=True."""
+    """Lightning's checkpoint IO, written atomically and read back with weights_only=True.
+
+    `loaded`: (path, checkpoint) already read (and checked) before the fit, handed to Lightning
+    instead of reading the file a second time."""
+
+    def __init__(self, loaded: tuple[Path, dict] | None = None):
+        super().__init__()
+        self.loaded = loaded
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         buf = io.BytesIO()
@@ -58,6 +65,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(Path(path), buf.getvalue())
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
+        if self.loaded is not None and Path(path) == self.loaded[0]:
+            ckpt, self.loaded = self.loaded[1], None
+            return ckpt
         return load(Path(path), map_location=map_location)
 
 
@@ -107,10 +117,6 @@ def _diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def pl_device(trainer):
-    return trainer.strategy.root_device
-
-
 # ------------------------------------------------------------------ RNG states
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -149,7 +155,8 @@ class Checkpointer(L.Callback):
         self._at_epoch_end = False
         self._position: dict | None = None
         self._grads: list | None = None
-        self.saved_step: int | None = None
+        self._module = None
+        self._ddp = False
 
     # -- signals: note the request; act on it at the next step boundary
     def _handler(self, signum, frame):
@@ -180,10 +187,10 @@ class Checkpointer(L.Callback):
     def _agree(self, trainer) -> None:
         """DDP: a signal that reached any rank stops every rank at the same step (the save is
         collective). One tiny all-reduce a step, in DDP runs only."""
-        if trainer.world_size > 1:
+        if self._ddp:
             import torch.distributed as dist
 
-            flag = torch.tensor([self.requested or 0], device=pl_device(trainer))
+            flag = torch.tensor([self.requested or 0], device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.requested = int(flag.item()) or None
 
@@ -217,14 +224,14 @@ class Checkpointer(L.Callback):
     def save(self, trainer, pl_module, next_batch: int) -> None:
         self.recorder.flush(trainer, pl_module)  # losses still on the device become rows
         self._position = {"epoch": trainer.current_epoch, "next_batch": next_batch}
+        self._module = pl_module  # state_dict (called by save_checkpoint) reads its .grad
         trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
-        self.saved_step = trainer.global_step
 
     # -- what goes into the checkpoint beside Lightning's own state
     def state_dict(self) -> dict:
         if self._position is None:
             return {}
-        module = self.trainer_module
+        module = self._module
         return {"autograd_lab": {
             "format_version": RUN_FORMAT_VERSION, "config": self.config,
             "rng": rng_state(),
@@ -240,4 +247,4 @@ class Checkpointer(L.Callback):
         self.datamodule.resume_at = (mine["data"]["epoch"], mine["data"]["next_batch"])
 
     def setup(self, trainer, pl_module, stage):
-        self.trainer_module = pl_module
+        self._ddp = trainer.world_size > 1  # read once, not in every step's hook

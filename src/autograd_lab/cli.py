@@ -46,18 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train", *argv]
     command, rest = argv[0], argv[1:]
     try:
-        if command == "train":
-            return train(rest)
-        if command == "demo":
-            return demo(rest)
-        if command == "profile":
-            return profile(rest)
-        if command == "summarize":
-            return summarize(rest)
-        if command == "step-check":
-            return step_check(rest)
-        if command == "graph":
-            return graph(rest)
+        handler = {"train": train, "demo": demo, "profile": profile, "summarize": summarize,
+                   "step-check": step_check, "graph": graph}.get(command)
+        if handler is not None:
+            return handler(rest)
         raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)

@@ -125,6 +125,7 @@ class RunRecorder(L.Callback):
         self._val_start = None
         self._images_pending = 0
         self._ddp_flush_every = 0
+        self._world = 1
 
     # -- writing
     def log_values(self, step: int, epoch: int, values: dict[str, float]) -> None:
@@ -174,7 +175,8 @@ class RunRecorder(L.Callback):
                                         purge_step=self.purge_step)
         self._next_step = trainer.global_step
         # DDP flushes reduce across ranks, so they happen at the same steps on every rank
-        self._ddp_flush_every = 64 if trainer.world_size > 1 else 0
+        self._world = trainer.world_size  # read once, not in every step's hook
+        self._ddp_flush_every = 64 if self._world > 1 else 0
 
     def on_train_start(self, trainer, pl_module):
         # Resumed: the writer purged events from the checkpoint's step on, but rows restored from
@@ -189,7 +191,7 @@ class RunRecorder(L.Callback):
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._images_pending += len(batch[1]) * trainer.world_size
+        self._images_pending += len(batch[1]) * self._world
         if self._ddp_flush_every:
             if len(pl_module.step_losses) >= self._ddp_flush_every:
                 self.flush(trainer, pl_module)

@@ -40,9 +40,8 @@ def main(cfg: DictConfig) -> dict | None:
     multirun = hc.mode.name == "MULTIRUN"
     try:
         validate(cfg)
-        from .sweep import check_run_dir, finished_record
+        from .sweep import finished_record
 
-        check_run_dir(run_dir)
         if cfg.resume:
             done = finished_record(run_dir, OmegaConf.to_container(cfg, resolve=True))
             if done is not None:
@@ -147,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     config = OmegaConf.to_container(cfg, resolve=True)
     # decided before anything is written: a bad checkpoint or run dir loses nothing
     rank_zero = is_rank_zero()  # DDP: the other ranks write no files of their own
-    ckpt_path, resumed = _resume_point(cfg, run_dir, config, clear=rank_zero)
+    ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
     record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "config": config, **({"resumed": resumed} if resumed else {}),
@@ -204,7 +203,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
             callbacks=callbacks, logger=False, enable_checkpointing=False,
             enable_progress_bar=progress_bar, enable_model_summary=False,
             num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
-            plugins=[AtomicCheckpointIO()])
+            plugins=[AtomicCheckpointIO(loaded=(ckpt_path, ckpt) if ckpt else None)])
         with _ddp_environment(lambda: trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         signal.signal(signal.SIGTERM, sigterm)  # training is over: a late SIGTERM is not ours
@@ -298,7 +297,7 @@ class _ddp_environment:
 
 
 def _resume_point(cfg, run_dir: Path, config: dict,
-                  clear: bool = True) -> tuple[Path | None, dict | None]:
+                  clear: bool = True) -> tuple[Path | None, dict | None, dict | None]:
     """The checkpoint this run continues from, or None for a fresh start (which clears what an
     earlier attempt left in the run directory, so TensorBoard shows one curve)."""
     import contextlib
@@ -312,7 +311,7 @@ def _resume_point(cfg, run_dir: Path, config: dict,
         ckpt = check_resumable(path, config)
         meta = ckpt["callbacks"]["Checkpointer"]["autograd_lab"]
         return path, {"from_step": ckpt["global_step"], "epoch": meta["data"]["epoch"],
-                      "checkpoint": str(path)}
+                      "checkpoint": str(path)}, ckpt
     if clear:  # only files this harness writes: never a folder of the user's
         stale = [*(run_dir / "tb").glob("events.out.tfevents.*"), run_dir / "run.json",
                  *(run_dir / "checkpoints").glob("last.ckpt"),
@@ -322,7 +321,7 @@ def _resume_point(cfg, run_dir: Path, config: dict,
         for folder in (run_dir / "tb", run_dir / "checkpoints"):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if now empty
-    return None, None
+    return None, None, None
 
 
 def _probes(cfg, recorder) -> list:
