@@ -184,38 +184,41 @@ class Checkpointer(L.Callback):
     def on_exception(self, trainer, pl_module, exception):
         self._restore_signals()
 
-    def _agree(self, trainer) -> None:
-        """DDP: a signal that reached any rank stops every rank at the same step (the save is
-        collective). One tiny all-reduce a step, in DDP runs only."""
-        if self._ddp:
-            import torch.distributed as dist
+    def _agree(self, trainer) -> int | None:
+        """The signal to stop on at this boundary. DDP: a signal that reached any rank stops
+        every rank at the same step (the save is collective), so the decision is the ranks'
+        all-reduced request, one tiny all-reduce a step in DDP runs only. `requested` itself is
+        never cleared here: a signal landing during the reduce counts at the next boundary."""
+        if not self._ddp:
+            return self.requested
+        import torch.distributed as dist
 
-            flag = torch.tensor([self.requested or 0], device=trainer.strategy.root_device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.requested = int(flag.item()) or None
+        flag = torch.tensor([self.requested or 0], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._agree(trainer)
+        stop = self._agree(trainer)
         step = trainer.global_step
-        due = self.requested is not None or (self.every and step % self.every == 0)
+        due = stop is not None or (self.every and step % self.every == 0)
         if not due or self.recorder.diverged_at is not None:
             return
         if batch_idx + 1 >= trainer.num_training_batches:
             self._at_epoch_end = True  # validation comes next: save after it, at epoch end
             return
         self.save(trainer, pl_module, next_batch=batch_idx + 1)
-        if self.requested is not None:
-            raise RunInterrupted(self.requested, step, saved=True)
+        if stop is not None:
+            raise RunInterrupted(stop, step, saved=True)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self._agree(trainer)
+        stop = self._agree(trainer)
         if self.recorder.diverged_at is not None:
             return
-        if self._at_epoch_end or self.requested is not None:
+        if self._at_epoch_end or stop is not None:
             self._at_epoch_end = False
             self.save(trainer, pl_module, next_batch=trainer.num_training_batches)
-        if self.requested is not None:
-            raise RunInterrupted(self.requested, trainer.global_step, saved=True)
+        if stop is not None:
+            raise RunInterrupted(stop, trainer.global_step, saved=True)
 
     def on_train_end(self, trainer, pl_module):
         if self.recorder.diverged_at is None:
