@@ -167,7 +167,7 @@ def main() -> None:
 
     # 4. kill and resume on the GPU
     class Term(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        def on_train_step_end(self, trainer, pl_module, batch):
             if trainer.global_step == 13:
                 os.kill(os.getpid(), signal.SIGTERM)
 
@@ -197,7 +197,7 @@ def main() -> None:
             "probes=cheap")
 
     class Term4(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        def on_train_step_end(self, trainer, pl_module, batch):
             if trainer.global_step == 4:
                 os.kill(os.getpid(), signal.SIGTERM)
 

@@ -33,7 +33,7 @@ class SendSignal(L.Callback):
     def __init__(self, step: int, where: str, signum: int):
         self.step, self.where, self.signum = step, where, signum
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_step_end(self, trainer, pl_module, batch):
         if self.where == "train" and trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
 
@@ -102,6 +102,25 @@ def test_kill_and_resume_gives_the_same_curve_bit_for_bit(variant, step, where, 
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_signal_right_after_a_periodic_checkpoint_stops_in_the_next_window(
+        tmp_path, data_root, tmp_path_factory):
+    """Chunks of 3 steps, a checkpoint every 5: the save at step 5 ends chunk [3, 6) early and
+    the next chunk runs from 5 to 9. It may end only past its window's start (6), so that a
+    resumed run finds Lightning's chunk counter where it left it: a SIGTERM after step 6 stops
+    at step 7, and the resumed curve is the uninterrupted one, bit for bit."""
+    overrides = (*OVERRIDES, "trainer.steps_per_execution=3", "checkpoint.every_n_steps=5")
+    reference = _reference(overrides, data_root, tmp_path_factory)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run(make_cfg(*overrides, data_root=data_root), run_dir,
+            callbacks=[SendSignal(6, "train", signal.SIGTERM)])
+    assert stop.value.code == 143
+    assert "at step 7" in json.loads((run_dir / "run.json").read_text())["error"]
+    resumed = run(make_cfg(*overrides, data_root=data_root), run_dir)
+    assert resumed["resumed"]["from_step"] == 7 and resumed["status"] == "completed"
+    pd.testing.assert_frame_equal(_rows(run_dir), _rows(reference), check_exact=True)
+
+
 def test_checkpoint_holds_the_accumulated_grad_and_rng(tmp_path, data_root):
     """What Lightning's own checkpoint leaves out is in ours: with zero_grad off, the
     accumulated .grad at the signal's step, the RNG state and the position in the epoch."""
@@ -109,7 +128,7 @@ def test_checkpoint_holds_the_accumulated_grad_and_rng(tmp_path, data_root):
     seen = {}
 
     class Grab(L.Callback):  # runs just before the Checkpointer (which is always last)
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        def on_train_step_end(self, trainer, pl_module, batch):
             if trainer.global_step == 5:
                 seen["grads"] = [p.grad.clone() for p in pl_module.model.parameters()]
                 seen["rng"] = torch.get_rng_state().clone()

@@ -153,6 +153,7 @@ class Checkpointer(L.Callback):
         self.requested: int | None = None  # the signal that asked us to stop
         self._previous: dict = {}
         self._at_epoch_end = False
+        self._due, self._stop = False, None  # set by a step, acted on at its chunk's end
         self._position: dict | None = None
         self._grads: list | None = None
         self._module = None
@@ -197,18 +198,25 @@ class Checkpointer(L.Callback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_step_end(self, trainer, pl_module, batch):
+        """After each optimizer step: is a save (periodic, or for a signal) due here? Then the
+        module ends its chunk after this step, and on_train_batch_end saves."""
         stop = self._agree(trainer)
-        step = trainer.global_step
-        due = stop is not None or (self.every and step % self.every == 0)
+        if stop is not None or (self.every and trainer.global_step % self.every == 0):
+            self._due, self._stop = True, stop
+            pl_module.end_chunk = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, chunk, batch_idx):
+        due, stop = self._due, self._stop
+        self._due = False
         if not due or self.recorder.diverged_at is not None:
             return
-        if batch_idx + 1 >= trainer.num_training_batches:
+        if chunk.last:
             self._at_epoch_end = True  # validation comes next: save after it, at epoch end
             return
-        self.save(trainer, pl_module, next_batch=batch_idx + 1)
+        self.save(trainer, pl_module)
         if stop is not None:
-            raise RunInterrupted(stop, step, saved=True)
+            raise RunInterrupted(stop, trainer.global_step, saved=True)
 
     def on_train_epoch_end(self, trainer, pl_module):
         stop = self._agree(trainer)
@@ -216,17 +224,17 @@ class Checkpointer(L.Callback):
             return
         if self._at_epoch_end or stop is not None:
             self._at_epoch_end = False
-            self.save(trainer, pl_module, next_batch=trainer.num_training_batches)
+            self.save(trainer, pl_module)
         if stop is not None:
             raise RunInterrupted(stop, trainer.global_step, saved=True)
 
     def on_train_end(self, trainer, pl_module):
         if self.recorder.diverged_at is None:
-            self.save(trainer, pl_module, next_batch=trainer.num_training_batches)
+            self.save(trainer, pl_module)
 
-    def save(self, trainer, pl_module, next_batch: int) -> None:
+    def save(self, trainer, pl_module) -> None:
         self.recorder.flush(trainer, pl_module)  # losses still on the device become rows
-        self._position = {"epoch": trainer.current_epoch, "next_batch": next_batch}
+        self._position = {"epoch": trainer.current_epoch, "next_batch": self.datamodule.position}
         self._module = pl_module  # state_dict (called by save_checkpoint) reads its .grad
         trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
 

@@ -70,6 +70,7 @@ CHECKS: dict[str, tuple] = {
     "trainer.devices": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.strategy": (lambda v: v in ("auto", "ddp"), "auto or ddp (trainer=ddp)"),
     "trainer.deterministic": (lambda v: isinstance(v, bool), "true or false"),
+    "trainer.steps_per_execution": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.limit_val_batches": (lambda v: (_is_int(v) and v >= 0)
                                   or (isinstance(v, float) and 0 <= v <= 1),
@@ -120,6 +121,11 @@ def validate(cfg) -> None:
     if trainer.get("devices", 1) > 1 and trainer.get("strategy") != "ddp":
         raise UserError(f"trainer.devices={trainer.get('devices')}: more than 1 needs trainer=ddp "
                         f"(one process per device); or use trainer.devices=1")
+    if trainer.get("strategy") == "ddp" and trainer.get("steps_per_execution", 1) != 1:
+        # DDP syncs gradients in the backward of each DDP forward; Lightning makes one forward
+        # call per batch, so a chunk's later steps would go unsynced
+        raise UserError(f"trainer.steps_per_execution={trainer.get('steps_per_execution')}: "
+                        f"trainer=ddp runs one step per Lightning batch; valid here: 1")
     if trainer.get("strategy") == "ddp" and (cfg.get("profiler") or {}).get("name") == "torch":
         raise UserError("profiler=torch with trainer=ddp: profile a single-device run "
                         "(profiler=torch trainer=default); choices here: profiler=off")

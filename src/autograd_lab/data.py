@@ -208,15 +208,26 @@ def flip_crop(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.T
 
 
 class ResidentBatches:
-    """An epoch of (images, labels[, aug]) batches sliced from resident tensors.
+    """An epoch of batches sliced from resident tensors: (images, labels) for validation; for
+    training, `Chunk`s of up to `steps_per_chunk` optimizer steps (one Lightning batch each).
 
     The order of epoch e depends only on (seed, e), so any epoch, and any position in it, can be
     reproduced. Lightning calls `sampler.set_epoch(e)` before each epoch (as it does for a
     DistributedSampler); `sampler` is this object.
+
+    Chunks: Lightning's per-batch loop costs ~0.4 ms, a fifth of a SmallNet step on a CPU, so a
+    training batch is a chunk of K steps that the module runs one by one (each the seed's step).
+    Chunk i ends at step min((i+1)K, n-1) of the epoch, and the epoch's last step is a chunk of its
+    own, so an epoch has the same number of chunks however it was interrupted. A chunk may stop
+    early (a checkpoint or a signal at a step boundary): `position` records the steps done, and
+    the next chunk starts there, when it is loaded. A chunk stops only past its own window's start
+    (iK), so a run stopped at step p has done exactly ceil(p/K) chunks: a resumed run starts at
+    chunk ceil(p/K), as Lightning's restored batch counter expects.
     """
 
     def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, augment: bool = False,
-                 resume_at: tuple[int, int] | None = None, rank: int = 0, world: int = 1):
+                 resume_at: tuple[int, int] | None = None, rank: int = 0, world: int = 1,
+                 steps_per_chunk: int | None = None):
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
         self.epoch = 0
@@ -225,50 +236,118 @@ class ResidentBatches:
         # rank, so step k's batches across ranks are positions [k*b*world, (k+1)*b*world): the
         # single-process run's batch of b*world, split.
         self.rank, self.world = rank, world
+        self.k = steps_per_chunk
+        self.position = 0  # training: steps of this epoch done
         self.sampler, self.batch_sampler = self, None  # what Lightning looks for on a loader
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
         return -(-(len(self.x) // self.world) // self.batch_size)
 
-    def __iter__(self):
-        n, b, device = len(self.x), self.batch_size, self.x.device
+    def __len__(self) -> int:
+        n = self.steps_per_epoch
+        return n if self.k is None or n == 0 else _chunks_before(n - 1, self.k) + 1
+
+    def _epoch_plan(self) -> dict:
+        n, device = len(self.x), self.x.device
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=g).to(device) if self.shuffle else None
+        plan = {"order": torch.randperm(n, generator=g).to(device) if self.shuffle else None,
+                "aug": None, "shard": None}
         if self.augment:
-            flip = (torch.rand(n, generator=g) < 0.5).to(device)
-            shift = torch.randint(0, 9, (2, n), generator=g).to(device)
-        shard = None
+            plan["aug"] = ((torch.rand(n, generator=g) < 0.5).to(device),
+                           torch.randint(0, 9, (2, n), generator=g).to(device))
         if self.world > 1:  # positions of this rank's share of the epoch
-            shard = torch.arange(self.rank, n - n % self.world, self.world, device=device)
+            plan["shard"] = torch.arange(self.rank, n - n % self.world, self.world, device=device)
+        return plan
+
+    def _start(self) -> int:
         start = 0
         if self.resume_at is not None:  # read here: Lightning calls set_epoch before the pass
             if self.resume_at[0] == self.epoch:
-                start = self.resume_at[1] * b
+                start = self.resume_at[1]
             self.resume_at = None
-        for i in range(start, n if shard is None else len(shard), b):
-            pos = slice(i, i + b) if shard is None else shard[i:i + b]
-            if order is None:
-                x, y = self.x[pos], self.y[pos]
-            else:
-                idx = order[pos]
-                x, y = self.x[idx], self.y[idx]
-            if self.augment:
-                yield x, y, (flip[pos], shift[0, pos], shift[1, pos])
-            else:
-                yield x, y
+        return start
+
+    def take(self, plan: dict, lo: int, hi: int):
+        """Images lo..hi-1 of this epoch's (shard of the) order: x, y and augmentation draws."""
+        shard, order = plan["shard"], plan["order"]
+        pos = slice(lo, hi) if shard is None else shard[lo:hi]
+        idx = pos if order is None else order[pos]
+        aug = None
+        if plan["aug"] is not None:
+            flip, shift = plan["aug"]
+            aug = (flip[pos], shift[0, pos], shift[1, pos])
+        return self.x[idx], self.y[idx], aug
+
+    def __iter__(self):
+        plan, start = self._epoch_plan(), self._start()
+        b, steps = self.batch_size, self.steps_per_epoch
+        if self.k is None:
+            for i in range(start, steps):
+                x, y, aug = self.take(plan, i * b, (i + 1) * b)
+                yield (x, y) if aug is None else (x, y, aug)
+            return
+        self.position = start
+        if steps == 0:
+            return
+        last = _chunks_before(steps - 1, self.k)
+        for i in range(-(-start // self.k), last + 1):
+            end = steps if i == last else min((i + 1) * self.k, steps - 1)
+            yield Chunk(self, plan, i * self.k, end, last=i == last)
+
+
+def _chunks_before(steps: int, k: int) -> int:
+    return -(-steps // k)
+
+
+class Chunk:
+    """One Lightning training batch: the epoch's steps from where the previous chunk stopped to
+    `end`. `load` (at batch transfer, after the previous chunk ran) slices all its images at once;
+    `batch(i)` is step i's (x, y); `advance()` counts a step done; `can_stop` says whether the
+    chunk may end here (past its window's start `floor`; never the epoch's last chunk)."""
+
+    __slots__ = ("source", "plan", "floor", "end", "last", "start", "x", "y", "aug",
+                 "steps_done", "images")
+
+    def __init__(self, source: ResidentBatches, plan: dict, floor: int, end: int, last: bool):
+        self.source, self.plan, self.floor, self.end, self.last = source, plan, floor, end, last
+        self.steps_done = self.images = 0
+
+    def load(self) -> None:
+        src, b = self.source, self.source.batch_size
+        self.start = src.position
+        self.x, self.y, self.aug = src.take(self.plan, self.start * b, self.end * b)
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.source.batch_size
+        return self.x[i * b:(i + 1) * b], self.y[i * b:(i + 1) * b]
+
+    def advance(self, images: int) -> None:
+        self.steps_done += 1
+        self.images += images
+        self.source.position += 1
+
+    @property
+    def can_stop(self) -> bool:
+        return not self.last and self.source.position > self.floor
 
 
 class CIFARDataModule(L.LightningDataModule):
     """Train on the train split, validate on the test split, both resident in memory."""
 
-    def __init__(self, cfg, seed: int):
+    def __init__(self, cfg, seed: int, steps_per_chunk: int = 1):
         super().__init__()
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.steps_per_chunk = cfg, seed, steps_per_chunk
         self.tensors: dict[str, torch.Tensor] | None = None
         self.resume_at: tuple[int, int] | None = None  # (epoch, next batch) from a checkpoint
+        self.train_batches: ResidentBatches | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.tensors is None:
@@ -279,10 +358,16 @@ class CIFARDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResidentBatches:
         t, n = self.tensors, self.cfg.get("subset") or None
-        return ResidentBatches(t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size,
-                               self.cfg.shuffle, self.seed,
-                               augment=self.cfg.augment == "flip_crop", resume_at=self.resume_at,
-                               **self._shard())
+        self.train_batches = ResidentBatches(
+            t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size, self.cfg.shuffle, self.seed,
+            augment=self.cfg.augment == "flip_crop", resume_at=self.resume_at,
+            steps_per_chunk=self.steps_per_chunk, **self._shard())
+        return self.train_batches
+
+    @property
+    def position(self) -> int:
+        """Steps of the current training epoch done (where a resumed run starts)."""
+        return self.train_batches.position
 
     def val_dataloader(self) -> ResidentBatches:
         t = self.tensors
@@ -303,13 +388,20 @@ class CIFARDataModule(L.LightningDataModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # Batches are already where the resident tensors live (setup moved them): skip
         # Lightning's generic collection walk, which costs ~0.1 ms a step.
-        if all(t.device == device for t in batch[:2]):
+        if isinstance(batch, Chunk) or all(t.device == device for t in batch[:2]):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Normalise (and augment) a validation batch, or a training chunk's images at once."""
         with self.trainer.lightning_module.phase("data"):
-            x = normalize(batch[0])
-            if len(batch) == 3:
-                x = flip_crop(x, *batch[2])
-        return x, batch[1]
+            if isinstance(batch, Chunk):
+                batch.load()
+                batch.x = _prepare(batch.x, batch.aug)
+                return batch
+            return _prepare(batch[0], batch[2] if len(batch) == 3 else None), batch[1]
+
+
+def _prepare(x: torch.Tensor, aug) -> torch.Tensor:
+    x = normalize(x)
+    return x if aug is None else flip_crop(x, *aug)

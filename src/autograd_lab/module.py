@@ -4,6 +4,10 @@ Manual optimisation on purpose: the step reads like the seed's `train()` body (z
 forward, CrossEntropyLoss, backward, step), so `train.zero_grad=false` is the seed's
 `zero_gradients=False` and nothing else. Losses stay on the device (`step_losses`); the
 RunRecorder flushes them in bulk.
+
+A Lightning batch is a chunk of `trainer.steps_per_execution` such steps (data.Chunk): Lightning's
+per-batch loop is paid once per chunk. Callbacks that define `on_train_step_start` /
+`on_train_step_end` are called around every step.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Classifier(L.LightningModule):
         self.val_peak_mib = 0.0
         self.cuda_peak_mib = 0.0  # training peak across validation resets (CUDA only)
         self.profiling = False  # set by the profiler callback: phases get record_function ranges
+        self.end_chunk = False  # set by a per-step hook: stop this chunk after the current step
 
     def phase(self, name: str):
         """A profiler range for one part of the step while profiling; a no-op otherwise."""
@@ -79,23 +84,39 @@ class Classifier(L.LightningModule):
                                  and type(strategy.precision_plugin) is Precision
                                  and not backward_hooks)  # a callback that asks gets its hooks
         self._optimizer = self.optimizers()  # Lightning's wrapper: its step() counts steps
+        # per-step hooks (a Lightning batch is a chunk of steps): callbacks that define them
+        callbacks = self.trainer.callbacks
+        self._step_start = [cb for cb in callbacks if hasattr(cb, "on_train_step_start")]
+        self._step_end = [cb for cb in callbacks if hasattr(cb, "on_train_step_end")]
+        self._max_steps = self.trainer.max_steps
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        opt = self._optimizer
-        if self.reset_grads:  # train.zero_grad
+    def training_step(self, chunk, batch_idx):
+        """Run a chunk's optimizer steps (data.Chunk), each the seed's step. After a step,
+        callbacks may set `end_chunk` (a checkpoint or a signal is due at this boundary)."""
+        trainer, opt = self.trainer, self._optimizer
+        self.end_chunk = False
+        for i in range(chunk.steps):
+            x, y = batch = chunk.batch(i)
+            for cb in self._step_start:
+                cb.on_train_step_start(trainer, self, batch)
+            if self.reset_grads:  # train.zero_grad
+                with self.phase("optimizer"):
+                    opt.optimizer.zero_grad()
+            with self.phase("forward"):
+                loss = F.cross_entropy(self.model(x), y)
+            with self.phase("backward"):
+                if self._direct_backward:
+                    loss.backward()
+                else:
+                    self.manual_backward(loss)
             with self.phase("optimizer"):
-                opt.optimizer.zero_grad()
-        with self.phase("forward"):
-            loss = F.cross_entropy(self.model(x), y)
-        with self.phase("backward"):
-            if self._direct_backward:
-                loss.backward()
-            else:
-                self.manual_backward(loss)
-        with self.phase("optimizer"):
-            opt.step()  # through Lightning's optimizer wrapper: it counts the global step
-        self.step_losses.append(loss.detach())
+                opt.step()  # through Lightning's optimizer wrapper: it counts the global step
+            self.step_losses.append(loss.detach())
+            chunk.advance(len(y))
+            for cb in self._step_end:
+                cb.on_train_step_end(trainer, self, batch)
+            if trainer.global_step == self._max_steps or (self.end_chunk and chunk.can_stop):
+                break  # the next chunk starts where this one stopped
 
     def on_train_start(self):
         self.train()  # Lightning keeps whatever mode the model came in; set ours explicitly

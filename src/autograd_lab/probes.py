@@ -97,41 +97,37 @@ class Probes(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         self._restored = state or None
 
-    def _is_probe(self, step: int) -> bool:
-        return step % self.every == 0
-
     def _grads(self) -> list[torch.Tensor]:
         return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                 for p in self.params]
 
-    # -- before the update: weights and the gradient the optimizer will use
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+    # -- per-step hooks (the module calls them around each optimizer step, data.Chunk)
+    def on_train_step_start(self, trainer, pl_module, batch):
         step = trainer.global_step  # the step about to run
-        if self.mode == "full" and step % self.hist_every == 0 and self.recorder.writer:
-            # weights before the update and the .grad the optimizer is about to use, at the
-            # same step numbering as weight_norm and acc_grad_norm
-            for name, p in zip(self.names, self.params, strict=True):
-                self.recorder.writer.add_histogram(f"weights/{name}", p.detach(), step)
-                if p.grad is not None:
-                    self.recorder.writer.add_histogram(f"grads/{name}", p.grad.detach(), step)
-        if self._is_probe(step):
+        if step % self.every == 0:
             self.w_before = [p.detach().clone() for p in self.params]
+        if self.mode == "full" and step % self.hist_every == 0 and self.recorder.writer:
+            for name, p in zip(self.names, self.params, strict=True):  # before the update
+                self.recorder.writer.add_histogram(f"weights/{name}", p.detach(), step)
+
+    def on_train_step_end(self, trainer, pl_module, batch):
+        step = trainer.global_step - 1  # the step that just ran (0-based, as train/loss)
+        every = self.every
+        if step % every == 0:
+            # .grad is what the optimizer just used: SGD and Adam read it, never write it
             self.acc = self._grads()
             self.none = torch.tensor([p.grad is None for p in self.params],
                                      device=self.group_of.device)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step - 1  # the step that just ran (0-based, as train/loss)
-        if self._is_probe(step):
             self.pending.append((step, trainer.current_epoch, self._row(step)))
         if self.mode == "full":  # histograms and Hessian keep their own intervals
             self._full(trainer, pl_module, batch, step)
         # Keep .grad after the one or two steps before a probe: enough to recover the previous
         # step's own gradient (and, when .grad accumulates, this step's increment).
-        if self._is_probe(step + 1) or (not self.zero_grad and self._is_probe(step + 2)):
+        if (step + 1) % every == 0 or (not self.zero_grad and (step + 2) % every == 0):
             self.snapshots[step] = self._grads()
-        for old in [s for s in self.snapshots if s < step - 1]:
-            del self.snapshots[old]
+        if self.snapshots:
+            for old in [s for s in self.snapshots if s < step - 1]:
+                del self.snapshots[old]
 
     def _step_grad(self, step: int, acc_now: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """This step's own gradient: .grad itself, or its increment when .grad accumulates."""
@@ -178,6 +174,10 @@ class Probes(L.Callback):
         return torch.cat([*stats, frozen_change])
 
     def _full(self, trainer, pl_module, batch, step: int) -> None:
+        if step % self.hist_every == 0 and self.recorder.writer:  # the .grad the update used
+            for name, p in zip(self.names, self.params, strict=True):
+                if p.grad is not None:
+                    self.recorder.writer.add_histogram(f"grads/{name}", p.grad.detach(), step)
         if step % self.hess_every == 0:
             # the parameters the loss reaches (not frozen, not cut off by a detach)
             live = [p for p in self.params if p.requires_grad and p.grad is not None]

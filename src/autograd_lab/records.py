@@ -171,7 +171,7 @@ class RunRecorder(L.Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         if trainer.is_global_zero:  # DDP: one rank writes
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=5,
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=5, max_queue=4096,
                                         purge_step=self.purge_step)
         self._next_step = trainer.global_step
         # DDP flushes reduce across ranks, so they happen at the same steps on every rank
@@ -190,8 +190,8 @@ class RunRecorder(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._images_pending += len(batch[1]) * self._world
+    def on_train_batch_end(self, trainer, pl_module, outputs, chunk, batch_idx):
+        self._images_pending += chunk.images * self._world
         if self._ddp_flush_every:
             if len(pl_module.step_losses) >= self._ddp_flush_every:
                 self.flush(trainer, pl_module)
@@ -320,17 +320,17 @@ class StepProgressBar(ProgressBar):
             return
         if self.bar is not None:
             self.bar.close()
-        total = trainer.num_training_batches
-        self.bar = tqdm(total=total if total != float("inf") else None, unit="step",
+        total = getattr(trainer.train_dataloader, "steps_per_epoch", None)
+        self.bar = tqdm(total=total, unit="step",
                         desc=f"epoch {trainer.current_epoch}", mininterval=self.min_interval_s,
                         dynamic_ncols=True, file=sys.stderr, leave=True)
         self._t0, self._seen = time.perf_counter(), 0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_batch_end(self, trainer, pl_module, outputs, chunk, batch_idx):
         if self.bar is None:
             return
-        self._seen += len(batch[1])
-        self.bar.update(1)
+        self._seen += chunk.images
+        self.bar.update(chunk.steps_done)
         now = time.perf_counter()
         if now - getattr(self, "_last_post", 0.0) >= self.min_interval_s:
             self._last_post = now
