@@ -6,7 +6,8 @@ in the CIFAR-10 format (the package's synthetic path), so every variant reads th
   a  the seed notebook: torchvision CIFAR10 + ToTensor/Normalize + DataLoader(num_workers=2),
      loss.item() every step
   b  plain PyTorch over resident uint8 batches (randperm + slicing), losses kept as tensors
-  c  the harness: autograd_lab.train.run on a config composed through Hydra
+  c  the harness: autograd_lab.train.run on a config composed through Hydra (chunks of 16 steps
+     per Lightning batch, the default); c1 the same with one step per batch
 
 Each measurement is a fresh subprocess (so peak RSS is per variant); variants are interleaved
 over --rounds. Then --pairs rounds of b, c and p run in one process, order rotated, and the
@@ -184,11 +185,13 @@ VARIANTS = {
     "a": (seed_loop, "seed: torchvision + DataLoader(workers=2)"),
     "b": (plain_loop, "plain torch, resident tensors"),
     "c": (functools.partial(harness, overrides=("probes=off",)), "harness, probes=off"),
+    "c1": (functools.partial(harness, overrides=("probes=off", "trainer.steps_per_execution=1")),
+           "harness, probes=off, 1 step per batch"),
     "p": (functools.partial(harness, overrides=("probes=cheap",)), "harness, probes=cheap"),
     "f": (functools.partial(harness, overrides=("probes=full",)), "harness, probes=full"),
 }
 # c/b and c/a: the core harness; p/c: cheap probes at their default interval cost <= 5%.
-TARGETS = [("c/b", 0.85), ("c/a", 3.5), ("p/c", 0.95), ("f/c", None)]
+TARGETS = [("c/b", 0.85), ("c/a", 3.5), ("p/c", 0.95), ("f/c", None), ("c1/b", None)]
 
 
 def child(name: str, a: dict) -> None:
