@@ -83,15 +83,17 @@ def test_epochs_use_different_orders_from_the_seed(train_run):
 def test_steps_per_execution_changes_no_number(train_run):
     """A Lightning batch is a chunk of K optimizer steps. K=1 (one step per batch) and other
     K give the same rows (losses, probes, validation) and final weights, bit for bit, also with
-    accumulated .grad, augmentation and periodic checkpoints that end chunks early."""
+    accumulated .grad, augmentation, periodic checkpoints that end chunks early, and a
+    max_steps inside a chunk (27 of 2 x 16 steps: exactly 27 run)."""
     import pandas as pd
 
     args = ("trainer.max_epochs=2", "train.zero_grad=false", "data.augment=flip_crop",
-            "probes.every_n_steps=3", "checkpoint.every_n_steps=5", "log.flush_every_s=1000")
+            "probes.every_n_steps=3", "checkpoint.every_n_steps=5", "log.flush_every_s=1000",
+            "trainer.max_steps=27")
     frames, weights = [], []
     for k in (1, 3, 16):
         record, run_dir = train_run(*args, f"trainer.steps_per_execution={k}")
-        assert record["status"] == "completed" and record["final"]["steps"] == 32
+        assert record["status"] == "completed" and record["final"]["steps"] == 27
         frame = pd.read_parquet(run_dir / "metrics.parquet")
         frames.append(frame[~frame.name.str.startswith("time/")]
                       .sort_values(["step", "name"]).reset_index(drop=True))

@@ -168,7 +168,8 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         torch.cuda.reset_peak_memory_stats()
     try:
         L.seed_everything(cfg.seed, verbose=False)
-        datamodule = CIFARDataModule(cfg.data, cfg.seed, cfg.trainer.steps_per_execution)
+        datamodule = CIFARDataModule(cfg.data, cfg.seed, cfg.trainer.steps_per_execution,
+                                     cfg.trainer.max_steps)
         datamodule.tensors = _load_data(cfg)  # fail on data problems before any file is written
         model = build_model(cfg.model)
         report = freeze(model, cfg.train.freeze)
