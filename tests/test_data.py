@@ -187,18 +187,6 @@ def test_chunks_run_the_same_batches_and_a_cut_chunk_hands_on_its_rest(k):
                                                           plain[done:], strict=True))
 
 
-@pytest.mark.parametrize(("max_steps", "lengths"), [(-1, [3, 3, 1, 3]), (7, [3, 3, 3, 1]),
-                                                    (17, [3, 3, 1, 3])])
-def test_in_the_epoch_max_steps_ends_the_chunk_before_the_last_does_not_stop_early(
-        max_steps, lengths):
-    """Lightning validates after an epoch's last batch even when max_steps cut it short, so a
-    chunk's rest must not pass to the last chunk in the epoch that max_steps ends (epoch 0 for
-    max_steps 7; with 17 that is epoch 1, and epoch 0 stops early as asked)."""
-    x, y = torch.zeros(300, 1, 1, 1, dtype=torch.uint8), torch.arange(300)
-    batches = ResidentBatches(x, y, 32, False, seed=0, steps_per_chunk=3, max_steps=max_steps)
-    assert [len(r) for r in _run_chunks(batches, stop_at={7})] == lengths
-
-
 def test_flip_crop_is_a_flip_and_a_shifted_window():
     x = torch.randn(3, 3, 32, 32)
     flip = torch.tensor([False, True, False])

@@ -71,6 +71,10 @@ CASES = [  # (variant overrides, step, where, signal)
     (["train.zero_grad=false", "data.val_batch_size=32"], 10, "validation", signal.SIGINT),
     (["variant=frozen_early", "data.augment=flip_crop"], 20, "train", signal.SIGTERM),  # last
     (["variant=detach_shallow", "probes=full"], 12, "train", signal.SIGTERM),
+    # with max_steps, from an epoch-end checkpoint (a signal in validation, or in an epoch's last
+    # step): Lightning's own max_steps would restart its loops one epoch too far
+    (["trainer.max_steps=1000", "data.val_batch_size=32"], 10, "validation", signal.SIGINT),
+    (["trainer.max_steps=25"], 20, "train", signal.SIGTERM),
     (["model=resnet18", "data.train_size=96", "data.test_size=32", "train.zero_grad=false",
       "variant=frozen_early"], 4, "train", signal.SIGTERM),                # 3 steps an epoch
 ]

@@ -222,15 +222,12 @@ class ResidentBatches:
     early (a checkpoint or a signal at a step boundary): `position` records the steps done, and
     the next chunk starts there, when it is loaded. A chunk stops only past its own window's start
     (iK), so a run stopped at step p has done exactly ceil(p/K) chunks: a resumed run starts at
-    chunk ceil(p/K), as Lightning's restored batch counter expects. In the epoch where
-    `max_steps` ends training, the second-to-last chunk does not stop early either: its rest
-    would go to the last chunk, and Lightning validates after the last batch of an epoch, even
-    one that max_steps cut short.
+    chunk ceil(p/K), as Lightning's restored batch counter expects.
     """
 
     def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, augment: bool = False,
                  resume_at: tuple[int, int] | None = None, rank: int = 0, world: int = 1,
-                 steps_per_chunk: int | None = None, max_steps: int = -1):
+                 steps_per_chunk: int | None = None):
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
         self.epoch = 0
@@ -239,9 +236,8 @@ class ResidentBatches:
         # rank, so step k's batches across ranks are positions [k*b*world, (k+1)*b*world): the
         # single-process run's batch of b*world, split.
         self.rank, self.world = rank, world
-        self.k, self.max_steps = steps_per_chunk, max_steps
+        self.k = steps_per_chunk
         self.position = 0  # training: steps of this epoch done
-        self.max_steps_in_epoch = False  # this epoch ends early, at max_steps
         self.sampler, self.batch_sampler = self, None  # what Lightning looks for on a loader
 
     def set_epoch(self, epoch: int) -> None:
@@ -297,12 +293,10 @@ class ResidentBatches:
         self.position = start
         if steps == 0:
             return
-        # every epoch before the last runs all its steps: epoch e starts at global step e*steps
-        self.max_steps_in_epoch = 0 < self.max_steps - self.epoch * steps < steps
         last = _chunks_before(steps - 1, self.k)
         for i in range(-(-start // self.k), last + 1):
             end = steps if i == last else min((i + 1) * self.k, steps - 1)
-            yield Chunk(self, plan, i * self.k, end, last=i == last, penultimate=i == last - 1)
+            yield Chunk(self, plan, i * self.k, end, last=i == last)
 
 
 def _chunks_before(steps: int, k: int) -> int:
@@ -313,16 +307,13 @@ class Chunk:
     """One Lightning training batch: the epoch's steps from where the previous chunk stopped to
     `end`. `load` (at batch transfer, after the previous chunk ran) slices all its images at once;
     `batch(i)` is step i's (x, y); `advance()` counts a step done; `can_stop` says whether the
-    chunk may end here (past its window's start `floor`; never the epoch's last chunk, nor the
-    one before it in the epoch that max_steps ends)."""
+    chunk may end here (past its window's start `floor`; never the epoch's last chunk)."""
 
-    __slots__ = ("source", "plan", "floor", "end", "last", "penultimate", "start", "x", "y",
-                 "aug", "steps_done", "images")
+    __slots__ = ("source", "plan", "floor", "end", "last", "start", "x", "y", "aug",
+                 "steps_done", "images")
 
-    def __init__(self, source: ResidentBatches, plan: dict, floor: int, end: int, last: bool,
-                 penultimate: bool = False):
-        self.source, self.plan, self.floor, self.end = source, plan, floor, end
-        self.last, self.penultimate = last, penultimate
+    def __init__(self, source: ResidentBatches, plan: dict, floor: int, end: int, last: bool):
+        self.source, self.plan, self.floor, self.end, self.last = source, plan, floor, end, last
         self.steps_done = self.images = 0
 
     def load(self) -> None:
@@ -345,17 +336,15 @@ class Chunk:
 
     @property
     def can_stop(self) -> bool:
-        return (not self.last and self.source.position > self.floor
-                and not (self.penultimate and self.source.max_steps_in_epoch))
+        return not self.last and self.source.position > self.floor
 
 
 class CIFARDataModule(L.LightningDataModule):
     """Train on the train split, validate on the test split, both resident in memory."""
 
-    def __init__(self, cfg, seed: int, steps_per_chunk: int = 1, max_steps: int = -1):
+    def __init__(self, cfg, seed: int, steps_per_chunk: int = 1):
         super().__init__()
-        self.cfg, self.seed, self.steps_per_chunk, self.max_steps = (cfg, seed, steps_per_chunk,
-                                                                     max_steps)
+        self.cfg, self.seed, self.steps_per_chunk = cfg, seed, steps_per_chunk
         self.tensors: dict[str, torch.Tensor] | None = None
         self.resume_at: tuple[int, int] | None = None  # (epoch, next batch) from a checkpoint
         self.train_batches: ResidentBatches | None = None
@@ -363,6 +352,10 @@ class CIFARDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tensors is None:
             self.tensors = load_split_tensors(self.cfg)
+        if self.trainer and self.trainer.world_size > 1 and self.steps_per_chunk != 1:
+            # DDP syncs gradients in the backward of each DDP forward: one per Lightning batch
+            raise UserError(f"trainer.steps_per_execution={self.steps_per_chunk}: trainer=ddp "
+                            f"runs one step per Lightning batch; valid here: 1")
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         if device.type != "cpu":  # resident on the accelerator: no per-batch host copies
             self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
@@ -372,7 +365,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.train_batches = ResidentBatches(
             t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size, self.cfg.shuffle, self.seed,
             augment=self.cfg.augment == "flip_crop", resume_at=self.resume_at,
-            steps_per_chunk=self.steps_per_chunk, max_steps=self.max_steps, **self._shard())
+            steps_per_chunk=self.steps_per_chunk, **self._shard())
         return self.train_batches
 
     @property

@@ -37,7 +37,8 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 class Classifier(L.LightningModule):
     def __init__(self, model: nn.Module, optim_cfg, zero_grad: bool = True,
-                 eval_grad_mode: str = "inference", frozen_bn: list[nn.Module] | None = None):
+                 eval_grad_mode: str = "inference", frozen_bn: list[nn.Module] | None = None,
+                 max_steps: int = -1):
         super().__init__()
         self.model = model
         self.optim_cfg = optim_cfg
@@ -45,6 +46,7 @@ class Classifier(L.LightningModule):
         self.eval_grad_mode = eval_grad_mode
         self.frozen_bn = frozen_bn or []
         self.automatic_optimization = False
+        self.max_steps = max_steps  # trainer.max_steps: stop (and validate) after this step
         self.step_losses: list[torch.Tensor] = []
         self.val_peak_mib = 0.0
         self.cuda_peak_mib = 0.0  # training peak across validation resets (CUDA only)
@@ -88,7 +90,6 @@ class Classifier(L.LightningModule):
         callbacks = self.trainer.callbacks
         self._step_start = [cb for cb in callbacks if hasattr(cb, "on_train_step_start")]
         self._step_end = [cb for cb in callbacks if hasattr(cb, "on_train_step_end")]
-        self._max_steps = self.trainer.max_steps
 
     def training_step(self, chunk, batch_idx):
         """Run a chunk's optimizer steps (data.Chunk), each the seed's step. After a step,
@@ -115,7 +116,10 @@ class Classifier(L.LightningModule):
             chunk.advance(len(y))
             for cb in self._step_end:
                 cb.on_train_step_end(trainer, self, batch)
-            if trainer.global_step == self._max_steps or (self.end_chunk and chunk.can_stop):
+            if trainer.global_step == self.max_steps:
+                trainer.should_stop = True  # validates, then ends, as Lightning's early stop
+                break
+            if (self.end_chunk and chunk.can_stop) or trainer.should_stop:
                 break  # the next chunk starts where this one stopped
 
     def on_train_start(self):

@@ -168,8 +168,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
         torch.cuda.reset_peak_memory_stats()
     try:
         L.seed_everything(cfg.seed, verbose=False)
-        datamodule = CIFARDataModule(cfg.data, cfg.seed, cfg.trainer.steps_per_execution,
-                                     cfg.trainer.max_steps)
+        datamodule = CIFARDataModule(cfg.data, cfg.seed, cfg.trainer.steps_per_execution)
         datamodule.tensors = _load_data(cfg)  # fail on data problems before any file is written
         model = build_model(cfg.model)
         report = freeze(model, cfg.train.freeze)
@@ -181,7 +180,8 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
             record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
                                 "upstream_names": det.upstream}
         frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
-        module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn)
+        module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
+                            max_steps=cfg.trainer.max_steps)
 
         recorder = RunRecorder(run_dir, cfg.log.flush_every_s)
         recorder.purge_step = resumed["from_step"] if resumed else None  # TensorBoard drops
@@ -198,7 +198,9 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             strategy=strategy(cfg, find_unused=bool(cfg.train.detach_at)),
             deterministic=cfg.trainer.deterministic,
-            max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
+            # max_steps is the module's (it stops there and validates): Lightning's own makes
+            # its loops restart from an epoch-end checkpoint one epoch too far
+            max_epochs=cfg.trainer.max_epochs, max_steps=-1,
             check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
             limit_val_batches=cfg.trainer.limit_val_batches,
             callbacks=callbacks, logger=False, enable_checkpointing=False,
