@@ -75,6 +75,7 @@ CASES = [  # (variant overrides, step, where, signal)
     # step): Lightning's own max_steps would restart its loops one epoch too far
     (["trainer.max_steps=1000", "data.val_batch_size=32"], 10, "validation", signal.SIGINT),
     (["trainer.max_steps=25"], 20, "train", signal.SIGTERM),
+    (["trainer.max_steps=14"], 14, "train", signal.SIGTERM),  # at max_steps: validates on resume
     (["model=resnet18", "data.train_size=96", "data.test_size=32", "train.zero_grad=false",
       "variant=frozen_early"], 4, "train", signal.SIGTERM),                # 3 steps an epoch
 ]

@@ -96,6 +96,9 @@ class Classifier(L.LightningModule):
         callbacks may set `end_chunk` (a checkpoint or a signal is due at this boundary)."""
         trainer, opt = self.trainer, self._optimizer
         self.end_chunk = False
+        if 0 < self.max_steps <= trainer.global_step:  # resumed from a save at max_steps
+            trainer.should_stop = True
+            return
         for i in range(chunk.steps):
             x, y = batch = chunk.batch(i)
             for cb in self._step_start:
