@@ -114,6 +114,13 @@ def _get(cfg, dotted: str):
 _MISSING = object()
 
 
+def chunks_with_ddp(steps_per_execution) -> UserError:
+    """DDP syncs gradients in the backward of each DDP forward, and Lightning makes one forward
+    call per batch: a chunk's later steps would go unsynced."""
+    return UserError(f"trainer.steps_per_execution={steps_per_execution}: trainer=ddp runs one "
+                     f"step per Lightning batch; valid here: 1")
+
+
 def validate(cfg) -> None:
     """Raise UserError for the first value in `cfg` that is not valid."""
     _validate_keys(cfg)
@@ -122,10 +129,7 @@ def validate(cfg) -> None:
         raise UserError(f"trainer.devices={trainer.get('devices')}: more than 1 needs trainer=ddp "
                         f"(one process per device); or use trainer.devices=1")
     if trainer.get("strategy") == "ddp" and trainer.get("steps_per_execution", 1) != 1:
-        # DDP syncs gradients in the backward of each DDP forward; Lightning makes one forward
-        # call per batch, so a chunk's later steps would go unsynced
-        raise UserError(f"trainer.steps_per_execution={trainer.get('steps_per_execution')}: "
-                        f"trainer=ddp runs one step per Lightning batch; valid here: 1")
+        raise chunks_with_ddp(trainer.get("steps_per_execution"))
     if trainer.get("strategy") == "ddp" and (cfg.get("profiler") or {}).get("name") == "torch":
         raise UserError("profiler=torch with trainer=ddp: profile a single-device run "
                         "(profiler=torch trainer=default); choices here: profiler=off")

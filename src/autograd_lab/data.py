@@ -26,7 +26,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets import cifar as tv_cifar
 from torchvision.datasets.utils import extract_archive
 
-from .config import UserError
+from .config import UserError, chunks_with_ddp
 from .records import atomic_write_bytes
 
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -353,9 +353,7 @@ class CIFARDataModule(L.LightningDataModule):
         if self.tensors is None:
             self.tensors = load_split_tensors(self.cfg)
         if self.trainer and self.trainer.world_size > 1 and self.steps_per_chunk != 1:
-            # DDP syncs gradients in the backward of each DDP forward: one per Lightning batch
-            raise UserError(f"trainer.steps_per_execution={self.steps_per_chunk}: trainer=ddp "
-                            f"runs one step per Lightning batch; valid here: 1")
+            raise chunks_with_ddp(self.steps_per_chunk)  # also for run() called without the CLI
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         if device.type != "cpu":  # resident on the accelerator: no per-batch host copies
             self.tensors = {k: v.to(device) for k, v in self.tensors.items()}

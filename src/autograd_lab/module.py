@@ -119,7 +119,7 @@ class Classifier(L.LightningModule):
             chunk.advance(len(y))
             for cb in self._step_end:
                 cb.on_train_step_end(trainer, self, batch)
-            if trainer.global_step == self.max_steps:
+            if self.max_steps > 0 and trainer.global_step >= self.max_steps:
                 trainer.should_stop = True  # validates, then ends, as Lightning's early stop
                 break
             if (self.end_chunk and chunk.can_stop) or trainer.should_stop:
