@@ -58,8 +58,7 @@ def test_real_cifar10_format_is_decoded_once_into_the_cache(tmp_path, no_md5):
     assert tensors["train_x"].shape == (100, 3, 32, 32) and tensors["train_x"].dtype == torch.uint8
     assert tensors["test_x"].shape == (20, 3, 32, 32)
     assert (tmp_path / "cifar-10-batches-py" / CACHE_NAME).is_file()
-    with mock.patch("torchvision.datasets.cifar.CIFAR10.__init__",
-                    side_effect=AssertionError("decoded again")):
+    with mock.patch("autograd_lab.data.read_split", side_effect=AssertionError("decoded again")):
         again = load_split_tensors(_data_cfg(tmp_path))
     assert torch.equal(again["train_x"], tensors["train_x"])
 
@@ -110,6 +109,97 @@ def test_synthetic_data_is_checked_by_torchvisions_md5s(tmp_path):
     batch.write_bytes(bytes(blob))
     with pytest.raises(UserError, match="truncated or corrupted"):
         load_split_tensors(cfg)
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when loaded: what a planted data file would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(path: Path, obj) -> str:
+    """Write `obj` as a pickle at `path`; return its md5 (what a forger puts in the manifest)."""
+    import hashlib
+
+    blob = pickle.dumps(obj, protocol=2)
+    path.write_bytes(blob)
+    return hashlib.md5(blob).hexdigest()
+
+
+def test_a_planted_pickle_with_a_matching_manifest_runs_nothing(tmp_path):
+    """The attack: replace batches.meta in a synthetic folder with a code-running pickle and
+    update its md5 in manifest.json. The CLI refuses the file in one line; the command in it
+    never ran (its marker file does not exist)."""
+    import json
+
+    from conftest import cli
+
+    marker = tmp_path / "ran"
+    args = ["train", "data=synthetic", f"data.root={tmp_path / 'data'}", "data.train_size=64",
+            "data.test_size=32", "trainer.max_steps=2", "trainer.progress_bar=false",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    first = cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    base = next((tmp_path / "data" / "synthetic").glob("*/cifar-10-batches-py"))
+    manifest = json.loads((base / "manifest.json").read_text())
+    manifest["batches.meta"] = _plant(base / "batches.meta",
+                                      {"label_names": _RunsCode(marker)})
+    (base / "manifest.json").write_text(json.dumps(manifest))
+    second = cli(*args, "resume=false", cwd=tmp_path)
+    assert not marker.exists(), "the planted pickle ran its command"
+    assert second.returncode == 2, second.stderr[-2000:]
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+    assert "batches.meta" in lines[0] and "refused" in lines[0] and "nothing in it was run" \
+        in lines[0] and "posix.system" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "test_batch", "batches.meta"])
+def test_real_cifar10_batch_files_that_run_code_are_refused(tmp_path, no_md5, name):
+    write_fake_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    _plant(tmp_path / "cifar-10-batches-py" / name, {"data": _RunsCode(marker), "labels": [],
+                                                     "label_names": _RunsCode(marker)})
+    with pytest.raises(UserError, match="refused, nothing in it was run"):
+        load_split_tensors(_data_cfg(tmp_path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_batch_files_of_every_pickle_protocol_are_read(tmp_path, protocol):
+    """Real CIFAR-10 files are Python 2 pickles; copies re-saved by other tools use newer
+    protocols. The restricted reader rebuilds the arrays of all of them exactly."""
+    from autograd_lab.data import read_batch_file
+
+    data = np.random.default_rng(protocol).integers(0, 256, (7, 3072), dtype=np.uint8)
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({"data": data, "labels": list(range(7))}, protocol=protocol))
+    entry = read_batch_file(path)
+    assert np.array_equal(entry["data"], data) and entry["labels"] == list(range(7))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda e: e.update(labels=e["labels"][:-1]), "20 images but 19 labels"),
+    (lambda e: e["labels"].__setitem__(3, 10), "label 10 is outside 0..9"),
+    (lambda e: e.update(data=e["data"].astype(np.float32)), "must be a uint8 array"),
+    (lambda e: e.update(data=np.array([1, 2, 3], dtype=object)), "array of Python objects"),
+])
+def test_batch_files_with_the_wrong_content_are_one_clear_error(tmp_path, no_md5, damage,
+                                                               message):
+    write_fake_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "rb") as f:
+        entry = pickle.load(f)  # the test's own file
+    damage(entry)
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(UserError, match=message):
+        load_split_tensors(_data_cfg(tmp_path))
 
 
 def test_synthetic_data_is_deterministic(tmp_path):

@@ -133,8 +133,8 @@ def test_nothing_evaluates_strings_from_configs():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line) and not line.lstrip().startswith("#"):
                 hits.append(f"{path.name}:{n}: {line.strip()}")
-    # (CIFAR-10's batch files are pickles: torchvision's own loader reads them, after its md5
-    # check; the package itself unpickles nothing)
+    # (CIFAR-10's batch files are pickles: data.read_batch_file reads them with a restricted
+    # Unpickler that rebuilds arrays and plain values only; tests/test_data.py plants files)
     assert hits == []
 
 

@@ -6,14 +6,22 @@ file, and batches are slices of that tensor, normalised on the device as the see
 ((x/255 - 0.5)/0.5). Augmentation draws its random numbers per epoch and works on whole batches.
 
 Synthetic data is written in the real CIFAR-10 on-disk format (str-keyed pickles + batches.meta)
-and read back through the same torchvision class, md5 check included, so the offline path runs
-the real loading code.
+and read back by the same code as real CIFAR-10, md5 check included, so the offline path runs the
+real loading code.
+
+CIFAR-10's batch files are pickles, and a pickle can name any callable to run while it loads. They
+are read by `read_batch_file`, a restricted unpickler that rebuilds only what the format holds
+(numpy arrays of plain numbers, dicts, lists, strings, numbers), never through `pickle.load` (as
+torchvision's CIFAR10 does): a planted file in a data folder is refused, and nothing in it runs.
+Torchvision's file list, folder layout and md5 check are kept.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -95,25 +103,120 @@ def _cached_decode(root: Path, dataset_cls) -> dict[str, torch.Tensor]:
                           stacklevel=2)
     tensors = {}
     for split, train in (("train", True), ("test", False)):
-        try:
-            ds = dataset_cls(str(root), train=train, download=False)
-        except RuntimeError as e:
-            raise UserError(f"data.root={root}: {dataset_cls.base_folder} is truncated or "
-                            f"corrupted ({e}); replace the files or the archive") from None
-        except (pickle.UnpicklingError, EOFError, ValueError, KeyError) as e:
-            raise UserError(f"data.root={root}: a batch file in {dataset_cls.base_folder} "
-                            f"cannot be read ({type(e).__name__}); replace it") from None
-        tensors[f"{split}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        tensors[f"{split}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
+        x, y = read_split(root, dataset_cls, train)
+        tensors[f"{split}_x"] = torch.from_numpy(x)
+        tensors[f"{split}_y"] = torch.from_numpy(y)
     try:
-        import io
-
         buf = io.BytesIO()
         torch.save({**tensors, "signature": signature}, buf)
         atomic_write_bytes(cache, buf.getvalue())
     except OSError as e:  # a read-only data folder still trains, just without the cache
         warnings.warn(f"{cache}: cannot write the decode cache ({e.strerror})", stacklevel=2)
     return tensors
+
+
+# ------------------------------------------------------------------ reading the batch files
+class RefusedFile(UserError):
+    """A data file that is not what the CIFAR-10 format holds; nothing in it was run."""
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """`_codecs.encode`, as Python 3 writes bytes into a protocol-2 pickle, for latin-1 only."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _numpy_callables() -> dict[tuple[str, str], object]:
+    from numpy import _core
+
+    reconstruct, frombuffer = _core.multiarray._reconstruct, _core.numeric._frombuffer
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):  # numpy 1 writes the first, numpy 2 the second
+        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays, dicts, lists, strings and numbers, and nothing else: any other
+    global a pickle names (os.system, builtins.eval, ...) is refused before it is looked up."""
+
+    allowed = _numpy_callables()
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise RefusedFile(f"{module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise RefusedFile("a persistent id")
+
+
+def read_batch_file(path: Path) -> dict:
+    """One CIFAR-format batch file, read without running anything it contains."""
+    try:
+        with open(path, "rb") as f:
+            entry = _BatchUnpickler(f, encoding="latin1").load()
+    except RefusedFile as e:
+        raise RefusedFile(f"data file {path} is not a CIFAR-10 batch file: it asks to run "
+                          f"{e} while loading; refused, nothing in it was run. Replace it with "
+                          f"the original file") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError) as e:
+        raise UserError(f"data file {path} cannot be read ({type(e).__name__}: "
+                        f"{str(e)[:80]}); it is truncated or corrupted: replace it") from None
+    if not isinstance(entry, dict):
+        raise UserError(f"data file {path} is not a CIFAR-10 batch file (holds a "
+                        f"{type(entry).__name__}, not a dict); replace it")
+    for value in entry.values():  # object arrays would hold arbitrary Python objects
+        if isinstance(value, np.ndarray) and value.dtype.hasobject:
+            raise UserError(f"data file {path}: an array of Python objects; replace it")
+    return entry
+
+
+def read_split(root: Path, dataset_cls, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The train or test split of a CIFAR-10-format folder: uint8 NCHW images, int64 labels.
+
+    torchvision's file list and md5 check (`dataset_cls`: CIFAR10 or a subclass with other
+    md5s), the batch files read by `read_batch_file`, the labels checked against the images."""
+    folder = root / dataset_cls.base_folder
+    files = [*dataset_cls.train_list] if train else [*dataset_cls.test_list]
+    for name, md5 in [*files, (dataset_cls.meta["filename"], dataset_cls.meta["md5"])]:
+        if not tv_cifar.check_integrity(os.path.join(folder, name), md5):
+            raise UserError(f"data.root={root}: {dataset_cls.base_folder}/{name} is truncated "
+                            f"or corrupted (md5 mismatch); replace the files or the archive")
+    meta = read_batch_file(folder / dataset_cls.meta["filename"])
+    classes = meta.get(dataset_cls.meta["key"])
+    if not (isinstance(classes, list) and classes):
+        raise UserError(f"data file {folder / dataset_cls.meta['filename']}: no "
+                        f"{dataset_cls.meta['key']!r} list; replace it")
+    images, labels = [], []
+    for name, _ in files:
+        path = folder / name
+        entry = read_batch_file(path)
+        data, y = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3 * 32 * 32):
+            raise UserError(f"data file {path}: 'data' must be a uint8 array of shape (N, 3072)"
+                            f" (got {getattr(data, 'dtype', type(data).__name__)} "
+                            f"{getattr(data, 'shape', '')}); replace it")
+        if not (isinstance(y, list) and all(type(v) is int for v in y)):
+            raise UserError(f"data file {path}: 'labels' must be a list of integers; replace it")
+        if len(y) != len(data):
+            raise UserError(f"data file {path}: {len(data)} images but {len(y)} labels; "
+                            f"replace it")
+        bad = next((v for v in y if not 0 <= v < len(classes)), None)
+        if bad is not None:
+            raise UserError(f"data file {path}: label {bad} is outside 0..{len(classes) - 1} "
+                            f"(the {len(classes)} classes of batches.meta); replace it")
+        images.append(data)
+        labels.extend(y)
+    x = np.vstack(images).reshape(-1, 3, 32, 32)  # rows are 1024 red, green, blue values
+    y = np.asarray(labels, dtype=np.int64)
+    return x, y
 
 
 # ------------------------------------------------------------------ synthetic CIFAR-10
@@ -173,7 +276,8 @@ def write_synthetic(folder: Path, cfg) -> tuple[Path, type]:
         atomic_write_bytes(manifest, json.dumps(md5s, indent=1).encode())
     md5s = json.loads(manifest.read_text())
     # A CIFAR10 subclass with this data's md5s, as torchvision's CIFAR100 does for its files:
-    # the real loader, integrity check included, reads the synthetic files.
+    # the same file list and integrity check read the synthetic files. The md5s come from the
+    # folder, so they guard against damage, not against a planted file: read_batch_file does.
     cls = type("SyntheticCIFAR10", (CIFAR10,), {
         "train_list": [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)],
         "test_list": [["test_batch", md5s["test_batch"]]],
