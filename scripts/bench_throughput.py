@@ -51,19 +51,14 @@ def _cpu_clock() -> tuple[float, float, float]:
 
 def compose_cfg(a: dict, extra: tuple[str, ...] = ()):
     """The harness config every variant shares (data location, sizes, optimiser)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from autograd_lab.config import CONF_DIR
+    from autograd_lab.config import compose
 
     overrides = ["model=smallnet", "optim=sgd", f"optim.lr={LR}", f"optim.momentum={MOMENTUM}",
                  "data=synthetic", f"data.root={a['data_root']}", f"data.batch_size={BATCH}",
                  f"data.train_size={a['train_size']}", "trainer.max_epochs=1",
                  "trainer.limit_val_batches=0", "trainer.accelerator=cpu",
                  "trainer.progress_bar=false", f"threads={a['threads']}", *extra]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="bench"):
-        return compose("train", overrides=overrides)
+    return compose(overrides)
 
 
 def _model_and_opt():

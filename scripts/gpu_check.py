@@ -30,16 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def cfg_of(*overrides, data_root):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from autograd_lab.config import compose
 
-    from autograd_lab.config import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=["data=synthetic", f"data.root={data_root}",
-                                           "trainer.progress_bar=false", "probes=off",
-                                           "log.flush_every_s=1000", *overrides])
+    return compose(["data=synthetic", f"data.root={data_root}", "trainer.progress_bar=false",
+                    "probes=off", "log.flush_every_s=1000", *overrides])
 
 
 def plain_loop(cfg, steps: int):

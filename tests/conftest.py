@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from autograd_lab.config import CONF_DIR
+from autograd_lab.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data=synthetic", "data.train_size=512", "data.test_size=256",
@@ -27,10 +25,8 @@ def data_root(tmp_path_factory) -> Path:
 def make_cfg(*overrides: str, data_root: Path | None = None, small: bool = True):
     """Compose the harness config exactly as `autograd-lab train` would (small synthetic data
     unless `small=False`)."""
-    GlobalHydra.instance().clear()
     extra = [f"data.root={data_root}"] if data_root is not None else []
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*(SMALL if small else []), *extra, *overrides])
+    return compose([*(SMALL if small else []), *extra, *overrides])
 
 
 @pytest.fixture

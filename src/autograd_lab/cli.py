@@ -134,17 +134,12 @@ def _split(args: list[str]) -> tuple[list[str], list[str]]:
 
 def _compose(overrides: list[str], defaults: list[str]):
     """The training config for the overrides (checked first: bad input is one line)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from .config import CONF_DIR, validate
+    from .config import compose, validate
 
     keys = {o.split("=", 1)[0] for o in overrides}
     full = [d for d in defaults if d.split("=", 1)[0] not in keys] + overrides
     check_overrides(full, multirun=False)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=full)
+    cfg = compose(full)
     validate(cfg)
     return cfg
 

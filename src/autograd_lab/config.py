@@ -8,10 +8,14 @@ typo never leaves a half-made run directory behind. `validate` runs again inside
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from pathlib import Path
 
-CONF_DIR = Path(__file__).parent / "conf"
+# The top-level conf/ folder, installed as the package autograd_lab.conf (pyproject.toml): found
+# through the import system, so editable installs, wheels and any working directory agree.
+CONF_DIR = Path(importlib.util.find_spec("autograd_lab.conf").origin).parent
+CONF_PACKAGE = "pkg://autograd_lab.conf"
 
 
 class UserError(Exception):
@@ -160,6 +164,24 @@ def _show(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def compose(overrides=(), config_name: str = "train", return_hydra_config: bool = False):
+    """The config `autograd-lab train <overrides>` would run, composed by Hydra's compose API.
+
+    The one compose helper: the CLI's tools, the tests, the notebooks and the scripts use it.
+    Raises UserError (one line) for an unknown group, key or value."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return _compose(hydra_compose, list(overrides), return_hydra_config,
+                            config_name=config_name)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 # ---------------------------------------------------------------- composing before Hydra runs
 def _is_hydra_override(text: str) -> bool:
     return text.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))
@@ -212,12 +234,12 @@ def _first_choice(override) -> str:
     return override.input_line
 
 
-def _compose(compose, overrides: list[str], return_hydra: bool):
+def _compose(compose, overrides: list[str], return_hydra: bool, config_name: str = "train"):
     from hydra.errors import ConfigCompositionException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return compose("train", overrides=overrides, return_hydra_config=return_hydra)
+        return compose(config_name, overrides=overrides, return_hydra_config=return_hydra)
     except MissingConfigException as e:
         raise UserError(_missing_group_message(e, overrides)) from None
     except (ConfigCompositionException, OmegaConfBaseException) as e:

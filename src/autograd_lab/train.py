@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import RUN_FORMAT_VERSION, __version__
-from .config import UserError, flatten, validate
+from .config import CONF_PACKAGE, UserError, flatten, validate
 
 # Job directories are named from the overrides; a path value must not nest them.
 # With no overrides the name is "defaults": `autograd-lab train` always lands in runs/defaults.
@@ -33,7 +33,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="train")
 def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

@@ -1,0 +1,1 @@
+"""Hydra configs of autograd-lab (the top-level conf/ folder, packaged as autograd_lab.conf)."""
