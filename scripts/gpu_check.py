@@ -161,7 +161,7 @@ def main() -> None:
 
     # 4. kill and resume on the GPU
     class Term(L.Callback):
-        def on_train_step_end(self, trainer, pl_module, batch):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 13:
                 os.kill(os.getpid(), signal.SIGTERM)
 
@@ -191,7 +191,7 @@ def main() -> None:
             "probes=cheap")
 
     class Term4(L.Callback):
-        def on_train_step_end(self, trainer, pl_module, batch):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 4:
                 os.kill(os.getpid(), signal.SIGTERM)
 

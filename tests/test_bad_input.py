@@ -52,6 +52,21 @@ def _setup_valid(tmp, ckpt):
     _interrupted_run(tmp, ckpt.read_bytes())
 
 
+def _setup_chunked(tmp, ckpt):
+    """A checkpoint as the chunked harness (format 1) wrote it: its own state in the
+    Checkpointer callback's dict, none at the top level."""
+    old = torch.load(ckpt, weights_only=True)
+    mine = old.pop("autograd_lab")
+    old["callbacks"]["Checkpointer"] = {"autograd_lab": {
+        "format_version": 1, "config": mine["config"], "rng": mine["rng"],
+        "grads": mine["grads"], "data": {"epoch": 0, "next_batch": 3}}}
+    import io
+
+    buf = io.BytesIO()
+    torch.save(old, buf)
+    _interrupted_run(tmp, buf.getvalue())
+
+
 def _setup_newer(tmp, ckpt):
     (tmp / "run").mkdir()
     (tmp / "run" / "run.json").write_text(json.dumps({"format_version": 99, "status": "x"}))
@@ -120,10 +135,6 @@ CASES = [
          ["optim.nesterov=true", "momentum"], creates_nothing=True),
     Case("strategy", train("trainer.strategy=fsdp"), ["trainer.strategy='fsdp'", "auto or ddp"],
          creates_nothing=True),
-    Case("steps per execution", train("trainer.steps_per_execution=0"),
-         ["trainer.steps_per_execution=0", ">= 1"], creates_nothing=True),
-    Case("chunks with ddp", train("trainer=ddp", "trainer.steps_per_execution=8"),
-         ["trainer.steps_per_execution=8", "trainer=ddp", "valid here: 1"], creates_nothing=True),
     Case("checkpoint interval", train("checkpoint.every_n_steps=-1"),
          ["checkpoint.every_n_steps=-1", ">= 0"], creates_nothing=True),
     Case("epochs", train("trainer.max_epochs=0"), ["trainer.max_epochs=0", ">= 1"],
@@ -170,6 +181,33 @@ CASES = [
     Case("checkpoint of another config", train("optim.lr=0.5", "hydra.run.dir={tmp}/run"),
          ["last.ckpt", "optim.lr=0.001", "0.5", "resume=false"], setup=_setup_valid,
          keep=["run/checkpoints/last.ckpt", "run/run.json"]),
+    Case("chunked-format checkpoint", train("hydra.run.dir={tmp}/run"),
+         ["last.ckpt", "older autograd-lab format", "resume=false"], setup=_setup_chunked,
+         keep=["run/checkpoints/last.ckpt", "run/run.json"]),
+    Case("missing ckpt_path", train("ckpt_path={tmp}/nope.ckpt", "hydra.run.dir={tmp}/run"),
+         ["ckpt_path=", "nope.ckpt", "no such file"]),
+    # Lightning parts from the config: schedulers, loggers, callbacks
+    Case("scheduler group", train("scheduler=nosuch"),
+         ["scheduler=nosuch", "cosine, none, onecycle, step"], creates_nothing=True),
+    Case("logger group", train("logger=nosuch"), ["logger=nosuch", "csv, tensorboard"],
+         creates_nothing=True),
+    Case("callback that does not import",
+         train("+callbacks.x._target_=lightning.pytorch.callbacks.NoSuchCallback"),
+         ["callbacks.x._target_=lightning.pytorch.callbacks.NoSuchCallback",
+          "cannot be imported"], creates_nothing=True),
+    Case("callback that is not a callback", train("+callbacks.x._target_=torch.nn.Linear"),
+         ["callbacks.x._target_=torch.nn.Linear", "not a Lightning Callback"],
+         creates_nothing=True),
+    Case("logger that is not a logger",
+         train("+logger.x._target_=lightning.pytorch.callbacks.EarlyStopping"),
+         ["logger.x._target_=lightning.pytorch.callbacks.EarlyStopping",
+          "not a Lightning Logger"], creates_nothing=True),
+    Case("callback without a target", train("+callbacks.x.monitor=val/loss"),
+         ["callbacks.x", "needs a _target_"], creates_nothing=True),
+    Case("monitor of no metric", train("callbacks=[early_stopping]",
+                                       "callbacks.early_stopping.monitor=val/nosuch"),
+         ["callbacks.early_stopping.monitor='val/nosuch'", "val/loss, val/acc"],
+         creates_nothing=True),
     Case("newer run dir", train("hydra.run.dir={tmp}/run"), ["format_version=99", "newer"],
          setup=_setup_newer, keep=["run/run.json"]),
     # summarize
@@ -202,7 +240,7 @@ def _in_process(args, cwd, monkeypatch, capsys):
 def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, request,
                                                  monkeypatch, capsys):
     ckpt = request.getfixturevalue("checkpoint") if case.setup in (
-        _setup_truncated, _setup_valid) else None
+        _setup_truncated, _setup_valid, _setup_chunked) else None
     if case.setup:
         case.setup(tmp_path, ckpt)
     before = {k: _digest(tmp_path / k) for k in case.keep}

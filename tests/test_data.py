@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import pickle
 import tarfile
 import warnings
@@ -225,56 +224,34 @@ def test_batches_cover_each_example_once_per_epoch_in_a_seeded_order():
     assert torch.cat([b[1] for b in plain]).tolist() == list(range(100))
 
 
-def _run_chunks(batches, stop_at=()):
-    """Drive chunks as the module does: load at its turn, run its steps, stop a chunk early
-    after any step in `stop_at` (a checkpoint or signal boundary). -> [(chunk labels per step)]"""
-    out = []
-    for chunk in batches:
-        chunk.load()
-        steps, stopping = [], False
-        for i in range(chunk.steps):
-            steps.append(chunk.batch(i)[1])
-            chunk.advance(len(steps[-1]))
-            if batches.position in stop_at:
-                stopping = True
-            if stopping and chunk.can_stop:
-                break
-        out.append(steps)
-    return out
+def test_the_loader_position_is_a_lightning_stateful_loader_state():
+    """Lightning saves a loader's state_dict with the fit loop and hands it back on resume:
+    after p batches of epoch e, a fresh loader given that state yields exactly the rest of the
+    epoch, and the next epoch starts from its beginning."""
+    from lightning.fabric.utilities.types import _Stateful
 
-
-@pytest.mark.parametrize("k", [1, 3, 4, 16])
-def test_chunks_run_the_same_batches_and_a_cut_chunk_hands_on_its_rest(k):
-    """Chunks of K steps give the per-batch order step for step; the epoch's last step is a chunk
-    of its own; a chunk stopped early leaves its rest to the next one, so the epoch still has
-    len() chunks; a resumed pass from step p has ceil(p/K) chunks behind it."""
     x = torch.arange(300).view(300, 1, 1, 1).to(torch.uint8)
     y = torch.arange(300)
-    plain = [b[1] for b in ResidentBatches(x, y, 32, True, seed=3)]  # 10 steps, the last of 12
-    chunked = ResidentBatches(x, y, 32, True, seed=3, steps_per_chunk=k)
-    runs = _run_chunks(chunked)
-    assert len(runs) == len(chunked) == -(-9 // k) + 1
-    assert len(runs[-1]) == 1 and torch.equal(runs[-1][0], plain[-1])
-    assert all(len(r) <= k for r in runs)
-    steps = [s for r in runs for s in r]
-    assert len(steps) == 10 and all(torch.equal(a, b) for a, b in zip(steps, plain, strict=True))
-    for first, second in itertools.product(range(1, 10), range(0, 10)):
-        # ask a chunk to stop after step `first`, and again after `second` (0: no second ask):
-        # it stops at the first step it can; the epoch still has len() chunks
-        runs = _run_chunks(chunked, stop_at={first, second})
-        assert len(runs) == len(chunked)
-        assert all(torch.equal(a, b) for a, b in zip([s for r in runs for s in r], plain,
-                                                      strict=True))
-        done = 0
-        for n, r in enumerate(runs[:-1], start=1):  # after every chunk, ceil(steps done / K)
-            done += len(r)                         # chunks are behind: a resume point
-            assert -(-done // k) == n
-            resumed = ResidentBatches(x, y, 32, True, seed=3, steps_per_chunk=k,
-                                      resume_at=(0, done))
-            rest = _run_chunks(resumed)
-            assert len(rest) == len(chunked) - n  # what Lightning's restored counter expects
-            assert all(torch.equal(a, b) for a, b in zip([s for r in rest for s in r],
-                                                          plain[done:], strict=True))
+    loader = ResidentBatches(x, y, 32, True, seed=3)
+    assert isinstance(loader, _Stateful)  # what Lightning checks before saving the state
+    loader.set_epoch(1)
+    plain = [b[1] for b in loader]
+    assert len(plain) == len(loader) == 10
+    for p in range(len(plain)):
+        loader.set_epoch(1)
+        it = iter(loader)
+        for _ in range(p + 1):
+            next(it)
+        state = loader.state_dict()
+        assert state == {"epoch": 1, "position": p + 1}
+        resumed = ResidentBatches(x, y, 32, True, seed=3)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(1)
+        rest = [b[1] for b in resumed]
+        assert len(rest) == len(plain) - p - 1
+        assert all(torch.equal(a, b) for a, b in zip(rest, plain[p + 1:], strict=True))
+        resumed.set_epoch(2)  # the resume point is used once
+        assert len(list(resumed)) == 10
 
 
 def test_flip_crop_is_a_flip_and_a_shifted_window():
@@ -298,6 +275,6 @@ def test_no_worker_processes_or_pil_in_the_hot_loop(cfg_factory):
     with mock.patch("PIL.Image.fromarray", side_effect=AssertionError("PIL used")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            for chunk in loader:
-                chunk.load()
-                assert chunk.x.dtype == torch.uint8 and chunk.x.shape[1:] == (3, 32, 32)
+            for x, y in loader:
+                assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32)
+                assert y.dtype == torch.int64 and len(y) == len(x)

@@ -17,11 +17,11 @@ class Capture(L.Callback):
     def __init__(self):
         self.before, self.grad_after, self.after = {}, {}, {}
 
-    def on_train_step_start(self, trainer, pl_module, batch):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before[trainer.global_step] = {n: p.detach().clone()
                                             for n, p in pl_module.model.named_parameters()}
 
-    def on_train_step_end(self, trainer, pl_module, batch):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1
         self.grad_after[step] = {n: None if p.grad is None else p.grad.clone()
                                  for n, p in pl_module.model.named_parameters()}

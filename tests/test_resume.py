@@ -33,7 +33,7 @@ class SendSignal(L.Callback):
     def __init__(self, step: int, where: str, signum: int):
         self.step, self.where, self.signum = step, where, signum
 
-    def on_train_step_end(self, trainer, pl_module, batch):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.where == "train" and trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
 
@@ -76,6 +76,9 @@ CASES = [  # (variant overrides, step, where, signal)
     (["trainer.max_steps=1000", "data.val_batch_size=32"], 10, "validation", signal.SIGINT),
     (["trainer.max_steps=25"], 20, "train", signal.SIGTERM),
     (["trainer.max_steps=14"], 14, "train", signal.SIGTERM),  # at max_steps: validates on resume
+    # a per-step LR schedule: its state (and the lr column) continues exactly
+    (["scheduler=onecycle", "optim.lr=0.05"], 15, "train", signal.SIGTERM),
+    (["scheduler=step"], 10, "validation", signal.SIGTERM),
     (["model=resnet18", "data.train_size=96", "data.test_size=32", "train.zero_grad=false",
       "variant=frozen_early"], 4, "train", signal.SIGTERM),                # 3 steps an epoch
 ]
@@ -107,33 +110,14 @@ def test_kill_and_resume_gives_the_same_curve_bit_for_bit(variant, step, where, 
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_signal_right_after_a_periodic_checkpoint_stops_in_the_next_window(
-        tmp_path, data_root, tmp_path_factory):
-    """Chunks of 3 steps, a checkpoint every 5: the save at step 5 ends chunk [3, 6) early and
-    the next chunk runs from 5 to 9. It may end only past its window's start (6), so that a
-    resumed run finds Lightning's chunk counter where it left it: a SIGTERM after step 6 stops
-    at step 7, and the resumed curve is the uninterrupted one, bit for bit."""
-    overrides = (*OVERRIDES, "trainer.steps_per_execution=3", "checkpoint.every_n_steps=5")
-    reference = _reference(overrides, data_root, tmp_path_factory)
-    run_dir = tmp_path / "run"
-    with pytest.raises(SystemExit) as stop:
-        run(make_cfg(*overrides, data_root=data_root), run_dir,
-            callbacks=[SendSignal(6, "train", signal.SIGTERM)])
-    assert stop.value.code == 143
-    assert "at step 7" in json.loads((run_dir / "run.json").read_text())["error"]
-    resumed = run(make_cfg(*overrides, data_root=data_root), run_dir)
-    assert resumed["resumed"]["from_step"] == 7 and resumed["status"] == "completed"
-    pd.testing.assert_frame_equal(_rows(run_dir), _rows(reference), check_exact=True)
-
-
 def test_checkpoint_holds_the_accumulated_grad_and_rng(tmp_path, data_root):
     """What Lightning's own checkpoint leaves out is in ours: with zero_grad off, the
     accumulated .grad at the signal's step, the RNG state and the position in the epoch."""
     cfg = make_cfg(*OVERRIDES, "train.zero_grad=false", data_root=data_root)
     seen = {}
 
-    class Grab(L.Callback):  # runs just before the Checkpointer (which is always last)
-        def on_train_step_end(self, trainer, pl_module, batch):
+    class Grab(L.Callback):  # runs before the Checkpointer (which is always last)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 5:
                 seen["grads"] = [p.grad.clone() for p in pl_module.model.parameters()]
                 seen["rng"] = torch.get_rng_state().clone()
@@ -141,14 +125,19 @@ def test_checkpoint_holds_the_accumulated_grad_and_rng(tmp_path, data_root):
     with pytest.raises(SystemExit):
         run(cfg, tmp_path / "run", callbacks=[Grab(), SendSignal(5, "train", signal.SIGTERM)])
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    mine = ckpt["callbacks"]["Checkpointer"]["autograd_lab"]
+    mine = ckpt["autograd_lab"]  # the module's on_save_checkpoint
     assert all(torch.equal(a, b) for a, b in zip(mine["grads"], seen["grads"], strict=True))
     assert all(g.abs().sum() > 0 for g in mine["grads"])
     assert torch.equal(mine["rng"]["torch"], seen["rng"])
-    assert mine["data"] == {"epoch": 0, "next_batch": 5}
+    # the data position: the loader's own state_dict, saved by Lightning with the fit loop
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "position": 5}]
     assert ckpt["global_step"] == 5
     rows = ckpt["callbacks"]["RunRecorder"]
-    assert rows["step"].tolist()[:5] == [0, 1, 2, 3, 4]  # the curve so far travels with it
+    loss = rows["names"].index("train/loss")
+    steps = [s for s, c in zip(rows["step"].tolist(), rows["code"].tolist(), strict=True)
+             if c == loss]
+    assert steps == [0, 1, 2, 3, 4]  # the curve so far travels with it, flushed at the save
 
 
 def _cli(*args, cwd):

@@ -22,7 +22,7 @@ class Watch(L.Callback):
     def __init__(self):
         self.before, self.batches, self.val_outputs = [], [], []
 
-    def on_train_step_start(self, trainer, pl_module, batch):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before.append(copy.deepcopy(pl_module.model.state_dict()))
         self.batches.append((batch[0].clone(), batch[1].clone()))
 

@@ -1,38 +1,39 @@
-"""Checkpoints that let a killed run continue to the same curve, bit for bit.
+"""Checkpoints that let a killed run continue to the same curve, bit for bit, and the one place
+that turns stop signals into "stop at the next step boundary and save".
 
-A checkpoint is Lightning's own (weights, optimizer state, loop counters, callback states) plus
-what Lightning leaves out and the rest of the curve depends on: the accumulated `.grad` (the
-no-zero-grad variant), every RNG state, the position in the epoch's data order, the recorder's
-rows and the probes' state (those two are the callbacks' own state_dicts). It is written
+A checkpoint is Lightning's own: weights, optimizer and LR-scheduler state, loop counters, the
+data loader's position (its `state_dict`, Lightning's stateful-loader protocol), the callbacks'
+states (the recorder's rows, the probes' history), plus what the module adds in
+`on_save_checkpoint` (the accumulated `.grad`, every RNG state, the config). The harness writes
+`checkpoints/last.ckpt`
 
 - every `checkpoint.every_n_steps` optimizer steps (for hard kills: SIGKILL, power loss),
-- at the step where SIGINT or SIGTERM arrived (then the run exits 130 or 143), and
-- at the end of the run (the final weights, `checkpoints/last.ckpt`).
+- at the step where SIGINT, SIGTERM or SIGUSR1 arrived (then the run exits 128 + the signal), and
+- at the end of the run (the final weights).
 
-Files are written to a temporary file and renamed, and read with `weights_only=True`.
-A signal that arrives in an epoch's last step or during validation lets that pass finish (it
-changes no training state) and the checkpoint is taken at the epoch's end; a second Ctrl-C
-stops at once, keeping the last periodic checkpoint.
+Lightning's ModelCheckpoint (`callbacks=[model_checkpoint]`) writes the same complete state, so a
+run can also continue from one of its files (`ckpt_path=...`). Files are written to a temporary
+file and renamed, and read with `weights_only=True`. A signal that arrives in an epoch's last step
+or during validation lets that pass finish (it changes no training state) and the checkpoint is
+taken at the epoch's end; a second Ctrl-C stops at once, keeping the last periodic checkpoint.
 """
 
 from __future__ import annotations
 
 import io
-import random
 import signal
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from . import RUN_FORMAT_VERSION
-from .config import UserError, flatten
+from .config import UserError, comparable, flatten
+from .module import CHECKPOINT_FORMAT
 from .records import atomic_write_bytes
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
-SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
 
 
 class RunInterrupted(Exception):
@@ -81,8 +82,11 @@ def load(path: Path, map_location=None) -> dict:
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupted or truncated ({reason}); delete it "
                         f"or run with resume=false to start over") from None
-    if not isinstance(ckpt, dict) or "autograd_lab" not in ckpt.get("callbacks", {}).get(
+    if isinstance(ckpt, dict) and "autograd_lab" in (ckpt.get("callbacks") or {}).get(
             "Checkpointer", {}):
+        raise UserError(f"checkpoint {path} is from an older autograd-lab format (steps run in "
+                        f"chunks); it cannot continue here: resume=false starts the run over")
+    if not isinstance(ckpt, dict) or "autograd_lab" not in ckpt:
         raise UserError(f"checkpoint {path} was not written by autograd-lab; delete it or run "
                         f"with resume=false to start over")
     return ckpt
@@ -91,14 +95,12 @@ def load(path: Path, map_location=None) -> dict:
 def check_resumable(path: Path, config: dict) -> dict:
     """The checkpoint if this run can continue from it, else a UserError that says which
     setting differs."""
-    from .sweep import comparable
-
     ckpt = load(path)
-    meta = ckpt["callbacks"]["Checkpointer"]["autograd_lab"]
-    version = meta.get("format_version", 0)
-    if version > RUN_FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format_version={version}, newer than this "
-                        f"autograd-lab reads (up to {RUN_FORMAT_VERSION}); upgrade autograd-lab "
+    meta = ckpt["autograd_lab"]
+    version = meta.get("format", 0)
+    if version > CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} has format={version}, newer than this "
+                        f"autograd-lab reads (up to {CHECKPOINT_FORMAT}); upgrade autograd-lab "
                         f"or run with resume=false")
     theirs, ours = comparable(meta["config"]), comparable(config)
     diffs = _diff(theirs, ours)  # dotted keys; a key missing on one side counts as null
@@ -117,73 +119,59 @@ def _diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-# ------------------------------------------------------------------ RNG states
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# ------------------------------------------------------------------ signals and saves
+class StopSignals:
+    """The one place that handles SIGINT, SIGTERM and SIGUSR1 (SLURM's warning before a time
+    limit). Before training, a signal stops the run at once (there is nothing to save); during
+    training it is noted, and the Checkpointer stops at the next step boundary, saved. A second
+    Ctrl-C stops at once. Used as a context manager around the whole run."""
 
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ------------------------------------------------------------------ the callback
-class Checkpointer(L.Callback):
-    """Periodic, on-signal and final checkpoints; restores what Lightning does not.
-
-    Put it after the recorder and probes: at a step's end their rows are complete.
-    """
-
-    def __init__(self, run_dir: Path, every_n_steps: int, config: dict, recorder, datamodule):
-        self.path = Path(run_dir) / CHECKPOINT
-        self.every = every_n_steps
-        self.config, self.recorder, self.datamodule = config, recorder, datamodule
-        self.requested: int | None = None  # the signal that asked us to stop
+    def __init__(self):
+        self.requested: int | None = None
+        self.training = False
         self._previous: dict = {}
-        self._at_epoch_end = False
-        self._due, self._stop = False, None  # set by a step, acted on at its chunk's end
-        self._position: dict | None = None
-        self._grads: list | None = None
-        self._module = None
-        self._ddp = False
 
-    # -- signals: note the request; act on it at the next step boundary
     def _handler(self, signum, frame):
+        if not self.training:
+            raise RunInterrupted(signum, None, saved=False)
         if self.requested == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, keep the last checkpoint
         self.requested = signum
 
-    def on_train_start(self, trainer, pl_module):
+    def install(self) -> None:
+        """(Re-)install the handlers: Lightning installs its own for SLURM when a fit starts."""
         for sig in SIGNAL_NAMES:
-            self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._handler)
-        if self._grads is not None:  # restored .grad goes back on the parameters
-            for p, g in zip(pl_module.model.parameters(), self._grads, strict=True):
-                p.grad = None if g is None else g.to(p.device)
-            self._grads = None
+            previous = signal.signal(sig, self._handler)
+            self._previous.setdefault(sig, previous)
 
-    def _restore_signals(self):
+    def __enter__(self):
+        self.install()
+        return self
+
+    def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
-    def teardown(self, trainer, pl_module, stage):
-        self._restore_signals()
 
-    def on_exception(self, trainer, pl_module, exception):
-        self._restore_signals()
+class Checkpointer(L.Callback):
+    """Writes checkpoints/last.ckpt periodically, at a stop signal and at the end."""
+
+    def __init__(self, run_dir: Path, every_n_steps: int, signals: StopSignals, recorder):
+        self.path = Path(run_dir) / CHECKPOINT
+        self.every, self.signals, self.recorder = every_n_steps, signals, recorder
+        self._at_epoch_end = False
+        self._ddp = False
+
+    def setup(self, trainer, pl_module, stage):
+        self._ddp = trainer.world_size > 1  # read once, not in every step's hook
+
+    def on_train_start(self, trainer, pl_module):
+        self.signals.install()  # over Lightning's own SLURM handlers
+        self.signals.training = True
+
+    def teardown(self, trainer, pl_module, stage):
+        self.signals.training = False
 
     def _agree(self, trainer) -> int | None:
         """The signal to stop on at this boundary. DDP: a signal that reached any rank stops
@@ -191,30 +179,23 @@ class Checkpointer(L.Callback):
         all-reduced request, one tiny all-reduce a step in DDP runs only. `requested` itself is
         never cleared here: a signal landing during the reduce counts at the next boundary."""
         if not self._ddp:
-            return self.requested
+            return self.signals.requested
         import torch.distributed as dist
 
-        flag = torch.tensor([self.requested or 0], device=trainer.strategy.root_device)
+        flag = torch.tensor([self.signals.requested or 0], device=trainer.strategy.root_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
 
-    def on_train_step_end(self, trainer, pl_module, batch):
-        """After each optimizer step: is a save (periodic, or for a signal) due here? Then the
-        module ends its chunk after this step, and on_train_batch_end saves."""
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         stop = self._agree(trainer)
-        if stop is not None or (self.every and trainer.global_step % self.every == 0):
-            self._due, self._stop = True, stop
-            pl_module.end_chunk = True
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, chunk, batch_idx):
-        due, stop = self._due, self._stop
-        self._due = False
-        if not due or self.recorder.diverged_at is not None:
+        if stop is None and not (self.every and trainer.global_step % self.every == 0):
             return
-        if chunk.last:
+        if self.recorder.diverged_at is not None:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
             self._at_epoch_end = True  # validation comes next: save after it, at epoch end
             return
-        self.save(trainer, pl_module)
+        self.save(trainer)
         if stop is not None:
             raise RunInterrupted(stop, trainer.global_step, saved=True)
 
@@ -224,38 +205,13 @@ class Checkpointer(L.Callback):
             return
         if self._at_epoch_end or stop is not None:
             self._at_epoch_end = False
-            self.save(trainer, pl_module)
+            self.save(trainer)
         if stop is not None:
             raise RunInterrupted(stop, trainer.global_step, saved=True)
 
     def on_train_end(self, trainer, pl_module):
         if self.recorder.diverged_at is None:
-            self.save(trainer, pl_module)
+            self.save(trainer)
 
-    def save(self, trainer, pl_module) -> None:
-        self.recorder.flush(trainer, pl_module)  # losses still on the device become rows
-        self._position = {"epoch": trainer.current_epoch, "next_batch": self.datamodule.position}
-        self._module = pl_module  # state_dict (called by save_checkpoint) reads its .grad
+    def save(self, trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
-
-    # -- what goes into the checkpoint beside Lightning's own state
-    def state_dict(self) -> dict:
-        if self._position is None:
-            return {}
-        module = self._module
-        return {"autograd_lab": {
-            "format_version": RUN_FORMAT_VERSION, "config": self.config,
-            "rng": rng_state(),
-            "grads": [None if p.grad is None else p.grad.detach().clone()
-                      for p in module.model.parameters()],
-            "data": self._position,
-        }}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = state["autograd_lab"]
-        set_rng_state(mine["rng"])
-        self._grads = mine["grads"]
-        self.datamodule.resume_at = (mine["data"]["epoch"], mine["data"]["next_batch"])
-
-    def setup(self, trainer, pl_module, stage):
-        self._ddp = trainer.world_size > 1  # read once, not in every step's hook

@@ -10,12 +10,43 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 from pathlib import Path
 
 # The top-level conf/ folder, installed as the package autograd_lab.conf (pyproject.toml): found
 # through the import system, so editable installs, wheels and any working directory agree.
 CONF_DIR = Path(importlib.util.find_spec("autograd_lab.conf").origin).parent
 CONF_PACKAGE = "pkg://autograd_lab.conf"
+
+# The config keys that do not change a run's results: left out of run directory names (Hydra's
+# override_dirname), of the comparison that decides whether a run can be skipped or continued,
+# and of HParams. The one list; a key here matches itself and the keys under it.
+NON_RESULT_KEYS = ("resume", "ckpt_path", "threads", "data.root", "data.download",
+                   "trainer.progress_bar", "log.flush_every_s", "checkpoint.every_n_steps")
+
+
+# What the module self.log()s (callback_metrics): what callbacks like EarlyStopping may monitor.
+LOGGED_METRICS = ("val/loss", "val/acc")
+
+
+def is_result_key(dotted: str) -> bool:
+    return not any(dotted == k or dotted.startswith(k + ".") for k in NON_RESULT_KEYS)
+
+
+def comparable(config: dict) -> dict:
+    """The resolved config as flat dotted keys, without the keys that do not change results."""
+    return {k: v for k, v in flatten(config).items() if is_result_key(k)}
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    # Job directories are named from the overrides; a path value must not nest them. With no
+    # overrides the name is "defaults": `autograd-lab train` always lands in runs/defaults.
+    OmegaConf.register_new_resolver(
+        "path_safe", lambda s: str(s).replace("/", "%2F") or "defaults", replace=True)
+    OmegaConf.register_new_resolver(
+        "autograd_lab_non_result_keys", lambda: list(NON_RESULT_KEYS), replace=True)
 
 
 class UserError(Exception):
@@ -42,6 +73,8 @@ CHECKS: dict[str, tuple] = {
                       "one of: null, IMAGENET1K_V1, DEFAULT"),
     "model.num_classes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "model.weights_path": (lambda v: v is None or isinstance(v, str), "null or a file path"),
+    "ckpt_path": (lambda v: v is None or (isinstance(v, str) and v != ""),
+                  "null or a checkpoint file path"),
     "data.root": (lambda v: isinstance(v, str) and v != "", "a directory path"),
     "data.download": (lambda v: isinstance(v, bool), "true or false"),
     "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -74,7 +107,6 @@ CHECKS: dict[str, tuple] = {
     "trainer.devices": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.strategy": (lambda v: v in ("auto", "ddp"), "auto or ddp (trainer=ddp)"),
     "trainer.deterministic": (lambda v: isinstance(v, bool), "true or false"),
-    "trainer.steps_per_execution": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.limit_val_batches": (lambda v: (_is_int(v) and v >= 0)
                                   or (isinstance(v, float) and 0 <= v <= 1),
@@ -118,13 +150,6 @@ def _get(cfg, dotted: str):
 _MISSING = object()
 
 
-def chunks_with_ddp(steps_per_execution) -> UserError:
-    """DDP syncs gradients in the backward of each DDP forward, and Lightning makes one forward
-    call per batch: a chunk's later steps would go unsynced."""
-    return UserError(f"trainer.steps_per_execution={steps_per_execution}: trainer=ddp runs one "
-                     f"step per Lightning batch; valid here: 1")
-
-
 def validate(cfg) -> None:
     """Raise UserError for the first value in `cfg` that is not valid."""
     _validate_keys(cfg)
@@ -132,15 +157,52 @@ def validate(cfg) -> None:
     if trainer.get("devices", 1) > 1 and trainer.get("strategy") != "ddp":
         raise UserError(f"trainer.devices={trainer.get('devices')}: more than 1 needs trainer=ddp "
                         f"(one process per device); or use trainer.devices=1")
-    if trainer.get("strategy") == "ddp" and trainer.get("steps_per_execution", 1) != 1:
-        raise chunks_with_ddp(trainer.get("steps_per_execution"))
     if trainer.get("strategy") == "ddp" and (cfg.get("profiler") or {}).get("name") == "torch":
         raise UserError("profiler=torch with trainer=ddp: profile a single-device run "
                         "(profiler=torch trainer=default); choices here: profiler=off")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        monitor = node.get("monitor") if hasattr(node, "get") else None
+        if monitor is not None and monitor not in LOGGED_METRICS:
+            raise UserError(f"callbacks.{name}.monitor={_show(monitor)}: no such metric; the "
+                            f"run logs: {', '.join(LOGGED_METRICS)}")
     optim = cfg.get("optim") or {}
     if optim.get("nesterov") and not optim.get("momentum"):
         raise UserError(f"optim.nesterov=true: needs optim.momentum > 0 "
                         f"(got {_show(optim.get('momentum'))})")
+
+
+def check_targets(cfg) -> None:
+    """Every `_target_` in the callbacks and logger groups imports and is a Lightning callback or
+    logger. Imports Lightning (and so torch): the CLI calls it after every other check."""
+    groups = {"callbacks": "Callback", "logger": "Logger"}
+    nodes = [(f"{g}.{name}", node, base) for g, base in groups.items()
+             for name, node in (cfg.get(g) or {}).items()]
+    if not nodes:
+        return
+    from hydra.utils import get_class
+    from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import Logger
+
+    bases = {"Callback": Callback, "Logger": Logger}
+    for where, node, base in nodes:
+        target = node.get("_target_") if hasattr(node, "get") else None
+        if not target:
+            raise UserError(f"{where}: needs a _target_ (a Lightning {base} class path), e.g. "
+                            f"{where}._target_=lightning.pytorch.callbacks.EarlyStopping")
+        hydra_log = logging.getLogger("hydra.utils")  # get_class logs its own error first
+        level, hydra_log.level = hydra_log.level, logging.CRITICAL
+        try:
+            cls = get_class(target)
+        except Exception:
+            module, _, name = str(target).rpartition(".")
+            raise UserError(f"{where}._target_={target}: cannot be imported (no class {name!r} "
+                            f"in {module or 'any module'}); give a full class path such as "
+                            f"lightning.pytorch.callbacks.EarlyStopping") from None
+        finally:
+            hydra_log.level = level
+        if not issubclass(cls, bases[base]):
+            raise UserError(f"{where}._target_={target}: not a Lightning {base} (a subclass of "
+                            f"{bases[base].__module__}.{base} is needed)")
 
 
 def _validate_keys(cfg) -> None:
@@ -224,7 +286,9 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
         fixed = [o.input_line for o in parsed if o.get_key_element() not in sweeps]
         choices = [[f"{k}={v}" for v in o.sweep_string_iterator()] for k, o in sweeps.items()]
         for combo in itertools.islice(itertools.product(*choices), 256):
-            validate(_compose(compose, fixed + list(combo), return_hydra=False))
+            job = _compose(compose, fixed + list(combo), return_hydra=False)
+            validate(job)
+            check_targets(job)
     GlobalHydra.instance().clear()
 
 
@@ -278,3 +342,6 @@ def _composition_message(e, overrides: list[str], compose) -> str:
 def _first_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return " ".join(lines[:2]) if lines else text
+
+
+_register_resolvers()

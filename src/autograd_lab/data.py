@@ -34,7 +34,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets import cifar as tv_cifar
 from torchvision.datasets.utils import extract_archive
 
-from .config import UserError, chunks_with_ddp
+from .config import UserError
 from .records import atomic_write_bytes
 
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -312,48 +312,43 @@ def flip_crop(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.T
 
 
 class ResidentBatches:
-    """An epoch of batches sliced from resident tensors: (images, labels) for validation; for
-    training, `Chunk`s of up to `steps_per_chunk` optimizer steps (one Lightning batch each).
+    """An epoch of (images, labels) batches sliced from resident tensors.
 
     The order of epoch e depends only on (seed, e), so any epoch, and any position in it, can be
     reproduced. Lightning calls `sampler.set_epoch(e)` before each epoch (as it does for a
     DistributedSampler); `sampler` is this object.
 
-    Chunks: Lightning's per-batch loop costs ~0.4 ms, a fifth of a SmallNet step on a CPU, so a
-    training batch is a chunk of K steps that the module runs one by one (each the seed's step).
-    Chunk i ends at step min((i+1)K, n-1) of the epoch, and the epoch's last step is a chunk of its
-    own, so an epoch has the same number of chunks however it was interrupted. A chunk may stop
-    early (a checkpoint or a signal at a step boundary): `position` records the steps done, and
-    the next chunk starts there, when it is loaded. A chunk stops only past its own window's start
-    (iK), so a run stopped at step p has done exactly ceil(p/K) chunks: a resumed run starts at
-    chunk ceil(p/K), as Lightning's restored batch counter expects.
+    It is a stateful loader in Lightning's sense (`state_dict` / `load_state_dict`): Lightning
+    saves its state with the fit loop's in every checkpoint and hands it back on resume, so a run
+    stopped after batch p of epoch e continues at batch p. Lightning does not prefetch from a
+    loader with a length, so at a step's end the batches yielded are the steps done.
     """
 
     def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int, augment: bool = False,
-                 resume_at: tuple[int, int] | None = None, rank: int = 0, world: int = 1,
-                 steps_per_chunk: int | None = None):
+                 rank: int = 0, world: int = 1):
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
         self.epoch = 0
-        self.resume_at = resume_at  # (epoch, batch): a resumed run's first pass starts there
+        self.position = 0  # batches of this epoch yielded
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batch) from a checkpoint
         # DDP: rank r takes every world-th position of the epoch's order, the same count on every
         # rank, so step k's batches across ranks are positions [k*b*world, (k+1)*b*world): the
         # single-process run's batch of b*world, split.
         self.rank, self.world = rank, world
-        self.k = steps_per_chunk
-        self.position = 0  # training: steps of this epoch done
         self.sampler, self.batch_sampler = self, None  # what Lightning looks for on a loader
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    @property
-    def steps_per_epoch(self) -> int:
+    def __len__(self) -> int:
         return -(-(len(self.x) // self.world) // self.batch_size)
 
-    def __len__(self) -> int:
-        n = self.steps_per_epoch
-        return n if self.k is None or n == 0 else _chunks_before(n - 1, self.k) + 1
+    # -- Lightning's stateful-loader protocol
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = (state["epoch"], state["position"])
 
     def _epoch_plan(self) -> dict:
         n, device = len(self.x), self.x.device
@@ -387,93 +382,33 @@ class ResidentBatches:
         return self.x[idx], self.y[idx], aug
 
     def __iter__(self):
-        plan, start = self._epoch_plan(), self._start()
-        b, steps = self.batch_size, self.steps_per_epoch
-        if self.k is None:
-            for i in range(start, steps):
-                x, y, aug = self.take(plan, i * b, (i + 1) * b)
-                yield (x, y) if aug is None else (x, y, aug)
-            return
-        self.position = start
-        if steps == 0:
-            return
-        last = _chunks_before(steps - 1, self.k)
-        for i in range(-(-start // self.k), last + 1):
-            end = steps if i == last else min((i + 1) * self.k, steps - 1)
-            yield Chunk(self, plan, i * self.k, end, last=i == last)
-
-
-def _chunks_before(steps: int, k: int) -> int:
-    return -(-steps // k)
-
-
-class Chunk:
-    """One Lightning training batch: the epoch's steps from where the previous chunk stopped to
-    `end`. `load` (at batch transfer, after the previous chunk ran) slices all its images at once;
-    `batch(i)` is step i's (x, y); `advance()` counts a step done; `can_stop` says whether the
-    chunk may end here (past its window's start `floor`; never the epoch's last chunk)."""
-
-    __slots__ = ("source", "plan", "floor", "end", "last", "start", "x", "y", "aug",
-                 "steps_done", "images")
-
-    def __init__(self, source: ResidentBatches, plan: dict, floor: int, end: int, last: bool):
-        self.source, self.plan, self.floor, self.end, self.last = source, plan, floor, end, last
-        self.steps_done = self.images = 0
-
-    def load(self) -> None:
-        src, b = self.source, self.source.batch_size
-        self.start = src.position
-        self.x, self.y, self.aug = src.take(self.plan, self.start * b, self.end * b)
-
-    @property
-    def steps(self) -> int:
-        return self.end - self.start
-
-    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.source.batch_size
-        return self.x[i * b:(i + 1) * b], self.y[i * b:(i + 1) * b]
-
-    def advance(self, images: int) -> None:
-        self.steps_done += 1
-        self.images += images
-        self.source.position += 1
-
-    @property
-    def can_stop(self) -> bool:
-        return not self.last and self.source.position > self.floor
+        plan, b = self._epoch_plan(), self.batch_size
+        for i in range(self._start(), len(self)):
+            x, y, aug = self.take(plan, i * b, (i + 1) * b)
+            self.position = i + 1
+            yield (x, y) if aug is None else (x, y, aug)
 
 
 class CIFARDataModule(L.LightningDataModule):
     """Train on the train split, validate on the test split, both resident in memory."""
 
-    def __init__(self, cfg, seed: int, steps_per_chunk: int = 1):
+    def __init__(self, cfg, seed: int, tensors: dict[str, torch.Tensor] | None = None):
         super().__init__()
-        self.cfg, self.seed, self.steps_per_chunk = cfg, seed, steps_per_chunk
-        self.tensors: dict[str, torch.Tensor] | None = None
-        self.resume_at: tuple[int, int] | None = None  # (epoch, next batch) from a checkpoint
-        self.train_batches: ResidentBatches | None = None
+        self.cfg, self.seed = cfg, seed
+        self.tensors = tensors
 
     def setup(self, stage: str | None = None) -> None:
         if self.tensors is None:
             self.tensors = load_split_tensors(self.cfg)
-        if self.trainer and self.trainer.world_size > 1 and self.steps_per_chunk != 1:
-            raise chunks_with_ddp(self.steps_per_chunk)  # also for run() called without the CLI
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         if device.type != "cpu":  # resident on the accelerator: no per-batch host copies
             self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
 
     def train_dataloader(self) -> ResidentBatches:
         t, n = self.tensors, self.cfg.get("subset") or None
-        self.train_batches = ResidentBatches(
-            t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size, self.cfg.shuffle, self.seed,
-            augment=self.cfg.augment == "flip_crop", resume_at=self.resume_at,
-            steps_per_chunk=self.steps_per_chunk, **self._shard())
-        return self.train_batches
-
-    @property
-    def position(self) -> int:
-        """Steps of the current training epoch done (where a resumed run starts)."""
-        return self.train_batches.position
+        return ResidentBatches(t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size,
+                               self.cfg.shuffle, self.seed,
+                               augment=self.cfg.augment == "flip_crop", **self._shard())
 
     def val_dataloader(self) -> ResidentBatches:
         t = self.tensors
@@ -494,17 +429,13 @@ class CIFARDataModule(L.LightningDataModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # Batches are already where the resident tensors live (setup moved them): skip
         # Lightning's generic collection walk, which costs ~0.1 ms a step.
-        if isinstance(batch, Chunk) or all(t.device == device for t in batch[:2]):
+        if all(t.device == device for t in batch[:2]):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Normalise (and augment) a validation batch, or a training chunk's images at once."""
-        with self.trainer.lightning_module.phase("data"):
-            if isinstance(batch, Chunk):
-                batch.load()
-                batch.x = _prepare(batch.x, batch.aug)
-                return batch
+        """Normalise (and augment) a batch on its device: (x, y) for the step."""
+        with self.trainer.lightning_module.phase("data"):  # a profiler range while profiling
             return _prepare(batch[0], batch[2] if len(batch) == 3 else None), batch[1]
 
 

@@ -1,20 +1,25 @@
 """The LightningModule: the seed's training step, with its switches in plain sight.
 
-Manual optimisation on purpose: the step reads like the seed's `train()` body (zero_grad,
+Manual optimisation on purpose: `training_step` reads like the seed's `train()` body (zero_grad,
 forward, CrossEntropyLoss, backward, step), so `train.zero_grad=false` is the seed's
-`zero_gradients=False` and nothing else. Losses stay on the device (`step_losses`); the
-RunRecorder flushes them in bulk.
+`zero_gradients=False` and nothing else. One Lightning batch is one optimizer step, so every
+Lightning hook (`on_train_batch_start/end`, `on_before_optimizer_step`, ...) runs once per step and
+`trainer.global_step` counts steps. Losses stay on the device (`step_losses`); the RunRecorder
+flushes them in bulk to every logger.
 
-A Lightning batch is a chunk of `trainer.steps_per_execution` such steps (data.Chunk): Lightning's
-per-batch loop is paid once per chunk. Callbacks that define `on_train_step_start` /
-`on_train_step_end` are called around every step.
+What the exact curve depends on beyond Lightning's own state (the accumulated `.grad` of the
+no-zero-grad variant, every RNG state) travels in the checkpoint through `on_save_checkpoint` /
+`on_load_checkpoint`, so every checkpoint Lightning writes (ours, ModelCheckpoint's, a user's
+`trainer.save_checkpoint`) resumes to the same curve.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,6 +28,7 @@ from .records import current_rss_mib
 from .variants import eval_context
 
 _NO_RANGE = contextlib.nullcontext()
+CHECKPOINT_FORMAT = 2  # 1: the chunked harness (state in the Checkpointer callback's dict)
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -38,20 +44,24 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 class Classifier(L.LightningModule):
     def __init__(self, model: nn.Module, optim_cfg, zero_grad: bool = True,
                  eval_grad_mode: str = "inference", frozen_bn: list[nn.Module] | None = None,
-                 max_steps: int = -1):
+                 scheduler=None, meta: dict | None = None):
+        """`scheduler`: None, or (make, interval): make(optimizer, total_steps) builds a torch
+        LR scheduler, stepped every optimizer step (interval "step") or epoch ("epoch").
+        `meta`: stored in every checkpoint (format and config, checked before a resume)."""
         super().__init__()
         self.model = model
         self.optim_cfg = optim_cfg
         self.reset_grads = zero_grad
         self.eval_grad_mode = eval_grad_mode
         self.frozen_bn = frozen_bn or []
+        self.scheduler = scheduler
+        self.meta = meta or {}
         self.automatic_optimization = False
-        self.max_steps = max_steps  # trainer.max_steps: stop (and validate) after this step
-        self.step_losses: list[torch.Tensor] = []
+        self.step_losses: list[torch.Tensor] = []  # this step's loss, on the device, until flushed
         self.val_peak_mib = 0.0
         self.cuda_peak_mib = 0.0  # training peak across validation resets (CUDA only)
         self.profiling = False  # set by the profiler callback: phases get record_function ranges
-        self.end_chunk = False  # set by a per-step hook: stop this chunk after the current step
+        self._restored: dict | None = None
 
     def phase(self, name: str):
         """A profiler range for one part of the step while profiling; a no-op otherwise."""
@@ -61,7 +71,9 @@ class Classifier(L.LightningModule):
 
     # Lightning sets `_current_fx_name` twice per hook call, about thirty times a step; going
     # through nn.Module.__setattr__ (isinstance checks against Parameter/Module/buffers) costs
-    # a few percent of a SmallNet step. The attribute is a plain string: store it directly.
+    # a few percent of a SmallNet step (scripts/bench_throughput.py measures it: variant c-attr).
+    # The attribute is a plain string: store it directly. tests/test_lightning_internals.py
+    # fails if Lightning stops setting it.
     def __setattr__(self, name, value):
         if name == "_current_fx_name":
             object.__setattr__(self, name, value)
@@ -72,67 +84,57 @@ class Classifier(L.LightningModule):
         return self.model(x)
 
     def on_fit_start(self):
-        # On one device in full precision, Lightning's manual_backward only wraps loss.backward()
-        # in hook dispatch (~0.1 ms a step, 5% of a SmallNet step on CPU). Call autograd directly
-        # there; other strategies (DDP) and precisions (AMP scaling) keep manual_backward.
-        from lightning.pytorch.plugins.precision import Precision
-        from lightning.pytorch.strategies import SingleDeviceStrategy
-        from lightning.pytorch.utilities.model_helpers import is_overridden
-
-        strategy = self.trainer.strategy
-        backward_hooks = any(is_overridden(hook, cb, L.Callback) for cb in self.trainer.callbacks
-                             for hook in ("on_before_backward", "on_after_backward"))
-        self._direct_backward = (isinstance(strategy, SingleDeviceStrategy)
-                                 and type(strategy.precision_plugin) is Precision
-                                 and not backward_hooks)  # a callback that asks gets its hooks
         self._optimizer = self.optimizers()  # Lightning's wrapper: its step() counts steps
-        # per-step hooks (a Lightning batch is a chunk of steps): callbacks that define them
-        callbacks = self.trainer.callbacks
-        self._step_start = [cb for cb in callbacks if hasattr(cb, "on_train_step_start")]
-        self._step_end = [cb for cb in callbacks if hasattr(cb, "on_train_step_end")]
+        schedulers = self.lr_schedulers()
+        self._scheduler = schedulers if self.scheduler is not None else None
+        self._step_scheduler = self.scheduler is not None and self.scheduler[1] == "step"
 
-    def training_step(self, chunk, batch_idx):
-        """Run a chunk's optimizer steps (data.Chunk), each the seed's step. After a step,
-        callbacks may set `end_chunk` (a checkpoint or a signal is due at this boundary)."""
-        trainer, opt = self.trainer, self._optimizer
-        self.end_chunk = False
-        if 0 < self.max_steps <= trainer.global_step:  # resumed from a save at max_steps
-            trainer.should_stop = True
-            return
-        for i in range(chunk.steps):
-            x, y = batch = chunk.batch(i)
-            for cb in self._step_start:
-                cb.on_train_step_start(trainer, self, batch)
-            if self.reset_grads:  # train.zero_grad
-                with self.phase("optimizer"):
-                    opt.optimizer.zero_grad()
-            with self.phase("forward"):
-                loss = F.cross_entropy(self.model(x), y)
-            with self.phase("backward"):
-                if self._direct_backward:
-                    loss.backward()
-                else:
-                    self.manual_backward(loss)
+    def training_step(self, batch, batch_idx):
+        """One optimizer step, the seed's: zero_grad, forward, loss, backward, step."""
+        x, y = batch
+        opt = self._optimizer
+        if self.reset_grads:  # train.zero_grad
             with self.phase("optimizer"):
-                opt.step()  # through Lightning's optimizer wrapper: it counts the global step
-            self.step_losses.append(loss.detach())
-            chunk.advance(len(y))
-            for cb in self._step_end:
-                cb.on_train_step_end(trainer, self, batch)
-            if self.max_steps > 0 and trainer.global_step >= self.max_steps:
-                trainer.should_stop = True  # validates, then ends, as Lightning's early stop
-                break
-            if (self.end_chunk and chunk.can_stop) or trainer.should_stop:
-                break  # the next chunk starts where this one stopped
+                opt.zero_grad()
+        with self.phase("forward"):
+            loss = F.cross_entropy(self.model(x), y)
+        with self.phase("backward"):
+            self.manual_backward(loss)
+        with self.phase("optimizer"):
+            opt.step()  # through Lightning's optimizer wrapper: it counts the global step
+            if self._step_scheduler:
+                self._scheduler.step()
+        self.step_losses.append(loss.detach())
+
+    def on_train_epoch_end(self):
+        if self._scheduler is not None and not self._step_scheduler:
+            self._scheduler.step()
 
     def on_train_start(self):
         self.train()  # Lightning keeps whatever mode the model came in; set ours explicitly
+        if self._restored is not None:  # resumed: .grad and RNG as they were at the save
+            state, self._restored = self._restored, None
+            for p, g in zip(self.model.parameters(), state["grads"], strict=True):
+                p.grad = None if g is None else g.to(p.device)
+            set_rng_state(state["rng"])
 
     def train(self, mode: bool = True):
         super().train(mode)
         for bn in self.frozen_bn:  # train.freeze_bn_stats: frozen BN keeps its running stats
             bn.eval()
         return self
+
+    # -- what the curve depends on beyond Lightning's own checkpoint
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["autograd_lab"] = {
+            **self.meta, "format": CHECKPOINT_FORMAT, "rng": rng_state(),
+            "grads": [None if p.grad is None else p.grad.detach().clone()
+                      for p in self.model.parameters()]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored = checkpoint["autograd_lab"]  # applied when training starts
+        if self.trainer.max_steps != -1:
+            epoch_end_as_next_epoch_start(checkpoint)
 
     def on_validation_model_zero_grad(self):
         """Lightning clears .grad before every validation by default. The seed's no-zero-grad
@@ -142,6 +144,7 @@ class Classifier(L.LightningModule):
     #    around this; eval_context then sets the mode the variant asks for)
     def on_validation_epoch_start(self):
         self._val_sums = torch.zeros(3, device=self.device)  # loss sum, correct, count
+        self._val_result = None
         self.val_peak_mib = 0.0
         if self.device.type == "cuda":  # keep the training peak, then measure validation alone
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -160,16 +163,78 @@ class Classifier(L.LightningModule):
                                        torch.tensor(len(y), dtype=loss.dtype, device=loss.device)])
         return logits  # callbacks see what the grad mode produced (a graph only when enabled)
 
+    def on_validation_epoch_end(self):
+        """val/loss and val/acc for callbacks (EarlyStopping, ModelCheckpoint) and the progress
+        bar; the RunRecorder writes them to the loggers with the rest of the run's values."""
+        loss, acc = self.val_metrics()
+        self.log_dict({"val/loss": loss, "val/acc": acc}, logger=False, prog_bar=True)
+
     def val_metrics(self) -> torch.Tensor:
-        """[mean loss, accuracy] of the validation epoch that just ran (still on the device)."""
+        """[mean loss, accuracy] of the validation epoch that just ran (still on the device);
+        computed once (DDP: one reduce), whoever asks first (callbacks' hooks run before ours)."""
+        if self._val_result is not None:
+            return self._val_result
         sums = self._val_sums
         if self.trainer.world_size > 1:  # DDP: every rank validated its share
             sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
         loss_sum, correct, count = sums
         if self.device.type == "cuda":
             self.val_peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-        return torch.stack([loss_sum / count, correct / count])
+        self._val_result = torch.stack([loss_sum / count, correct / count])
+        return self._val_result
 
     def configure_optimizers(self):
-        return build_optimizer([p for p in self.model.parameters() if p.requires_grad],
-                               self.optim_cfg)
+        optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad],
+                                    self.optim_cfg)
+        if self.scheduler is None:
+            return optimizer
+        make, interval = self.scheduler
+        # the horizon of per-step schedules: the optimizer steps this fit will take
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": make(optimizer, total), "interval": interval}}
+
+
+# ------------------------------------------------------------------ a Lightning workaround
+def epoch_end_as_next_epoch_start(checkpoint: dict) -> bool:
+    """Lightning (2.6) resumes a checkpoint saved in `on_train_epoch_end` one epoch too far when
+    `max_steps` is set: iteration-based training forces its loops to "restart", and the restored
+    epoch runs again as an empty epoch (Lightning-AI/pytorch-lightning#19617, open). Without
+    max_steps the same checkpoint resumes right. Rewrite such a checkpoint's progress counters
+    (this reads Lightning's checkpoint layout, not private attributes) to what they are when the
+    next epoch is about to start: the epoch completed, no batch or validation batch of the next
+    one seen. tests/test_resume.py has both cases (a signal during validation and in an epoch's
+    last step, with max_steps) and fails if this stops working; True if rewritten."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs = loops.get("epoch_progress")
+    if not epochs or epochs["current"]["processed"] != epochs["current"]["completed"] + 1:
+        return False
+    for part in ("total", "current"):
+        epochs[part]["completed"] = epochs[part]["processed"]
+    for key in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):
+        if key in loops:
+            loops[key]["current"] = dict.fromkeys(loops[key]["current"], 0)
+            loops[key]["is_last_batch"] = False
+    return True
+
+
+# ------------------------------------------------------------------ RNG states
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -101,8 +101,8 @@ class Probes(L.Callback):
         return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                 for p in self.params]
 
-    # -- per-step hooks (the module calls them around each optimizer step, data.Chunk)
-    def on_train_step_start(self, trainer, pl_module, batch):
+    # -- Lightning's per-batch hooks: one batch is one optimizer step
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step  # the step about to run
         if step % self.every == 0:
             self.w_before = [p.detach().clone() for p in self.params]
@@ -110,7 +110,7 @@ class Probes(L.Callback):
             for name, p in zip(self.names, self.params, strict=True):  # before the update
                 self.recorder.writer.add_histogram(f"weights/{name}", p.detach(), step)
 
-    def on_train_step_end(self, trainer, pl_module, batch):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1  # the step that just ran (0-based, as train/loss)
         every = self.every
         if step % every == 0:

@@ -125,10 +125,10 @@ class TorchProfiler(L.Callback):
         self.prof.start()
         self._step = 0
 
-    def on_train_step_start(self, trainer, pl_module, batch):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t0 = time.perf_counter()
 
-    def on_train_step_end(self, trainer, pl_module, batch):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.prof is None:
             return
         # the step's wall time, filed by whether the profiler was recording it

@@ -17,13 +17,12 @@ import json
 import math
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -104,13 +103,19 @@ def current_rss_mib() -> float:
 
 # ------------------------------------------------------------------ the recorder
 class RunRecorder(L.Callback):
-    """Collects every value that goes to TensorBoard, writes it in bulk, and times the run."""
+    """Collects every value the run measures, writes it in bulk to every Lightning logger of the
+    trainer (TensorBoard, CSV, ...) and to metrics.parquet, and times the run.
 
-    def __init__(self, run_dir: Path, flush_every_s: float = 0.5):
+    `hparams`: the run's identifying config keys, logged with the final metrics when the run ends
+    (`log_hyperparams(params, metrics)`: TensorBoard's HParams tab)."""
+
+    def __init__(self, run_dir: Path, flush_every_s: float = 0.5, hparams: dict | None = None,
+                 resumed_from: int | None = None, log_lr_every_step: bool = False):
         self.run_dir = Path(run_dir)
         self.flush_every_s = flush_every_s
+        self.hparams = hparams or {}
         self.rows: dict[str, list] = {"step": [], "epoch": [], "name": [], "value": []}
-        self.writer = None
+        self.loggers: list = []
         self.sources: list = []  # e.g. probes: objects with drain() -> [(step, epoch, values)]
         self.diverged_at: int | None = None
         self.train_seconds = 0.0
@@ -118,7 +123,9 @@ class RunRecorder(L.Callback):
         self.val_seconds: list[float] = []
         self.val_peak_mib: list[float] = []
         self.last_loss = math.nan
-        self.purge_step: int | None = None  # resuming: TensorBoard drops older events from here
+        self.resumed_from = resumed_from  # loggers drop the killed attempt's rows from here
+        self.log_lr_every_step = log_lr_every_step  # with a scheduler; else once an epoch
+        self.lrs: list[float] = []  # the learning rate of each step not yet flushed
         self._next_flush = 0.0
         self._next_step = 0
         self._epoch_start = None
@@ -126,6 +133,18 @@ class RunRecorder(L.Callback):
         self._images_pending = 0
         self._ddp_flush_every = 0
         self._world = 1
+        self._trainer = self._module = None
+
+    @property
+    def writer(self):
+        """The TensorBoard SummaryWriter of the first TensorBoardLogger (histograms, text), or
+        None (logger=csv alone, or a DDP rank other than 0)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
 
     # -- writing
     def log_values(self, step: int, epoch: int, values: dict[str, float]) -> None:
@@ -134,10 +153,14 @@ class RunRecorder(L.Callback):
             self.rows["epoch"].append(epoch)
             self.rows["name"].append(name)
             self.rows["value"].append(float(value))
-            if self.writer is not None:
-                self.writer.add_scalar(name, value, step)
+        for logger in self.loggers:
+            logger.log_metrics(values, step)
 
-    def flush(self, trainer, pl_module) -> None:
+    def flush(self, trainer=None, pl_module=None) -> None:
+        """Per-step values from the device to the rows and loggers: one host sync."""
+        trainer, pl_module = trainer or self._trainer, pl_module or self._module
+        if trainer is None:
+            return
         pending = pl_module.step_losses
         if pending:
             import torch
@@ -146,15 +169,18 @@ class RunRecorder(L.Callback):
             if trainer.world_size > 1:  # DDP: the curve is the global batch's loss
                 values = trainer.strategy.reduce(values, reduce_op="mean")
             values = values.tolist()  # the one host sync
+            lrs = self.lrs if len(self.lrs) == len(values) else [None] * len(values)
             pending.clear()
-            for k, value in enumerate(values):
+            self.lrs = []
+            for k, (value, lr) in enumerate(zip(values, lrs, strict=True)):
                 step = self._next_step
                 if not math.isfinite(value):
                     self.diverged_at = step
                     trainer.should_stop = True
                     self._next_step += len(values) - k
                     break
-                self.log_values(step, trainer.current_epoch, {"train/loss": value})
+                row = {"train/loss": value} if lr is None else {"train/loss": value, "lr": lr}
+                self.log_values(step, trainer.current_epoch, row)
                 self._next_step += 1  # per row: a Ctrl-C landing here keeps rows and count in step
                 self.last_loss = value
         self.flush_sources()
@@ -168,36 +194,54 @@ class RunRecorder(L.Callback):
 
     # -- Lightning hooks
     def setup(self, trainer, pl_module, stage):
-        from torch.utils.tensorboard import SummaryWriter
-
-        if trainer.is_global_zero:  # DDP: one rank writes
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=5, max_queue=4096,
-                                        purge_step=self.purge_step)
+        self._trainer, self._module = trainer, pl_module
+        self.loggers = list(trainer.loggers) if trainer.is_global_zero else []  # DDP: rank 0
         self._next_step = trainer.global_step
         # DDP flushes reduce across ranks, so they happen at the same steps on every rank
         self._world = trainer.world_size  # read once, not in every step's hook
         self._ddp_flush_every = 64 if self._world > 1 else 0
 
     def on_train_start(self, trainer, pl_module):
-        # Resumed: the writer purged events from the checkpoint's step on, but rows restored from
-        # the checkpoint may sit at that step (the validation of an epoch-end checkpoint)
-        if self.writer is not None and self.purge_step is not None:
-            for step, name, value in zip(self.rows["step"], self.rows["name"],
-                                         self.rows["value"], strict=True):
-                if step >= self.purge_step:
-                    self.writer.add_scalar(name, value, step)
+        if self.resumed_from is None or not self.loggers:
+            return
+        # Resumed: the rows restored from the checkpoint are the truth. TensorBoard purged the
+        # killed attempt's events from the resumed step on (purge_step) and gets the restored
+        # rows at or past it (the validation of an epoch-end checkpoint); a CSV file is
+        # rewritten from all of them; other loggers get the rows from the resumed step on.
+        from lightning.pytorch.loggers import CSVLogger
+
+        by_step: dict[int, dict] = {}
+        for step, name, value in zip(self.rows["step"], self.rows["name"], self.rows["value"],
+                                     strict=True):
+            by_step.setdefault(step, {})[name] = value
+        for logger in self.loggers:
+            everything = isinstance(logger, CSVLogger)
+            if everything:
+                Path(logger.experiment.metrics_file_path).unlink(missing_ok=True)
+            for step, values in by_step.items():
+                if everything or step >= self.resumed_from:
+                    logger.log_metrics(values, step)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_start = time.perf_counter()
+        if not self.log_lr_every_step:  # a constant learning rate: one point an epoch
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            self.log_values(trainer.global_step, trainer.current_epoch, {"lr": lr})
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, chunk, batch_idx):
-        self._images_pending += chunk.images * self._world
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._images_pending += len(batch[1]) * self._world
+        if self.log_lr_every_step:  # the rate this step used (the scheduler stepped after it)
+            self.lrs.append(self._lr_used)
         if self._ddp_flush_every:
             if len(pl_module.step_losses) >= self._ddp_flush_every:
                 self.flush(trainer, pl_module)
         elif time.perf_counter() >= self._next_flush:
             with pl_module.phase("logging"):
                 self.flush(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.log_lr_every_step:
+            self._lr_used = trainer.optimizers[0].param_groups[0]["lr"]
 
     def _close_train_interval(self, trainer, pl_module):
         self.flush(trainer, pl_module)
@@ -227,10 +271,30 @@ class RunRecorder(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self._close_train_interval(trainer, pl_module)
 
+    def on_exception(self, trainer, pl_module, exception):
+        self.flush(trainer, pl_module)  # before Lightning finalizes the loggers
+
+    def teardown(self, trainer, pl_module, stage):
+        """The run ended normally (completed, diverged, stopped early): HParams with the final
+        metrics, before Lightning finalizes the loggers."""
+        self.flush(trainer, pl_module)
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        final = {f"final/{k}": v for k, v in self.final_metrics().items() if v is not None}
+        for logger in self.loggers:
+            step = max(self._next_step - 1, 0)
+            if isinstance(logger, TensorBoardLogger):  # HParams with the final metrics
+                logger.log_hyperparams(self.hparams, final, step=step)
+            else:  # CSVLogger and others take only the params
+                logger.log_hyperparams(self.hparams)
+                logger.log_metrics(final, step)
+        self._trainer = self._module = None
+
     # -- checkpoints (Lightning stores a callback's state_dict and restores it on resume)
     def state_dict(self) -> dict:
         import torch
 
+        self.flush()  # losses still on the device become rows: any checkpoint is complete
         names = list(dict.fromkeys(self.rows["name"]))
         code = {n: i for i, n in enumerate(names)}
         return {"step": torch.tensor(self.rows["step"], dtype=torch.int64),
@@ -280,68 +344,24 @@ class RunRecorder(L.Callback):
             "name": pd.array(self.rows["name"], dtype="string"),
             "value": pd.array(self.rows["value"], dtype="float64")})
 
-    def write_hparams(self, hparams: dict, metrics: dict) -> None:
-        """HParams tab: the run's config beside its final metrics (also logged as scalars)."""
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-        metrics = {f"final/{k}": v for k, v in metrics.items() if v is not None}
-        step = max(self._next_step - 1, 0)
-        for summary in hparams_summary(hparams, metrics):
-            self.writer.file_writer.add_summary(summary)
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
 
 # ------------------------------------------------------------------ the progress bar
-class StepProgressBar(ProgressBar):
-    """tqdm bar: epoch, step, last flushed loss and images/s; redraws a few times a second."""
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, with the last flushed loss and images/s beside validation's
+    val/loss and val/acc. Redraws every `refresh_rate` steps, not every step."""
 
-    def __init__(self, recorder: RunRecorder, min_interval_s: float = 0.3):
-        super().__init__()
-        self.recorder, self.min_interval_s = recorder, min_interval_s
-        self.bar = None
-        self._enabled = True
+    def __init__(self, recorder: RunRecorder, refresh_rate: int = 10):
+        super().__init__(refresh_rate=refresh_rate)
+        self.recorder = recorder
 
-    def disable(self):
-        self._enabled = False
-
-    def enable(self):
-        self._enabled = True
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        from tqdm.auto import tqdm
-
-        if not self._enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        total = getattr(trainer.train_dataloader, "steps_per_epoch", None)
-        self.bar = tqdm(total=total, unit="step",
-                        desc=f"epoch {trainer.current_epoch}", mininterval=self.min_interval_s,
-                        dynamic_ncols=True, file=sys.stderr, leave=True)
-        self._t0, self._seen = time.perf_counter(), 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, chunk, batch_idx):
-        if self.bar is None:
-            return
-        self._seen += chunk.images
-        self.bar.update(chunk.steps_done)
-        now = time.perf_counter()
-        if now - getattr(self, "_last_post", 0.0) >= self.min_interval_s:
-            self._last_post = now
-            rate = self._seen / max(now - self._t0, 1e-9)
-            self.bar.set_postfix(loss=f"{self.recorder.last_loss:.4f}", img_s=f"{rate:,.0f}",
-                                 step=trainer.global_step, refresh=False)
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def teardown(self, trainer, pl_module, stage):
-        self.on_train_epoch_end(trainer, pl_module)
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        rec = self.recorder
+        seconds = rec.train_seconds + (time.perf_counter() - rec._epoch_start
+                                       if rec._epoch_start is not None else 0.0)
+        images = rec.train_images + rec._images_pending
+        metrics["loss"] = f"{rec.last_loss:.4f}"
+        if seconds > 0:
+            metrics["img/s"] = f"{images / seconds:,.0f}"
+        return metrics

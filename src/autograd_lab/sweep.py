@@ -27,6 +27,8 @@ def check_run_dir(run_dir: Path) -> None:
 
 def finished_record(run_dir: Path, config: dict) -> dict | None:
     """The run.json of a job that already completed with exactly this resolved config."""
+    from .config import comparable
+
     try:
         record = json.loads((Path(run_dir) / "run.json").read_text())
     except (OSError, ValueError):
@@ -35,16 +37,6 @@ def finished_record(run_dir: Path, config: dict) -> dict | None:
             comparable(record.get("config") or {}) == comparable(config):
         return record
     return None
-
-
-def comparable(config: dict) -> dict:
-    """The config minus what does not change the result (bar, threads, flush and checkpoint
-    intervals)."""
-    out = {k: v for k, v in config.items()
-           if k not in ("resume", "threads", "log", "checkpoint")}
-    out["trainer"] = {k: v for k, v in (config.get("trainer") or {}).items()
-                      if k != "progress_bar"}
-    return out
 
 
 class SummaryCallback(Callback):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import signal
 import sys
 import time
 import warnings
@@ -22,12 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import RUN_FORMAT_VERSION, __version__
-from .config import CONF_PACKAGE, UserError, flatten, validate
-
-# Job directories are named from the overrides; a path value must not nest them.
-# With no overrides the name is "defaults": `autograd-lab train` always lands in runs/defaults.
-OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "%2F") or "defaults",
-                                replace=True)
+from .config import CONF_PACKAGE, UserError, flatten, is_result_key, validate
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
@@ -106,7 +100,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # The checkpoint carries the data position and the datamodule restores it (checkpoint.py)
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    # ModelCheckpoint under manual optimisation saves the state after the step: exactly the state
+    # a resumed run continues from (tests/test_lightning.py resumes from such a file)
+    warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization.*")
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not "
+                            "empty.*")  # a resumed run's csv/ folder: rewritten on resume
     for name in ("lightning.pytorch", "lightning.fabric", "lightning",
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "lightning.fabric.utilities.distributed"):
@@ -119,150 +117,252 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
 
     `callbacks` are extra Lightning callbacks (notebooks and tests use them to look inside).
     `threads` sets torch's intra-op threads (default: cfg.threads, else torch's own).
+    Three steps: build the parts from the config, fit (the outcome classified in one place),
+    write the record. An interrupted run exits 128 + the signal after writing its record.
     """
     _quiet_libraries()
-    import lightning as L
     import torch
 
     if threads or cfg.threads:  # set, not hoped: parallel jobs must not fight for the cores
         torch.set_num_threads(threads or cfg.threads)
-
-    from .checkpoint import AtomicCheckpointIO, Checkpointer, RunInterrupted
-    from .data import CIFARDataModule
-    from .distributed import is_rank_zero, strategy
-    from .models import build_model
-    from .module import Classifier
-    from .records import (
-        RunRecorder,
-        StepProgressBar,
-        peak_rss_mib,
-        reset_peak_rss,
-        write_json,
-        write_parquet,
-    )
-    from .variants import detach_at, freeze, frozen_batchnorms
+    from .checkpoint import StopSignals
+    from .distributed import is_rank_zero
 
     t0 = time.perf_counter()
-    config = OmegaConf.to_container(cfg, resolve=True)
-    # decided before anything is written: a bad checkpoint or run dir loses nothing
     rank_zero = is_rank_zero()  # DDP: the other ranks write no files of their own
-    ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
-    record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "config": config, **({"resumed": resumed} if resumed else {}),
-                    "overrides": _overrides(), "choices": _choices(), "versions": _versions()}
-    recorder = trainer = module = None
-    probes: list = []
-    profiler: list = []
-    hooks = []
-    sigint = signal.getsignal(signal.SIGINT)  # Lightning sets it to ignore after a Ctrl-C
-    sigterm = signal.getsignal(signal.SIGTERM)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    with StopSignals() as signals:
+        # decided before anything is written: a bad checkpoint or run dir loses nothing
+        ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
+        record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config,
+                        **({"resumed": resumed} if resumed else {}),
+                        "overrides": _overrides(), "choices": _choices(),
+                        "versions": _versions()}
+        parts = None
+        try:
+            parts = _build(cfg, run_dir, record, resumed, signals, callbacks, progress_bar,
+                           loaded=(ckpt_path, ckpt) if ckpt else None)
+            _fit(parts, ckpt_path, record)
+        finally:
+            _write_record(parts, record, run_dir, t0, rank_zero)
+    if record["status"] == "interrupted":
+        # rank 0 reports; another rank exits 0 so Lightning's process observer leaves rank 0
+        # alone while it writes the record
+        raise SystemExit(record.pop("_exit_code") if rank_zero else 0)
+    return record
 
-    def _stop(signum, frame):  # until training starts; then the Checkpointer takes over
-        raise RunInterrupted(signum, None, saved=False)
 
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _stop)
+class _Parts:
+    """What `_build` made from the config and `_fit` and `_write_record` use."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extra_callbacks,
+           progress_bar: bool, loaded) -> _Parts:
+    """Data, model and its variants, module, loggers and callbacks from the config -> Trainer."""
+    import lightning as L
+    import torch
+
+    from .checkpoint import AtomicCheckpointIO, Checkpointer
+    from .data import CIFARDataModule, load_split_tensors
+    from .distributed import strategy
+    from .models import build_model
+    from .module import Classifier
+    from .records import RunRecorder, StepProgressBar, reset_peak_rss
+    from .variants import detach_at, freeze, frozen_batchnorms
+
     reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    try:
-        L.seed_everything(cfg.seed, verbose=False)
-        datamodule = CIFARDataModule(cfg.data, cfg.seed, cfg.trainer.steps_per_execution)
-        datamodule.tensors = _load_data(cfg)  # fail on data problems before any file is written
-        model = build_model(cfg.model)
-        report = freeze(model, cfg.train.freeze)
-        record["params"] = {"trainable": report.trainable_params, "frozen": report.frozen_params,
-                            "frozen_names": report.frozen}
-        if cfg.train.detach_at:
-            handle, det = detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
-            hooks.append(handle)
-            record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
-                                "upstream_names": det.upstream}
-        frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
-        module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
-                            max_steps=cfg.trainer.max_steps)
+    L.seed_everything(cfg.seed, verbose=False)
+    # fail on data problems before any file is written
+    datamodule = CIFARDataModule(cfg.data, cfg.seed, tensors=load_split_tensors(cfg.data))
+    model = build_model(cfg.model)
+    report = freeze(model, cfg.train.freeze)
+    record["params"] = {"trainable": report.trainable_params, "frozen": report.frozen_params,
+                        "frozen_names": report.frozen}
+    hooks = []
+    if cfg.train.detach_at:
+        handle, det = detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
+        hooks.append(handle)
+        record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
+                            "upstream_names": det.upstream}
+    frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
+    module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
+                        scheduler=_scheduler(cfg), meta={"config": record["config"]})
+    user_callbacks = _callbacks(cfg, run_dir)
+    loggers = _loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
 
-        recorder = RunRecorder(run_dir, cfg.log.flush_every_s)
-        recorder.purge_step = resumed["from_step"] if resumed else None  # TensorBoard drops
-        # the killed attempt's events from the resumed step on
-        probes = _probes(cfg, recorder)
-        profiler = _profiler(cfg, run_dir, recorder)
-        checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, record["config"],
-                                    recorder, datamodule)
-        callbacks = [recorder, *probes, *profiler, *callbacks]
-        if progress_bar:
-            callbacks.append(StepProgressBar(recorder))
-        callbacks.append(checkpointer)  # last: at a step's end the other rows are complete
-        trainer = L.Trainer(
-            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-            strategy=strategy(cfg, find_unused=bool(cfg.train.detach_at)),
-            deterministic=cfg.trainer.deterministic,
-            # max_steps is the module's (it stops there and validates): Lightning's own makes
-            # its loops restart from an epoch-end checkpoint one epoch too far
-            max_epochs=cfg.trainer.max_epochs, max_steps=-1,
-            check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
-            limit_val_batches=cfg.trainer.limit_val_batches,
-            callbacks=callbacks, logger=False, enable_checkpointing=False,
-            enable_progress_bar=progress_bar, enable_model_summary=False,
-            num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
-            plugins=[AtomicCheckpointIO(loaded=(ckpt_path, ckpt) if ckpt else None)])
+    recorder = RunRecorder(run_dir, cfg.log.flush_every_s, hparams=_hparams(cfg),
+                           resumed_from=resumed["from_step"] if resumed else None,
+                           log_lr_every_step=cfg.scheduler.name != "none")
+    probes = _probes(cfg, recorder)
+    profiler = _profiler(cfg, run_dir, recorder)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, signals, recorder)
+    callbacks = [recorder, *probes, *profiler, *user_callbacks, *extra_callbacks]
+    if progress_bar:
+        callbacks.append(StepProgressBar(recorder))
+    callbacks.append(checkpointer)  # last of ours: at a step's end the other rows are complete
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+        strategy=strategy(cfg, find_unused=bool(cfg.train.detach_at)),
+        deterministic=cfg.trainer.deterministic,
+        max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
+        check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        callbacks=callbacks, logger=loggers or False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
+        log_every_n_steps=1,  # what callbacks log (LearningRateMonitor) shows every step
+        plugins=[AtomicCheckpointIO(loaded=loaded)])
+    return _Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=recorder,
+                  probes=probes, profiler=profiler, hooks=hooks, cfg=cfg)
+
+
+def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
+    """Run Lightning's fit and classify how it ended: completed, diverged, interrupted (a stop
+    signal, saved at a step boundary; or a second Ctrl-C) or failed."""
+    from .checkpoint import RunInterrupted
+
+    trainer = parts.trainer
+    try:
         with _ddp_environment(lambda: trainer):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        signal.signal(signal.SIGTERM, sigterm)  # training is over: a late SIGTERM is not ours
-        record["world_size"] = trainer.world_size
-        record["status"] = "diverged" if recorder.diverged_at is not None else "completed"
-        if recorder.diverged_at is not None:
-            record["error"] = f"non-finite loss at step {recorder.diverged_at}"
-        record["device"] = str(trainer.strategy.root_device)
-    except UserError as e:
-        record["error"] = str(e)
-        raise
+            trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except RunInterrupted as e:
-        record["status"], record["error"] = "interrupted", str(e)
-        # rank 0 reports; another rank exits 0 so Lightning's process observer leaves rank 0
-        # alone while it writes the record
-        raise SystemExit(e.exit_code if rank_zero else 0) from None
+        record.update(status="interrupted", error=str(e), _exit_code=e.exit_code)
+        return
     except BaseException as e:
         # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
-        interrupted = isinstance(e, KeyboardInterrupt) or (
-            isinstance(e, SystemExit) and trainer is not None and trainer.interrupted)
-        record["status"] = "interrupted" if interrupted else "failed"
-        record["error"] = "interrupted by SIGINT" if interrupted else f"{type(e).__name__}: {e}"
-        if interrupted:
-            raise SystemExit(EXIT_INTERRUPTED) from None
+        if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and trainer.interrupted):
+            record.update(status="interrupted", error="interrupted by SIGINT",
+                          _exit_code=EXIT_INTERRUPTED)
+            return
+        record["error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         raise
-    finally:
-        signal.signal(signal.SIGINT, sigint)
-        signal.signal(signal.SIGTERM, sigterm)
-        if recorder is not None and trainer is not None and module is not None:
-            recorder.flush(trainer, module)  # losses still on the device are kept, too
-        for h in hooks:
+    diverged = parts.recorder.diverged_at
+    record["status"] = "diverged" if diverged is not None else "completed"
+    record["stop_reason"] = _stop_reason(trainer, parts.cfg, diverged)
+    if diverged is not None:
+        record["error"] = f"non-finite loss at step {diverged}"
+    record["world_size"] = trainer.world_size
+    record["device"] = str(trainer.strategy.root_device)
+
+
+def _stop_reason(trainer, cfg, diverged: int | None) -> str:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    if diverged is not None:
+        return f"diverged: non-finite loss at step {diverged}"
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0:
+            return (f"early_stopping: {cb.monitor} did not improve for {cb.wait_count} "
+                    f"validations (patience {cb.patience}; best {float(cb.best_score):.6g}), "
+                    f"stopped after epoch {cb.stopped_epoch} at step {trainer.global_step}")
+    if 0 < cfg.trainer.max_steps <= trainer.global_step:
+        return f"max_steps: reached trainer.max_steps={cfg.trainer.max_steps}"
+    return f"max_epochs: {trainer.current_epoch} epochs done"
+
+
+def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
+                  rank_zero: bool) -> None:
+    """Flush what is left, write metrics.parquet and run.json (rank 0), whatever the outcome."""
+    import torch
+
+    from .records import peak_rss_mib, write_json, write_parquet
+
+    if parts is not None:
+        for h in parts.hooks:
             h.remove()
-        if recorder is not None:
-            recorder.flush_sources()
-            record.update(_results(recorder, t0))
-            if profiler:
-                profiler[0].stop(module)  # idempotent: a failed run still writes its tables
-                record["profiler"] = profiler[0].summary
-            if probes:
-                record["probes"] = {"mode": cfg.probes.mode,
-                                    "frozen_max_change": probes[0].frozen_max_change}
-            if recorder.writer is not None and record["status"] != "interrupted":
-                recorder.write_hparams(_hparams(cfg), record["final"])  # the resumed run will
-            if rank_zero:
-                write_parquet(run_dir / "metrics.parquet", recorder.frame())
-            recorder.close()
-        record["wall_seconds"] = time.perf_counter() - t0
-        record["peak_rss_mib"] = peak_rss_mib()
-        if torch.cuda.is_available():
-            record["peak_cuda_mib"] = max(torch.cuda.max_memory_allocated() / 2**20,
-                                          module.cuda_peak_mib if module is not None else 0.0)
-        record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        recorder = parts.recorder
+        recorder.flush(parts.trainer, parts.module)  # losses still on the device are kept
+        record.update(_results(recorder, t0))
+        if parts.profiler:
+            parts.profiler[0].stop(parts.module)  # idempotent: a failed run writes its tables
+            record["profiler"] = parts.profiler[0].summary
+        if parts.probes:
+            record["probes"] = {"mode": parts.cfg.probes.mode,
+                                "frozen_max_change": parts.probes[0].frozen_max_change}
         if rank_zero:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "run.json", record)
-    return record
+            write_parquet(run_dir / "metrics.parquet", recorder.frame())
+    record["wall_seconds"] = time.perf_counter() - t0
+    record["peak_rss_mib"] = peak_rss_mib()
+    if torch.cuda.is_available():
+        module_peak = parts.module.cuda_peak_mib if parts is not None else 0.0
+        record["peak_cuda_mib"] = max(torch.cuda.max_memory_allocated() / 2**20, module_peak)
+    record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run.json", {k: v for k, v in record.items()
+                                          if not k.startswith("_")})
+
+
+def _instantiate(node, what: str, base, **kwargs):
+    """A Lightning callback or logger from a `_target_` node; one line if it is not one."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if not target:
+        raise UserError(f"{what}: needs a _target_ (a Lightning {base.__name__} class path)")
+    try:
+        obj = instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"{what}._target_={target}: cannot be made ({reason})") from None
+    if not isinstance(obj, base):
+        raise UserError(f"{what}._target_={target}: not a Lightning {base.__name__} "
+                        f"(it is a {type(obj).__module__}.{type(obj).__qualname__})")
+    return obj
+
+
+def _callbacks(cfg, run_dir: Path) -> list:
+    """The `callbacks` group: every Lightning callback it names, made by Hydra's instantiate."""
+    import lightning as L
+
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        extra = {}
+        if hasattr(node, "keys") and "dirpath" in node and node.dirpath is None:
+            extra["dirpath"] = str(run_dir / "checkpoints")  # ModelCheckpoint: beside ours
+        out.append(_instantiate(node, f"callbacks.{name}", L.Callback, **extra))
+    return out
+
+
+def _loggers(cfg, run_dir: Path, purge_step: int | None) -> list:
+    """The `logger` group: Lightning loggers writing into the run directory."""
+    from lightning.pytorch.loggers import Logger
+
+    out = []
+    for name, node in (cfg.get("logger") or {}).items():
+        extra = {"save_dir": str(run_dir)}
+        if purge_step is not None and str(node.get("_target_", "")).endswith(
+                "TensorBoardLogger"):
+            extra["purge_step"] = purge_step  # TensorBoard drops the killed attempt's events
+        out.append(_instantiate(node, f"logger.{name}", Logger, **extra))
+    return out
+
+
+def _scheduler(cfg):
+    """(make(optimizer, total_steps), interval) for `scheduler=...`, or None."""
+    sched = cfg.scheduler
+    if sched.name == "none":
+        return None
+    from hydra.utils import instantiate
+
+    horizon = sched.get("horizon")
+
+    def make(optimizer, total_steps: int):
+        partial = instantiate(sched.make)
+        return partial(optimizer, **({horizon: total_steps} if horizon else {}))
+
+    return make, sched.interval
 
 
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -310,18 +410,24 @@ def _resume_point(cfg, run_dir: Path, config: dict,
 
     check_run_dir(run_dir)
     path = run_dir / CHECKPOINT
-    if cfg.resume and path.is_file():
+    if cfg.get("ckpt_path"):  # an explicit checkpoint (e.g. one of ModelCheckpoint's files)
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"ckpt_path={cfg.ckpt_path}: no such file; give a checkpoint file "
+                            f"(e.g. from {run_dir / 'checkpoints'}) or ckpt_path=null")
+    if (cfg.resume or cfg.get("ckpt_path")) and path.is_file():
         ckpt = check_resumable(path, config)
-        meta = ckpt["callbacks"]["Checkpointer"]["autograd_lab"]
-        return path, {"from_step": ckpt["global_step"], "epoch": meta["data"]["epoch"],
+        return path, {"from_step": ckpt["global_step"], "epoch": ckpt["epoch"],
                       "checkpoint": str(path)}, ckpt
     if clear:  # only files this harness writes: never a folder of the user's
         stale = [*(run_dir / "tb").glob("events.out.tfevents.*"), run_dir / "run.json",
+                 run_dir / "tb" / "hparams.yaml", run_dir / "csv" / "metrics.csv",
+                 run_dir / "csv" / "hparams.yaml",
                  *(run_dir / "checkpoints").glob("last.ckpt"),
                  *(run_dir / "checkpoints").glob(".last.ckpt.*.tmp")]
         for path in stale:
             path.unlink(missing_ok=True)
-        for folder in (run_dir / "tb", run_dir / "checkpoints"):
+        for folder in (run_dir / "tb", run_dir / "csv", run_dir / "checkpoints"):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if now empty
     return None, None, None
@@ -364,9 +470,8 @@ def _results(recorder, t0: float) -> dict:
 def _hparams(cfg) -> dict:
     flat = flatten(OmegaConf.to_container(cfg, resolve=True),
                    lambda v: v if isinstance(v, (int, float, str, bool)) else str(v))
-    skip = ("data.root", "resume", "trainer.progress_bar", "log.", "threads", "probes.",
-            "profiler.")
-    return {k: v for k, v in flat.items() if not k.startswith(skip)}
+    return {k: v for k, v in flat.items()
+            if is_result_key(k) and not k.startswith(("probes.", "profiler.", "log."))}
 
 
 def _choices() -> dict:
