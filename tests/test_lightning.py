@@ -86,6 +86,28 @@ def test_model_checkpoint_every_n_steps_writes_files_a_run_can_continue_from(tra
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_model_checkpoint_monitoring_val_loss_keeps_the_best_epoch(train_run):
+    """ModelCheckpoint(monitor=val/loss, save_top_k=1) keeps the file of the epoch with the
+    lowest val/loss in the run's own curve, and names it as best_model_path."""
+    seen = {}
+
+    class Best(L.Callback):
+        def on_fit_end(self, trainer, pl_module):
+            seen["best"] = trainer.checkpoint_callback.best_model_path
+
+    _, run_dir = train_run("callbacks=[model_checkpoint]",
+                           "callbacks.model_checkpoint.monitor=val/loss",
+                           "callbacks.model_checkpoint.save_top_k=1", "optim.lr=0.3",
+                           "trainer.max_epochs=4", "data.train_size=256", callbacks=[Best()])
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
+    val = frame[frame.name == "val/loss"].sort_values("step")
+    best = val.loc[val.value.idxmin()]
+    files = [p.name for p in (run_dir / "checkpoints").glob("epoch=*.ckpt")]
+    assert files == [f"epoch={int(best.epoch)}-step={int(best.step)}.ckpt"], (files, val)
+    assert seen["best"].endswith(files[0])
+    assert val.value.nunique() == 4  # four different validations: the choice meant something
+
+
 def _torch_onecycle(max_lr: float, total: int) -> list[float]:
     """The oracle: torch's OneCycleLR on its own optimizer, the rate each step uses."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max_lr, momentum=0.9)

@@ -78,7 +78,7 @@ CASES = [  # (variant overrides, step, where, signal)
     (["trainer.max_steps=14"], 14, "train", signal.SIGTERM),  # at max_steps: validates on resume
     # a per-step LR schedule: its state (and the lr column) continues exactly
     (["scheduler=onecycle", "optim.lr=0.05"], 15, "train", signal.SIGTERM),
-    (["scheduler=step"], 10, "validation", signal.SIGTERM),
+    (["scheduler=step", "data.val_batch_size=32"], 10, "validation", signal.SIGTERM),
     (["model=resnet18", "data.train_size=96", "data.test_size=32", "train.zero_grad=false",
       "variant=frozen_early"], 4, "train", signal.SIGTERM),                # 3 steps an epoch
 ]

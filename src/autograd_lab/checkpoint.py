@@ -24,9 +24,9 @@ import io
 import signal
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
 
 from .config import UserError, comparable, flatten
 from .module import CHECKPOINT_FORMAT
@@ -154,8 +154,12 @@ class StopSignals:
         self._previous = {}
 
 
-class Checkpointer(L.Callback):
-    """Writes checkpoints/last.ckpt periodically, at a stop signal and at the end."""
+class Checkpointer(Checkpoint):
+    """Writes checkpoints/last.ckpt periodically, at a stop signal and at the end.
+
+    A Lightning `Checkpoint` callback, so Lightning calls it as it calls ModelCheckpoint: after
+    the other callbacks at a step's end (their rows are complete) and after the module's own
+    `on_train_epoch_end` (an epoch-interval LR scheduler has stepped before the epoch-end save)."""
 
     def __init__(self, run_dir: Path, every_n_steps: int, signals: StopSignals, recorder):
         self.path = Path(run_dir) / CHECKPOINT

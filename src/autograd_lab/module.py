@@ -117,6 +117,7 @@ class Classifier(L.LightningModule):
             for p, g in zip(self.model.parameters(), state["grads"], strict=True):
                 p.grad = None if g is None else g.to(p.device)
             set_rng_state(state["rng"])
+            restore_skipped_loader_state(self.trainer.train_dataloader, self._loader_states)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -133,6 +134,8 @@ class Classifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._restored = checkpoint["autograd_lab"]  # applied when training starts
+        self._loader_states = (checkpoint.get("loops", {}).get("fit_loop", {})
+                               .get("state_dict", {}).get("combined_loader", []))
         if self.trainer.max_steps != -1:
             epoch_end_as_next_epoch_start(checkpoint)
 
@@ -195,7 +198,21 @@ class Classifier(L.LightningModule):
                 "lr_scheduler": {"scheduler": make(optimizer, total), "interval": interval}}
 
 
-# ------------------------------------------------------------------ a Lightning workaround
+# ------------------------------------------------------------------ Lightning workarounds
+def restore_skipped_loader_state(loader, states: list[dict]) -> bool:
+    """Lightning (2.6) never hands a stateful loader its saved state when anything asked for
+    `trainer.estimated_stepping_batches` before the restore (a per-step LR schedule's horizon,
+    in configure_optimizers): its fit loop builds the loader early and later skips loading
+    (Lightning-AI/pytorch-lightning#20550, open). Give the train loader the state Lightning saved,
+    at train start, before its first batch, if Lightning did not. tests/test_resume.py resumes
+    with scheduler=onecycle and fails without this; True if it acted."""
+    if not states or not hasattr(loader, "load_state_dict") or loader.resume_at is not None:
+        return False
+    loader.load_state_dict(states[0])
+    return True
+
+
+
 def epoch_end_as_next_epoch_start(checkpoint: dict) -> bool:
     """Lightning (2.6) resumes a checkpoint saved in `on_train_epoch_end` one epoch too far when
     `max_steps` is set: iteration-based training forces its loops to "restart", and the restored

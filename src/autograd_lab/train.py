@@ -205,9 +205,7 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
     callbacks = [recorder, *probes, *profiler, *user_callbacks, *extra_callbacks]
     if progress_bar:
         callbacks.append(StepProgressBar(recorder))
-    callbacks.append(checkpointer)  # last of ours: at a step's end the other rows are complete
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+    callbacks.append(checkpointer)  # a Checkpoint callback: Lightning calls it after the others
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         strategy=strategy(cfg, find_unused=bool(cfg.train.detach_at)),
@@ -216,7 +214,7 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
         check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
         limit_val_batches=cfg.trainer.limit_val_batches,
         callbacks=callbacks, logger=loggers or False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_checkpointing=True,  # the Checkpointer is there: Lightning adds no default one
         enable_progress_bar=progress_bar, enable_model_summary=False,
         num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
         log_every_n_steps=1,  # what callbacks log (LearningRateMonitor) shows every step
