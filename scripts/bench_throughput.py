@@ -13,8 +13,7 @@ in the CIFAR-10 format (the package's synthetic path), so every variant reads th
      is one optimizer step); p and f the same with cheap and full probes
 
 Each measurement is a fresh subprocess (so peak RSS is per variant); variants are interleaved
-over --rounds. Then --pairs rounds of b, c, p, l and c-attr (the harness without the
-Classifier.__setattr__ override: what that override is worth) run in one process, order rotated,
+over --rounds. Then --pairs rounds of b, c, p and l run in one process, order rotated,
 and the medians of their ratios are the figures that resist this shared machine's swings.
 `--model resnet18` (cifar stem, batch 128) runs only b and c, and only in the paired rounds.
 Only the epoch loop is timed. A measurement, not a test: exits 0 either way.
@@ -45,7 +44,7 @@ LR, MOMENTUM = 0.001, 0.9
 MODELS = {
     "smallnet": {"overrides": ("model=smallnet",), "batch": 32, "train_size": 50000,
                  "quick_size": 5000, "variants": ("a", "b", "l", "c", "p", "f"),
-                 "paired": ("b", "c", "p", "l", "c-attr")},
+                 "paired": ("b", "c", "p", "l")},
     # about 1.5 to 3 s a step of 128 on this 2-core machine: 20 steps an epoch, 2 with --quick
     "resnet18": {"overrides": ("model=resnet18", "model.stem=cifar"), "batch": 128,
                  "train_size": 2560, "quick_size": 256, "variants": (), "paired": ("b", "c")},
@@ -241,21 +240,6 @@ def harness(a: dict, overrides: tuple[str, ...] = ()) -> dict:
             "status": rec["status"], "peak_rss_mib": rec["peak_rss_mib"]}
 
 
-def harness_without_setattr(a: dict) -> dict:
-    """c with Classifier's `__setattr__` override removed for this measurement only: c/c-attr is
-    what the override is worth (the project keeps it only if >= 1.03)."""
-    from autograd_lab.module import Classifier
-
-    saved = Classifier.__dict__.get("__setattr__")
-    if saved is not None:
-        del Classifier.__setattr__
-    try:
-        return harness(a, overrides=("probes=off",))
-    finally:
-        if saved is not None:
-            Classifier.__setattr__ = saved
-
-
 def _warm_up(a: dict) -> None:
     """One untimed step of the model, so the first paired round does not alone pay the
     process's one-off costs (allocator growth, kernel setup)."""
@@ -270,7 +254,7 @@ def _warm_up(a: dict) -> None:
 
 def paired(a: dict) -> dict:
     """The model's paired variants in one process, round after round, the order rotated each
-    round (b c p l c-attr, c p l c-attr b, ...): the variants of a round run under the same machine
+    round (b c p l, c p l b, ...): the variants of a round run under the same machine
     load, so their ratios hold even when the absolute speed of this shared machine swings by 20%
     between rounds."""
     names = list(MODELS[a["model"]]["paired"])
@@ -300,16 +284,12 @@ VARIANTS = {
     "p": (functools.partial(harness, overrides=("probes=cheap",)), "harness, probes=cheap"),
     "f": (functools.partial(harness, overrides=("probes=full",)), "harness, probes=full"),
 }
-PAIRED_ONLY = {
-    "c-attr": (harness_without_setattr, "harness, probes=off, no Classifier.__setattr__"),
-}
+PAIRED_ONLY: dict = {}
 ALL = {**VARIANTS, **PAIRED_ONLY}
 # c/b, c/l and c/a: the core harness against a plain loop, plain Lightning and the seed;
-# p/c: cheap probes at their default interval cost <= 5%; c/c-attr: the __setattr__ override
-# stays only if it is worth >= 3%. None: reported, no target.
+# p/c: cheap probes at their default interval cost <= 5%. None: reported, no target.
 TARGETS = {
-    "smallnet": [("c/b", 0.80), ("c/l", 1.25), ("c/a", 3.5), ("p/c", 0.95), ("c/c-attr", 1.03),
-                 ("f/c", None)],
+    "smallnet": [("c/b", 0.80), ("c/l", 1.25), ("c/a", 3.5), ("p/c", 0.95), ("f/c", None)],
     "resnet18": [("c/b", 0.97)],
 }
 AIMS = {("smallnet", "c/b"): 0.85}  # where the target is the floor, what we aim for

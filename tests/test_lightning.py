@@ -197,17 +197,3 @@ def test_validation_metrics_reach_callback_metrics(train_run):
         rows = frame[frame.name == name]
         assert {s: seen[s][name] for s in rows.step} == pytest.approx(
             dict(zip(rows.step, rows.value, strict=True)), rel=1e-6)
-
-
-def test_lightning_still_sets_current_fx_name_the_module_stores_directly(train_run):
-    """Classifier.__setattr__ stores `_current_fx_name` without nn.Module's checks, because
-    Lightning sets it around every hook call. If Lightning stops setting that attribute (or
-    renames it), this fails and the override must go."""
-    names = []
-
-    class Look(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            names.append(pl_module.__dict__.get("_current_fx_name"))
-
-    train_run("trainer.max_steps=3", callbacks=[Look()])
-    assert names == ["on_train_batch_end"] * 3

@@ -173,6 +173,7 @@ class Checkpointer(Checkpoint):
     def on_train_start(self, trainer, pl_module):
         self.signals.install()  # over Lightning's own SLURM handlers
         self.signals.training = True
+        self._step = trainer.global_step  # counted here: cheaper than trainer.global_step
 
     def teardown(self, trainer, pl_module, stage):
         self.signals.training = False
@@ -191,8 +192,9 @@ class Checkpointer(Checkpoint):
         return int(flag.item()) or None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._step += 1
         stop = self._agree(trainer)
-        if stop is None and not (self.every and trainer.global_step % self.every == 0):
+        if stop is None and not (self.every and self._step % self.every == 0):
             return
         if self.recorder.diverged_at is not None:
             return

@@ -111,7 +111,7 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=(),
+def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callbacks=(),
         threads: int | None = None) -> dict:
     """Train one configuration into `run_dir` and return its run record (also run.json).
 
@@ -129,6 +129,7 @@ def run(cfg: DictConfig, run_dir: Path, progress_bar: bool = False, callbacks=()
     from .distributed import is_rank_zero
 
     t0 = time.perf_counter()
+    run_dir = Path(run_dir)
     rank_zero = is_rank_zero()  # DDP: the other ranks write no files of their own
     config = OmegaConf.to_container(cfg, resolve=True)
     with StopSignals() as signals:
