@@ -33,7 +33,10 @@ from .module import CHECKPOINT_FORMAT
 from .records import atomic_write_bytes
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
-SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+# The stop signals: Ctrl-C, kill/preemption, a closed terminal or ssh session, and the two that
+# schedulers send before a time limit (SLURM's --signal; submitit's preemption signal is USR2)
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP",
+                signal.SIGUSR1: "SIGUSR1", signal.SIGUSR2: "SIGUSR2"}
 
 
 class RunInterrupted(Exception):
@@ -121,17 +124,22 @@ def _diff(a: dict, b: dict) -> list[str]:
 
 # ------------------------------------------------------------------ signals and saves
 class StopSignals:
-    """The one place that handles SIGINT, SIGTERM and SIGUSR1 (SLURM's warning before a time
-    limit). Before training, a signal stops the run at once (there is nothing to save); during
-    training it is noted, and the Checkpointer stops at the next step boundary, saved. A second
-    Ctrl-C stops at once. Used as a context manager around the whole run."""
+    """The one place that handles the stop signals (SIGNAL_NAMES). Before training, a signal
+    stops the run at once (there is nothing to save); during training it is noted, and the
+    Checkpointer stops at the next step boundary, saved; a second Ctrl-C stops at once. Once
+    training is over (`finishing`), signals are noted and nothing else: the run's last writes
+    (metrics.parquet, run.json) are not cut short. A context manager around the whole run."""
 
     def __init__(self):
         self.requested: int | None = None
         self.training = False
+        self.finishing = False
         self._previous: dict = {}
 
     def _handler(self, signum, frame):
+        if self.finishing:
+            self.requested = self.requested or signum
+            return
         if not self.training:
             raise RunInterrupted(signum, None, saved=False)
         if self.requested == signal.SIGINT and signum == signal.SIGINT:

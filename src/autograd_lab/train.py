@@ -146,6 +146,7 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
                            loaded=(ckpt_path, ckpt) if ckpt else None)
             _fit(parts, ckpt_path, record)
         finally:
+            signals.finishing = True  # a late signal must not cut the last writes short
             _write_record(parts, record, run_dir, t0, rank_zero)
     if record["status"] == "interrupted":
         # rank 0 reports; another rank exits 0 so Lightning's process observer leaves rank 0
