@@ -86,6 +86,30 @@ def _setup_weights(tmp, ckpt):
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp / "wrong.pt")
 
 
+class _RunsCode:
+    """What a planted file would hold: a pickle that runs a command when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _setup_code_weights(tmp, ckpt):
+    torch.save({"fc.weight": _RunsCode(tmp / "ran")}, tmp / "evil.pt")
+
+
+def _setup_code_checkpoint(tmp, ckpt):
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"autograd_lab": _RunsCode(tmp / "ran"), "state_dict": {}}, buf)
+    _interrupted_run(tmp, buf.getvalue())
+
+
 def _setup_bad_cifar(tmp, ckpt):
     base = tmp / "bad" / "cifar-10-batches-py"
     base.mkdir(parents=True)
@@ -101,6 +125,7 @@ class Case:
     setup: object = None
     keep: list[str] = field(default_factory=list)  # files (under tmp) that must not change
     creates_nothing: bool = False  # rejected before any run directory exists
+    absent: list[str] = field(default_factory=list)  # files (under tmp) that must not appear
 
 
 def train(*args: str) -> list[str]:
@@ -164,16 +189,24 @@ CASES = [
          ["nope.pt", "no such file"]),
     Case("wrong weights", train("model.weights_path={tmp}/wrong.pt", "hydra.run.dir={tmp}/run"),
          ["wrong.pt", "does not fit"], setup=_setup_weights, keep=["wrong.pt"]),
+    Case("weights that run code", train("model.weights_path={tmp}/evil.pt",
+                                        "hydra.run.dir={tmp}/run"),
+         ["evil.pt", "not a plain tensor file", "posix.system", "nothing in it was run"],
+         setup=_setup_code_weights, keep=["evil.pt"], absent=["ran"]),
+    Case("checkpoint that runs code", train("hydra.run.dir={tmp}/run"),
+         ["last.ckpt", "not a plain tensor file", "nothing in it was run", "resume=false"],
+         setup=_setup_code_checkpoint, keep=["run/checkpoints/last.ckpt", "run/run.json"],
+         absent=["ran"]),
     Case("no cifar", ["train", "data=cifar10", "data.root={tmp}/empty", "hydra.run.dir={tmp}/run"],
          ["cifar-10-python.tar.gz", "data=synthetic"]),
     Case("corrupted cifar", ["train", "data=cifar10", "data.root={tmp}/bad",
                              "hydra.run.dir={tmp}/run"], ["corrupted"], setup=_setup_bad_cifar),
     # checkpoints on resume
     Case("corrupted checkpoint", train("hydra.run.dir={tmp}/run"),
-         ["last.ckpt", "corrupted or truncated", "resume=false"], setup=_setup_corrupted,
+         ["last.ckpt", "truncated or corrupted", "resume=false"], setup=_setup_corrupted,
          keep=["run/checkpoints/last.ckpt", "run/run.json"]),
     Case("truncated checkpoint", train("hydra.run.dir={tmp}/run"),
-         ["last.ckpt", "corrupted or truncated", "resume=false"], setup=_setup_truncated,
+         ["last.ckpt", "truncated or corrupted", "resume=false"], setup=_setup_truncated,
          keep=["run/checkpoints/last.ckpt", "run/run.json"]),
     Case("checkpoint of another model", train("model=resnet18", "hydra.run.dir={tmp}/run"),
          ["last.ckpt", "another model", "model.name='smallnet'", "'resnet18'"],
@@ -259,6 +292,8 @@ def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, requ
         assert _digest(tmp_path / key) == digest, f"{key} changed"
     if case.creates_nothing:
         assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    for name in case.absent:  # e.g. the marker a code-running pickle would have made
+        assert not (tmp_path / name).exists(), f"{name} exists"
 
 
 def test_a_corrupted_cache_is_decoded_again_with_a_warning(tmp_path):

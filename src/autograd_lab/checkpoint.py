@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from .config import UserError, comparable, flatten
 from .module import CHECKPOINT_FORMAT
-from .records import atomic_write_bytes
+from .records import atomic_write_bytes, load_tensor_file
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # The stop signals: Ctrl-C, kill/preemption, a closed terminal or ssh session, and the two that
@@ -76,15 +76,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def load(path: Path, map_location=None) -> dict:
-    """Read a checkpoint safely; a damaged file is a one-line error naming it."""
-    try:
-        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path}: no such file") from None
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is corrupted or truncated ({reason}); delete it "
-                        f"or run with resume=false to start over") from None
+    """Read a checkpoint safely; a damaged or refused file is a one-line error naming it."""
+    ckpt = load_tensor_file(path, f"checkpoint {path}", map_location or "cpu",
+                            hint="delete it (or run with resume=false) to start over")
     if isinstance(ckpt, dict) and "autograd_lab" in (ckpt.get("callbacks") or {}).get(
             "Checkpointer", {}):
         raise UserError(f"checkpoint {path} is from an older autograd-lab format (steps run in "

@@ -96,11 +96,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load a local state_dict (tensors only: weights_only=True), with one-line errors."""
     if not path.is_file():
         raise UserError(f"model.weights_path={path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"model.weights_path={path}: not a readable state_dict "
-                        f"({type(e).__name__})") from None
+    from .records import load_tensor_file
+
+    state = load_tensor_file(path, f"model.weights_path={path}", hint="give a state_dict file")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     own = model.state_dict()

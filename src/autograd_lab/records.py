@@ -46,6 +46,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def load_tensor_file(path: Path, label: str, map_location="cpu", hint: str = "replace it"):
+    """torch.load(weights_only=True) with a one-line UserError that says which of three things
+    is wrong: no such file; a pickle that asks to run code (refused: torch's weights-only
+    unpickler never runs it); a truncated or corrupted file. `label` names the file."""
+    import pickle
+    import re
+
+    import torch
+
+    from .config import UserError
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{label}: no such file") from None
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))  # weights_only refused a callable
+        if named:
+            raise UserError(f"{label}: not a plain tensor file (it asks to run "
+                            f"{named.group(1)}): refusing to unpickle it; nothing in it was "
+                            f"run; {hint}") from None
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    raise UserError(f"{label}: truncated or corrupted ({reason}); {hint}")
+
+
 def _finite(obj):
     """NaN/inf -> null: run.json stays strict JSON that any reader accepts."""
     if isinstance(obj, float) and not math.isfinite(obj):
