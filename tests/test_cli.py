@@ -94,3 +94,22 @@ def test_tab_completion_goes_through_hydra(tmp_path):
     assert query.stdout.split() == ["optim=adam", "optim=sgd"]
     query = cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "autograd-lab train model="})
     assert query.stdout.split() == ["model=resnet18", "model=smallnet"]
+
+
+def test_srun_on_path_outside_a_slurm_job_prints_no_hint(tmp_path, data_root):
+    """A machine with SLURM's client installed, a run that is no SLURM job: Lightning's
+    "srun is available but not used" hint is noise there and does not reach the terminal."""
+    import os
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    out = cli("train", *SMALL, f"data.root={data_root}", "trainer.max_steps=2",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "srun" not in out.stderr + out.stdout

@@ -100,6 +100,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # The checkpoint carries the data position and the datamodule restores it (checkpoint.py)
+    if "SLURM_JOB_ID" not in os.environ:  # srun installed but this is no SLURM job: no hint
+        warnings.filterwarnings("ignore", message=".*The `srun` command is available on your "
+                                "system but is not used.*")
     # ModelCheckpoint under manual optimisation saves the state after the step: exactly the state
     # a resumed run continues from (tests/test_lightning.py resumes from such a file)
     warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization.*")
