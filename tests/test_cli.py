@@ -113,3 +113,24 @@ def test_srun_on_path_outside_a_slurm_job_prints_no_hint(tmp_path, data_root):
               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert "srun" not in out.stderr + out.stdout
+
+
+def test_overrides_longer_than_a_file_name_still_name_a_directory(tmp_path, data_root):
+    """A sweep whose overrides make a directory name over 255 bytes: each job's directory is
+    shortened with a stable hash (the full overrides stay in run.json), the sweep completes, and
+    the same command finds the same directories again (every job skipped)."""
+    long = "x" * 300
+    args = ["train", "-m", *SMALL, f"data.root={data_root}", f"study={long}", "seed=0,1",
+            "probes=off", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    first = cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "run.json").exists())
+    assert len(jobs) == 2
+    assert all(len(p.name.encode()) <= 255 for p in jobs)
+    records = [json.loads((p / "run.json").read_text()) for p in jobs]
+    assert all(f"study={long}" in r["overrides"] and r["status"] == "completed"
+               for r in records)
+    again = cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("already completed") == 2
+    assert sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "run.json").exists()) == jobs

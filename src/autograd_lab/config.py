@@ -38,13 +38,30 @@ def comparable(config: dict) -> dict:
     return {k: v for k, v in flatten(config).items() if is_result_key(k)}
 
 
+NAME_MAX = 255  # bytes in one path component on Linux file systems
+
+
+def path_safe(overrides) -> str:
+    """A run or job directory name from the overrides: readable, one path component, and short
+    enough for any file system. A path value must not nest folders ("/" -> "%2F"); with no
+    overrides the name is "defaults" (`autograd-lab train` always lands in runs/defaults). A
+    name over NAME_MAX bytes keeps its first 200 bytes and a hash of the whole, so the same
+    command still finds the same directory; run.json and .hydra/ keep the full overrides."""
+    import hashlib
+
+    name = str(overrides).replace("/", "%2F").replace("\0", "") or "defaults"
+    raw = name.encode()
+    if len(raw) <= NAME_MAX:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    head = raw[:200].decode(errors="ignore")  # never cut a character in half
+    return f"{head}...{digest}"
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    # Job directories are named from the overrides; a path value must not nest them. With no
-    # overrides the name is "defaults": `autograd-lab train` always lands in runs/defaults.
-    OmegaConf.register_new_resolver(
-        "path_safe", lambda s: str(s).replace("/", "%2F") or "defaults", replace=True)
+    OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
     OmegaConf.register_new_resolver(
         "autograd_lab_non_result_keys", lambda: list(NON_RESULT_KEYS), replace=True)
 
