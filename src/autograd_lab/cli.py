@@ -109,6 +109,10 @@ def _check_output_dir(args: list[str], multirun: bool) -> None:
                         f"choose a folder you can write to")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{shown}: cannot write to {probe}; choose a folder you can write to")
+    if given is not None and not multirun:  # a run directory another process is writing
+        from .lock import check_free
+
+        check_free(path)
 
 
 def demo(args: list[str]) -> int:

@@ -8,6 +8,7 @@ This is the one place that wires objects together. Torch and Lightning are impor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -130,12 +131,14 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
         torch.set_num_threads(threads or cfg.threads)
     from .checkpoint import StopSignals
     from .distributed import is_rank_zero
+    from .lock import RunLock
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     rank_zero = is_rank_zero()  # DDP: the other ranks write no files of their own
     config = OmegaConf.to_container(cfg, resolve=True)
-    with StopSignals() as signals:
+    lock = RunLock(run_dir) if rank_zero else contextlib.nullcontext()  # DDP: rank 0 writes
+    with lock, StopSignals() as signals:
         # decided before anything is written: a bad checkpoint or run dir loses nothing
         ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
         record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
@@ -406,12 +409,12 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                   clear: bool = True) -> tuple[Path | None, dict | None, dict | None]:
     """The checkpoint this run continues from, or None for a fresh start (which clears what an
     earlier attempt left in the run directory, so TensorBoard shows one curve)."""
-    import contextlib
-
     from .checkpoint import CHECKPOINT, check_resumable
     from .sweep import check_run_dir
 
     check_run_dir(run_dir)
+    for leftover in [*run_dir.glob(".*.tmp"), *(run_dir / "checkpoints").glob(".*.tmp")]:
+        leftover.unlink(missing_ok=True)  # a write killed half-way (we hold the lock: not live)
     path = run_dir / CHECKPOINT
     if cfg.get("ckpt_path"):  # an explicit checkpoint (e.g. one of ModelCheckpoint's files)
         path = Path(cfg.ckpt_path).expanduser()
@@ -424,10 +427,10 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                       "checkpoint": str(path)}, ckpt
     if clear:  # only files this harness writes: never a folder of the user's
         stale = [*(run_dir / "tb").glob("events.out.tfevents.*"), run_dir / "run.json",
+                 *(run_dir / "tb").glob("*.pt.trace.json*"),  # the profiler's old traces
                  run_dir / "tb" / "hparams.yaml", run_dir / "csv" / "metrics.csv",
                  run_dir / "csv" / "hparams.yaml",
-                 *(run_dir / "checkpoints").glob("last.ckpt"),
-                 *(run_dir / "checkpoints").glob(".last.ckpt.*.tmp")]
+                 *(run_dir / "checkpoints").glob("last.ckpt")]
         for path in stale:
             path.unlink(missing_ok=True)
         for folder in (run_dir / "tb", run_dir / "csv", run_dir / "checkpoints"):

@@ -1,0 +1,125 @@
+"""Faults researchers hit that are not typos: two processes on one run directory, a write that
+fails half-way, signals other than Ctrl-C. Each through the real CLI where it matters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SMALL, cli, losses, make_cfg
+
+from autograd_lab.lock import LOCK_NAME, RunLock
+
+
+def _digests(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("explicit_dir", [True, False])
+def test_a_second_process_on_a_run_directory_is_refused_and_changes_nothing(
+        explicit_dir, tmp_path, data_root):
+    """While this process holds a run directory's lock, `autograd-lab train` on the same
+    directory exits 2 with one line naming the holder (pid, host) and leaves every file as it
+    was, for an explicit hydra.run.dir (checked before Hydra runs) and for the directory the
+    overrides name (runs/<overrides>)."""
+    args = ["train", *SMALL, f"data.root={data_root}", "trainer.max_steps=2"]
+    first = cli(*args, *([f"hydra.run.dir={tmp_path / 'run'}"] if explicit_dir else []),
+                cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "run" if explicit_dir else next((tmp_path / "runs").iterdir())
+    before = _digests(run_dir)
+    with RunLock(run_dir):
+        second = cli(*args, "resume=false",
+                     *([f"hydra.run.dir={tmp_path / 'run'}"] if explicit_dir else []),
+                     cwd=tmp_path)
+        held = _digests(run_dir)
+    assert second.returncode == 2, second.stderr
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"pid {os.getpid()}" in lines[0] and "in use by another autograd-lab process" \
+        in lines[0]
+    changed = {k for k in before if held.get(k) != before[k]} - {LOCK_NAME}
+    # Hydra rewrites its own .hydra/ record of the (identical) command before the job starts
+    assert changed <= ({".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+                       if not explicit_dir else set()), changed
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path, data_root):
+    """The OS drops a dead process's flock: a lock file that names a long-gone pid is no
+    obstacle, and the run completes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "gone", "since": "x"}))
+    out = cli("train", *SMALL, f"data.root={data_root}", "trainer.max_steps=2",
+              f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_two_processes_started_on_one_directory_one_trains(tmp_path, data_root):
+    """The race as it happens: the same command started twice. The second is refused while the
+    first trains; the first's curve is complete and equals an in-process run of the config."""
+    args = ["train", *SMALL, f"data.root={data_root}", "model=resnet18", "model.stem=cifar",
+            "data.train_size=480", "probes=off", f"hydra.run.dir={tmp_path / 'run'}"]
+    exe = Path(sys.executable).parent / "autograd-lab"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
+                             text=True)
+    lock = tmp_path / "run" / LOCK_NAME
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (
+            lock.exists() and lock.read_text()):
+        time.sleep(0.05)
+    second = cli(*args, cwd=tmp_path)
+    first_err = first.communicate(timeout=300)[1]
+    assert first.returncode == 0, first_err
+    assert second.returncode == 2 and "in use by another autograd-lab process" in second.stderr
+    assert "Traceback" not in second.stderr
+    reference = tmp_path / "reference"
+    from autograd_lab.train import run
+
+    run(make_cfg("data.root=" + str(data_root), "model=resnet18", "model.stem=cifar",
+                 "data.train_size=480", "probes=off", "threads=1"), reference)
+    assert losses(tmp_path / "run") == losses(reference)
+    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2])
+def test_every_stop_signal_saves_at_a_step_and_resumes_exactly(signum, tmp_path, data_root,
+                                                             tmp_path_factory):
+    """A closed terminal (SIGHUP) and the schedulers' time-limit warnings (SIGUSR1, SIGUSR2)
+    stop the run at the next step boundary with a checkpoint, status interrupted and exit
+    128 + the signal; the same call again ends with the uninterrupted curve, bit for bit."""
+    import lightning as L
+
+    from autograd_lab.train import run
+
+    overrides = ("data.train_size=320", "data.test_size=128", "trainer.max_epochs=2",
+                 "log.flush_every_s=1000", "train.zero_grad=false")
+
+    class Send(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 7:
+                os.kill(os.getpid(), signum)
+
+    reference = tmp_path / "reference"
+    run(make_cfg(*overrides, data_root=data_root), reference)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run(make_cfg(*overrides, data_root=data_root), run_dir, callbacks=[Send()])
+    assert stop.value.code == 128 + signum
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and "at step 7" in record["error"]
+    assert signal.Signals(signum).name in record["error"]
+    resumed = run(make_cfg(*overrides, data_root=data_root), run_dir)
+    assert resumed["resumed"]["from_step"] == 7
+    assert losses(run_dir) == losses(reference)
