@@ -123,3 +123,62 @@ def test_every_stop_signal_saves_at_a_step_and_resumes_exactly(signum, tmp_path,
     resumed = run(make_cfg(*overrides, data_root=data_root), run_dir)
     assert resumed["resumed"]["from_step"] == 7
     assert losses(run_dir) == losses(reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB file system (tmpfs; the tests run as root, as CI does)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
+        small_disk, tmp_path, data_root):
+    """The run directory's file system fills up after the first periodic checkpoint: the run
+    ends failed, exit 1, one line naming where and why; the checkpoint it had still loads.
+    Once space is back, the same command continues from it to the uninterrupted curve."""
+    import torch
+
+    from autograd_lab.train import run
+
+    args = ["train", "data=synthetic", f"data.root={data_root}", "data.train_size=10000",
+            "data.test_size=256", "trainer.max_epochs=2", "checkpoint.every_n_steps=50",
+            "trainer.progress_bar=false", f"hydra.run.dir={small_disk / 'run'}"]
+    exe = Path(sys.executable).parent / "autograd-lab"
+    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = small_disk / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    with open(small_disk / "filler", "wb") as f:  # take every byte that is left
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 1, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in lines[0] and str(small_disk / "run") in lines[0]
+    assert "same command again" in lines[0]
+    saved = torch.load(ckpt, weights_only=True)  # the last good checkpoint still loads
+    assert 0 < saved["global_step"] < 626
+
+    (small_disk / "filler").unlink()
+    again = subprocess.run([str(exe), *args], cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert again.returncode == 0, again.stderr
+    record = json.loads((small_disk / "run" / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumed"]["from_step"] > 0
+    reference = tmp_path / "reference"
+    run(make_cfg("data=synthetic", f"data.root={data_root}", "data.train_size=10000",
+                 "data.test_size=256", "trainer.max_epochs=2", "threads=1", small=False),
+        reference)
+    assert losses(small_disk / "run") == losses(reference)

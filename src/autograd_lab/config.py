@@ -70,6 +70,22 @@ class UserError(Exception):
     """A mistake in what the user asked for. Shown as one line, never as a traceback."""
 
 
+# errno values that mean "this file system will not take the write": the run stops, failed,
+# with one line, and the same command continues once it will
+WRITE_ERRNOS = (28, 122, 30, 5)  # ENOSPC, EDQUOT, EROFS, EIO
+
+
+def write_failure(e: BaseException, folder=None) -> str | None:
+    """One line for a write the file system refused, or None for any other exception. Writers
+    that do not say which file (TensorBoard's) are named by the folder they write in."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    if e is None or e.errno not in WRITE_ERRNOS:
+        return None
+    where = e.filename or (f"into {folder}" if folder is not None else "")
+    return f"cannot write {where}: {e.strerror}" if where else f"cannot write: {e.strerror}"
+
+
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

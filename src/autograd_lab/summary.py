@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import RUN_FORMAT_VERSION
 from .config import UserError, flatten
+from .sweep import json_kind, metrics_problem, read_run_json
 
 METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "steps"]
 NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", "val_seconds",
@@ -54,46 +55,82 @@ KILLED = "no run.json: the process was killed before it recorded a result (or is
     "running); re-run the same command to continue it"
 
 
-def _read_record(run_dir: Path) -> dict:
-    import json
+def _hydra_config(run_dir: Path) -> tuple[dict, dict]:
+    """The resolved config and group choices Hydra saved in RUN_DIR/.hydra ({} when absent)."""
+    from omegaconf import OmegaConf
 
-    if not (run_dir / "run.json").exists():
-        from omegaconf import OmegaConf
-
-        config, choices = {}, {}
-        try:
-            loaded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-            try:
-                config = OmegaConf.to_container(loaded, resolve=True)
-            except Exception:  # an interpolation only the app resolves (a custom resolver)
-                config = OmegaConf.to_container(loaded)
-            hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
-            choices = {k: v for k, v in OmegaConf.to_container(
-                hydra.hydra.runtime.choices).items() if not k.startswith("hydra")}
-        except Exception:  # a half-written Hydra file: the run is still listed
-            pass
-        return {"status": "interrupted", "error": KILLED, "config": config, "choices": choices}
+    config, choices = {}, {}
     try:
-        record = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{run_dir / 'run.json'}: unreadable ({type(e).__name__})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("format_version", 0), int):
-        raise UserError(f"{run_dir / 'run.json'}: not an autograd-lab run record")
+        loaded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        try:
+            config = OmegaConf.to_container(loaded, resolve=True)
+        except Exception:  # an interpolation only the app resolves (a custom resolver)
+            config = OmegaConf.to_container(loaded)
+        hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
+        choices = {k: v for k, v in OmegaConf.to_container(
+            hydra.hydra.runtime.choices).items() if not k.startswith("hydra")}
+    except Exception:  # absent, or a half-written Hydra file: the run is still listed
+        pass
+    return (config if isinstance(config, dict) else {}), choices
+
+
+# the parts of a run record that are mappings: anything else there is a damaged record
+SECTIONS = ("config", "final", "params", "profiler", "probes", "detach", "choices")
+
+
+def _record_problem(record: dict, run_dir: Path) -> str | None:
+    """What makes a run.json object no run record, or None (a newer format is a UserError)."""
     version = record.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        return "run.json is not a run record (its format_version is not a number)"
     if version > RUN_FORMAT_VERSION:
         raise UserError(f"{run_dir}: written by a newer autograd-lab (format {version}; this "
                         f"one reads up to {RUN_FORMAT_VERSION}); upgrade to summarize it")
+    if not isinstance(record.get("status"), str):
+        return "run.json is not a run record (it has no status)"
+    for key in SECTIONS:
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"run.json is not a run record (its {key} is a JSON {json_kind(record[key])})"
+    return None
+
+
+def _read_record(run_dir: Path) -> dict:
+    """The run's record, safe to read: a run killed before it wrote run.json is `interrupted`; a
+    run whose run.json or metrics.parquet does not parse is `broken`, with what is wrong as its
+    error (and the config Hydra saved, when run.json has none)."""
+    record, problem = read_run_json(run_dir)
+    if record is None and problem is None:  # no run.json
+        config, choices = _hydra_config(run_dir)
+        record = {"status": "interrupted", "error": KILLED, "config": config,
+                  "choices": choices}
+        problem = metrics_problem(run_dir, required=False)
+    elif record is not None:
+        problem = _record_problem(record, run_dir)
+        if problem is None:
+            final = record.get("final") or {}
+            problem = metrics_problem(run_dir, required=record["status"] in (
+                "completed", "diverged"), steps=final.get("steps"))
+    if problem is None:
+        return record
+    record = {k: v for k, v in (record or {}).items()
+              if k not in SECTIONS or isinstance(v, dict)}
+    was = record.get("status")
+    if not record.get("config"):
+        record["config"], record["choices"] = _hydra_config(run_dir)
+    record["status"] = "broken"
+    record["error"] = problem + (f" (run.json says {was})" if isinstance(was, str) else "")
     return record
 
 
 def load_runs(path) -> pd.DataFrame:
-    """One row per run: swept keys and the whole config, status, metrics, time, memory."""
+    """One row per run: swept keys and the whole config, status, metrics, time, memory.
+    A run whose files do not parse has status `broken` and what is wrong as its error."""
     base = Path(path)
-    rows, results = [], set()
+    rows, results, configless = [], set(), []
     for run_dir in find_runs(base):
         record = _read_record(run_dir)
-        row = {"run": str(run_dir.relative_to(base)) if run_dir != base else run_dir.name,
-               "status": record.get("status"), "error": record.get("error")}
+        row = {"run": _name(run_dir, base), "status": record.get("status"),
+               "error": record.get("error")}
         row.update({k: (record.get("final") or {}).get(k) for k in METRICS})
         row.update({k: record.get(k) for k in NUMBERS})
         params = record.get("params") or {}
@@ -104,39 +141,63 @@ def load_runs(path) -> pd.DataFrame:
                 if not isinstance(v, (list, dict)):
                     row[f"{section}.{k}"] = v
                     results.add(f"{section}.{k}")
+        if not record.get("config"):
+            configless.append(row["run"])
         row.update(_flatten(record.get("config") or {}))
         row.update({f"{k}": v for k, v in (record.get("choices") or {}).items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["results"] = sorted(results)  # measured, not configured: never swept keys
+    frame.attrs["configless"] = configless  # no config known: they tell nothing about keys
     frame.attrs["swept"] = swept_keys(frame)
     return frame
 
 
+def _name(run_dir: Path, base: Path) -> str:
+    return str(run_dir.relative_to(base)) if run_dir != base else run_dir.name
+
+
 def swept_keys(frame: pd.DataFrame) -> list[str]:
-    """Config keys whose value differs between the runs (what the sweep compared)."""
+    """Config keys whose value differs between the runs (what the sweep compared); runs whose
+    config is unknown (a broken run.json without .hydra/) are left out of the comparison."""
     keys, results = [], set(frame.attrs.get("results", []))
+    configless = frame.attrs.get("configless", [])
+    known = frame[~frame.run.isin(configless)] if configless and "run" in frame else frame
     for col in frame.columns:
         is_key = col in CHOICES or ("." in col and col not in results)
-        if is_key and col not in NOT_SWEPT and frame[col].astype(str).nunique() > 1:
+        if is_key and col not in NOT_SWEPT and known[col].astype(str).nunique() > 1:
             keys.append(col)
     return keys
 
 
 def load_curves(path) -> pd.DataFrame:
-    """Every run's metrics.parquet, long format, with a `run` column."""
+    """Every run's metrics.parquet, long format, with a `run` column. A file that does not
+    parse is left out, and named with what is wrong in `attrs["broken"]` ({run: problem})."""
     base = Path(path)
-    parts = []
+    parts, broken = [], {}
     for run_dir in find_runs(base):
-        file = run_dir / "metrics.parquet"
-        if file.is_file():
+        file, name = run_dir / "metrics.parquet", _name(run_dir, base)
+        if not file.is_file():
+            continue
+        try:
             curve = pd.read_parquet(file)
-            curve.insert(0, "run", str(run_dir.relative_to(base)) if run_dir != base
-                         else run_dir.name)
-            parts.append(curve)
+        except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else \
+                type(e).__name__
+            broken[name] = f"metrics.parquet does not parse (truncated?): {reason}"
+            continue
+        missing = [c for c in ("step", "epoch", "name", "value") if c not in curve]
+        if missing:
+            broken[name] = f"metrics.parquet lacks the columns {', '.join(missing)}"
+            continue
+        curve.insert(0, "run", name)
+        parts.append(curve)
     if not parts:
-        return pd.DataFrame(columns=["run", "step", "epoch", "name", "value"])
-    return pd.concat(parts, ignore_index=True)
+        frame = pd.DataFrame(columns=["run", "step", "epoch", "name", "value"])
+    else:
+        frame = pd.concat(parts, ignore_index=True)
+    frame.attrs["broken"] = broken
+    return frame
 
 
 def group_table(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
@@ -224,29 +285,58 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Pa
 
 def summarize(path, by: list[str] | None = None) -> Path:
     """Write path/summary/ and return it."""
+    return summarize_runs(path, by)[0]
+
+
+def summarize_runs(path, by: list[str] | None = None) -> tuple[Path, pd.DataFrame]:
+    """Write path/summary/; return it and the runs table written there. Runs whose files do
+    not parse are listed as broken (status `broken`, what is wrong as the error) and left out of
+    the grouped table and the plots; the others are summarised as usual. A summary that cannot
+    be written is a UserError."""
     from .records import atomic_write_bytes, write_csv, write_parquet
 
     path = Path(path)
     runs = load_runs(path)
     curves = load_curves(path)
+    for name, problem in curves.attrs.get("broken", {}).items():  # a footer that parsed, data
+        at = runs.index[(runs.run == name) & (runs.status != "broken")]  # that did not
+        runs.loc[at, "error"] = [f"{problem} (run.json says {s})" for s in runs.status[at]]
+        runs.loc[at, "status"] = "broken"
     by = list(by) if by else runs.attrs["swept"]
     unknown = [k for k in by if k not in runs]
     if unknown:
         raise UserError(f"--by {unknown[0]}: no such key in these runs; swept keys are: "
                         f"{', '.join(runs.attrs['swept']) or '(none)'}")
-    out = path / "summary"
-    out.mkdir(exist_ok=True)
-    write_parquet(out / "runs.parquet", runs.astype({c: str for c in runs.columns
-                                                     if runs[c].dtype == object}))
-    write_csv(out / "runs.csv", runs)
-    write_parquet(out / "curves.parquet", curves)
-    table = group_table(runs, by)
-    failed = runs[runs.status != "completed"]
-    text = [f"# Summary of {path}", "", f"{len(runs)} runs, grouped by: {', '.join(by) or '-'}",
-            "", table.to_markdown(index=False), ""]
+    intact = runs[runs.status != "broken"]
+    broken = runs[runs.status == "broken"]
+    failed = intact[intact.status != "completed"]
+    text = [f"# Summary of {path}", "",
+            f"{len(runs)} runs{f' ({len(broken)} broken)' if len(broken) else ''}, "
+            f"grouped by: {', '.join(by) or '-'}", ""]
+    if len(intact):
+        text += [group_table(intact, by).to_markdown(index=False), ""]
+    else:
+        text += ["No run's files parse: nothing to summarise.", ""]
     if len(failed):
         text += ["## Runs that did not complete", "",
                  failed[["run", "status", "error"]].to_markdown(index=False), ""]
-    atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
-    plot_curves(runs, curves, by, out)
-    return out
+    if len(broken):
+        text += ["## Broken runs", "",
+                 "Their files do not parse, so they are not in the table above. Re-running the "
+                 "command that made one runs it again (or continues it from its checkpoint).", "",
+                 broken.rename(columns={"error": "problem"})[["run", "problem"]]
+                 .to_markdown(index=False), ""]
+    out = path / "summary"
+    try:
+        out.mkdir(exist_ok=True)
+        write_parquet(out / "runs.parquet", runs.astype({c: str for c in runs.columns
+                                                         if runs[c].dtype == object}))
+        write_csv(out / "runs.csv", runs)
+        write_parquet(out / "curves.parquet", curves)
+        atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
+        plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
+    except OSError as e:
+        where = e.filename or out
+        raise UserError(f"cannot write the summary: {where}: "
+                        f"{e.strerror or type(e).__name__}") from None
+    return out, runs

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import RUN_FORMAT_VERSION, __version__
-from .config import CONF_PACKAGE, UserError, flatten, is_result_key, validate
+from .config import CONF_PACKAGE, UserError, flatten, is_result_key, validate, write_failure
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> dict | None:
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
         if not multirun:
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
         _record_failure(run_dir, cfg, str(e))
     except Exception as e:  # in a sweep the job is recorded as failed and the sweep goes on
         if not multirun:
@@ -138,7 +138,7 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     rank_zero = is_rank_zero()  # DDP: the other ranks write no files of their own
     config = OmegaConf.to_container(cfg, resolve=True)
     lock = RunLock(run_dir) if rank_zero else contextlib.nullcontext()  # DDP: rank 0 writes
-    with lock, StopSignals() as signals:
+    with lock, StopSignals() as signals, _quiet_thread_write_errors():
         # decided before anything is written: a bad checkpoint or run dir loses nothing
         ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
         record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
@@ -154,11 +154,41 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
         finally:
             signals.finishing = True  # a late signal must not cut the last writes short
             _write_record(parts, record, run_dir, t0, rank_zero)
+    if record.get("_write_failed"):
+        unwritten = record.get("_unwritten")
+        raise WriteFailed(record["error"] + (f" ({' and '.join(unwritten)} not updated: the "
+                                             f"previous ones are kept)" if unwritten else ""))
     if record["status"] == "interrupted":
         # rank 0 reports; another rank exits 0 so Lightning's process observer leaves rank 0
         # alone while it writes the record
         raise SystemExit(record.pop("_exit_code") if rank_zero else 0)
     return record
+
+
+@contextlib.contextmanager
+def _quiet_thread_write_errors():
+    """TensorBoard's writer thread prints a traceback when the disk fills; the training thread
+    meets the same error at its next write and reports it in one line. Keep the thread quiet
+    about refused writes (threading.excepthook), and only those."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args):
+        if write_failure(args.exc_value) is None:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+class WriteFailed(UserError):
+    """The file system refused a write during the run (full, read-only, over quota, I/O)."""
+
+    exit_code = 1
 
 
 class _Parts:
@@ -228,7 +258,7 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
         log_every_n_steps=1,  # what callbacks log (LearningRateMonitor) shows every step
         plugins=[AtomicCheckpointIO(loaded=loaded)])
     return _Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=recorder,
-                  probes=probes, profiler=profiler, hooks=hooks, cfg=cfg)
+                  probes=probes, profiler=profiler, hooks=hooks, cfg=cfg, run_dir=run_dir)
 
 
 def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
@@ -248,6 +278,12 @@ def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
         if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and trainer.interrupted):
             record.update(status="interrupted", error="interrupted by SIGINT",
                           _exit_code=EXIT_INTERRUPTED)
+            return
+        refused = write_failure(e, parts.run_dir)
+        if refused is not None:  # a full disk: the last checkpoint and run.json stay as they were
+            record["error"] = (f"{refused}; the last checkpoint is kept: free space and run the "
+                               f"same command again to continue")
+            record["_write_failed"] = True
             return
         record["error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         raise
@@ -286,7 +322,11 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
         for h in parts.hooks:
             h.remove()
         recorder = parts.recorder
-        recorder.flush(parts.trainer, parts.module)  # losses still on the device are kept
+        try:
+            recorder.flush(parts.trainer, parts.module)  # losses still on the device are kept
+        except OSError as e:  # the loggers' files will not take it: metrics.parquet still may
+            if write_failure(e) is None:
+                raise
         record.update(_results(recorder, t0))
         if parts.profiler:
             parts.profiler[0].stop(parts.module)  # idempotent: a failed run writes its tables
@@ -295,7 +335,7 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
             record["probes"] = {"mode": parts.cfg.probes.mode,
                                 "frozen_max_change": parts.probes[0].frozen_max_change}
         if rank_zero:
-            write_parquet(run_dir / "metrics.parquet", recorder.frame())
+            _write_or_say(write_parquet, run_dir / "metrics.parquet", recorder.frame(), record)
     record["wall_seconds"] = time.perf_counter() - t0
     record["peak_rss_mib"] = peak_rss_mib()
     if torch.cuda.is_available():
@@ -303,9 +343,24 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
         record["peak_cuda_mib"] = max(torch.cuda.max_memory_allocated() / 2**20, module_peak)
     record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if rank_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "run.json", {k: v for k, v in record.items()
-                                          if not k.startswith("_")})
+        _write_or_say(write_json, run_dir / "run.json",
+                      {k: v for k, v in record.items() if not k.startswith("_")}, record)
+
+
+def _write_or_say(write, path: Path, obj, record: dict) -> None:
+    """Write a record file; if the file system refuses, keep the old one (the writes are atomic:
+    a full disk never leaves half a file) and say so: within the run's error line when a write
+    failure ended the run, else in a line of its own."""
+    try:
+        write(path, obj)
+    except OSError as e:
+        refused = write_failure(e)
+        if refused is None:
+            raise
+        if record.get("_write_failed"):
+            record.setdefault("_unwritten", []).append(path.name)
+        else:
+            print(f"autograd-lab: {refused} (the previous {path.name} is kept)", file=sys.stderr)
 
 
 def _instantiate(node, what: str, base, **kwargs):
