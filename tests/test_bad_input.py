@@ -52,6 +52,12 @@ def _setup_valid(tmp, ckpt):
     _interrupted_run(tmp, ckpt.read_bytes())
 
 
+def _setup_completed(tmp, ckpt):
+    _interrupted_run(tmp, ckpt.read_bytes())
+    (tmp / "run" / "run.json").write_text(json.dumps({"format_version": 1,
+                                                      "status": "completed"}))
+
+
 def _setup_chunked(tmp, ckpt):
     """A checkpoint as the chunked harness (format 1) wrote it: its own state in the
     Checkpointer callback's dict, none at the top level."""
@@ -126,6 +132,7 @@ class Case:
     keep: list[str] = field(default_factory=list)  # files (under tmp) that must not change
     creates_nothing: bool = False  # rejected before any run directory exists
     absent: list[str] = field(default_factory=list)  # files (under tmp) that must not appear
+    absent_text: list[str] = field(default_factory=list)  # advice the line must not give
 
 
 def train(*args: str) -> list[str]:
@@ -214,6 +221,9 @@ CASES = [
     Case("checkpoint of another config", train("optim.lr=0.5", "hydra.run.dir={tmp}/run"),
          ["last.ckpt", "optim.lr=0.001", "0.5", "resume=false"], setup=_setup_valid,
          keep=["run/checkpoints/last.ckpt", "run/run.json"]),
+    Case("completed run of another config", train("optim.lr=0.5", "hydra.run.dir={tmp}/run"),
+         ["last.ckpt", "completed run", "another run directory"], setup=_setup_completed,
+         keep=["run/checkpoints/last.ckpt", "run/run.json"], absent_text=["resume=false"]),
     Case("chunked-format checkpoint", train("hydra.run.dir={tmp}/run"),
          ["last.ckpt", "older autograd-lab format", "resume=false"], setup=_setup_chunked,
          keep=["run/checkpoints/last.ckpt", "run/run.json"]),
@@ -273,7 +283,7 @@ def _in_process(args, cwd, monkeypatch, capsys):
 def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, request,
                                                  monkeypatch, capsys):
     ckpt = request.getfixturevalue("checkpoint") if case.setup in (
-        _setup_truncated, _setup_valid, _setup_chunked) else None
+        _setup_truncated, _setup_valid, _setup_chunked, _setup_completed) else None
     if case.setup:
         case.setup(tmp_path, ckpt)
     before = {k: _digest(tmp_path / k) for k in case.keep}
@@ -288,6 +298,8 @@ def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, requ
     assert len(errors) == 1, out.stderr
     for needle in case.needles:
         assert needle in errors[0], errors[0]
+    for text in case.absent_text:
+        assert text not in errors[0], errors[0]
     for key, digest in before.items():
         assert _digest(tmp_path / key) == digest, f"{key} changed"
     if case.creates_nothing:

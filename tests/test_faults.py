@@ -182,3 +182,36 @@ def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
                  "data.test_size=256", "trainer.max_epochs=2", "threads=1", small=False),
         reference)
     assert losses(small_disk / "run") == losses(reference)
+
+
+def test_a_resume_under_another_thread_count_says_it_is_not_bitwise(tmp_path, data_root,
+                                                                    capsys):
+    """Threads change floating-point sums, so a run continued under another thread count (on
+    another node, under another launcher) is not bitwise equal to an uninterrupted one: it
+    continues, says so on stderr, and run.json records both values."""
+    import lightning as L
+
+    from autograd_lab.train import run
+
+    overrides = ("data.train_size=320", "data.test_size=128", "trainer.max_epochs=1")
+
+    class Stop(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run(make_cfg(*overrides, "threads=2", data_root=data_root), run_dir, callbacks=[Stop()])
+    capsys.readouterr()
+    record = run(make_cfg(*overrides, "threads=1", data_root=data_root), run_dir)
+    assert record["status"] == "completed"
+    assert record["resumed"]["bitwise"] is False
+    assert record["resumed"]["changed"] == {"threads": [2, 1]}
+    note = capsys.readouterr().err
+    assert "threads 2 -> 1" in note and "not be bitwise" in note
+    same = tmp_path / "same"
+    with pytest.raises(SystemExit):
+        run(make_cfg(*overrides, "threads=1", data_root=data_root), same, callbacks=[Stop()])
+    assert "bitwise" not in run(make_cfg(*overrides, "threads=1", data_root=data_root),
+                                same)["resumed"]

@@ -105,10 +105,39 @@ def check_resumable(path: Path, config: dict) -> dict:
         key = "model.name" if "model.name" in diffs else next(
             (k for k in diffs if k.startswith("model.")), diffs[0])
         what = "another model" if key.startswith("model.") else "another config"
+        if _completed(path):  # never advise a step that deletes a finished result
+            advice = ("it is a completed run: give this one another run directory "
+                      "(hydra.run.dir=...)")
+        else:
+            advice = "use another run directory, or resume=false to discard it and start over"
         raise UserError(f"checkpoint {path} is from {what} ({key}={flatten(theirs).get(key)!r}, "
-                        f"this run has {key}={flatten(ours).get(key)!r}); use another run "
-                        f"directory or resume=false to start over")
+                        f"this run has {key}={flatten(ours).get(key)!r}); {advice}")
     return ckpt
+
+
+def numerics() -> dict:
+    """What changes floating-point results without being a config key: a run continued under
+    other values is not bitwise equal to an uninterrupted one."""
+    import torch
+
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+
+
+def numerics_changed(ckpt: dict) -> dict:
+    """{name: [then, now]} for each numerics() value that differs from the checkpoint's."""
+    then = ckpt["autograd_lab"].get("numerics") or {}
+    now = numerics()
+    return {k: [then[k], now[k]] for k in now if k in then and then[k] != now[k]}
+
+
+def _completed(path: Path) -> bool:
+    import json
+
+    try:
+        record = json.loads((Path(path).parent.parent / "run.json").read_text())
+        return isinstance(record, dict) and record.get("status") == "completed"
+    except (OSError, ValueError):
+        return False
 
 
 def _diff(a: dict, b: dict) -> list[str]:

@@ -229,8 +229,11 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
         record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
                             "upstream_names": det.upstream}
     frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
+    from .checkpoint import numerics
+
     module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
-                        scheduler=_scheduler(cfg), meta={"config": record["config"]})
+                        scheduler=_scheduler(cfg),
+                        meta={"config": record["config"], "numerics": numerics()})
     user_callbacks = _callbacks(cfg, run_dir)
     loggers = _loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
 
@@ -464,7 +467,7 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                   clear: bool = True) -> tuple[Path | None, dict | None, dict | None]:
     """The checkpoint this run continues from, or None for a fresh start (which clears what an
     earlier attempt left in the run directory, so TensorBoard shows one curve)."""
-    from .checkpoint import CHECKPOINT, check_resumable
+    from .checkpoint import CHECKPOINT, check_resumable, numerics_changed
     from .sweep import check_run_dir
 
     check_run_dir(run_dir)
@@ -478,8 +481,17 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                             f"(e.g. from {run_dir / 'checkpoints'}) or ckpt_path=null")
     if (cfg.resume or cfg.get("ckpt_path")) and path.is_file():
         ckpt = check_resumable(path, config)
-        return path, {"from_step": ckpt["global_step"], "epoch": ckpt["epoch"],
-                      "checkpoint": str(path)}, ckpt
+        resumed = {"from_step": ckpt["global_step"], "epoch": ckpt["epoch"],
+                   "checkpoint": str(path)}
+        changed = numerics_changed(ckpt)
+        if changed:  # continue, but say so and record it: the curve will not be bitwise
+            resumed["bitwise"] = False
+            resumed["changed"] = changed
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            print(f"autograd-lab: note: resuming {run_dir} with {what}: the rest of the curve "
+                  f"will not be bitwise equal to an uninterrupted run (recorded in run.json)",
+                  file=sys.stderr)
+        return path, resumed, ckpt
     if clear:  # only files this harness writes: never a folder of the user's
         stale = [*(run_dir / "tb").glob("events.out.tfevents.*"), run_dir / "run.json",
                  *(run_dir / "tb").glob("*.pt.trace.json*"),  # the profiler's old traces
