@@ -186,6 +186,8 @@ def test_a_rerun_after_a_truncated_metrics_file_is_not_skipped(tmp_path, data_ro
     record = _record(run_dir)
     assert record["status"] == "completed"
     assert record["final"]["train_loss"] == reference_losses[-1]
+    # what the code does: it continues from the final checkpoint, whose rows are the curve
+    assert record["resumed"]["from_step"] == len(reference_losses)
 
     third = cli(*args, cwd=tmp_path)
     assert third.returncode == 0 and "already completed" in third.stderr

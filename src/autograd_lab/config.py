@@ -87,7 +87,10 @@ def write_failure(e: BaseException, folder=None) -> str | None:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite number (inf and nan pass YAML but no optimizer or schedule means them)."""
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_int(v) -> bool:
@@ -97,14 +100,15 @@ def _is_int(v) -> bool:
 # key -> (predicate, what is valid). Keys absent from the config (e.g. model.stem for smallnet)
 # are skipped, so one table serves every model and data choice.
 CHECKS: dict[str, tuple] = {
-    "seed": (_is_int, "an integer"),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "resume": (lambda v: isinstance(v, bool), "true or false"),
     "threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
     "model.activation": (lambda v: v in ("relu", "custom_relu"), "one of: relu, custom_relu"),
     "model.stem": (lambda v: v in ("imagenet", "cifar"), "one of: imagenet, cifar"),
     "model.weights": (lambda v: v in (None, "IMAGENET1K_V1", "DEFAULT"),
                       "one of: null, IMAGENET1K_V1, DEFAULT"),
-    "model.num_classes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "model.num_classes": (lambda v: _is_int(v) and v >= 10,
+                          "an integer >= 10 (CIFAR-10's labels are 0..9)"),
     "model.weights_path": (lambda v: v is None or isinstance(v, str), "null or a file path"),
     "ckpt_path": (lambda v: v is None or (isinstance(v, str) and v != ""),
                   "null or a checkpoint file path"),
@@ -115,13 +119,15 @@ CHECKS: dict[str, tuple] = {
     "data.shuffle": (lambda v: isinstance(v, bool), "true or false"),
     "data.augment": (lambda v: v in ("none", "flip_crop"), "one of: none, flip_crop"),
     "data.subset": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "data.train_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "data.test_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "data.noise": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "data.synthetic_seed": (_is_int, "an integer"),
-    "optim.lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "optim.momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "optim.weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "data.train_size": (lambda v: _is_int(v) and 5 <= v <= 10**7,
+                        "an integer in [5, 10000000] (written as 5 batch files, as CIFAR-10)"),
+    "data.test_size": (lambda v: _is_int(v) and 1 <= v <= 10**7, "an integer in [1, 10000000]"),
+    "data.noise": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    "data.synthetic_seed": (lambda v: _is_int(v) and 0 <= v < 2**32,
+                            "an integer in [0, 2**32)"),
+    "optim.lr": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "optim.momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a finite number in [0, 1)"),
+    "optim.weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
     "optim.nesterov": (lambda v: isinstance(v, bool), "true or false"),
     "optim.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                     and all(_is_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
@@ -154,7 +160,7 @@ CHECKS: dict[str, tuple] = {
                         "warming up)"),
     "profiler.active": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "profiler.repeat": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: until the end)"),
-    "log.flush_every_s": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "log.flush_every_s": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "checkpoint.every_n_steps": (lambda v: _is_int(v) and v >= 0,
                                  "an integer >= 0 (0: only on a signal and at the end)"),
 }
@@ -187,6 +193,10 @@ def validate(cfg) -> None:
     """Raise UserError for the first value in `cfg` that is not valid."""
     _validate_keys(cfg)
     trainer = cfg.get("trainer") or {}
+    if trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) == -1:
+        raise UserError("trainer.max_epochs=-1: with trainer.max_steps=-1 the run never ends; "
+                        "set trainer.max_steps=N, or trainer.max_epochs >= 1")
+    _check_paths(cfg)
     if trainer.get("devices", 1) > 1 and trainer.get("strategy") != "ddp":
         raise UserError(f"trainer.devices={trainer.get('devices')}: more than 1 needs trainer=ddp "
                         f"(one process per device); or use trainer.devices=1")
@@ -202,6 +212,51 @@ def validate(cfg) -> None:
     if optim.get("nesterov") and not optim.get("momentum"):
         raise UserError(f"optim.nesterov=true: needs optim.momentum > 0 "
                         f"(got {_show(optim.get('momentum'))})")
+
+
+def _check_paths(cfg) -> None:
+    """Paths the run reads must be folders (or files) that resolve: a file where a folder
+    goes, or a symlink loop, is one line here instead of a traceback deep in a library."""
+    for key, kind in (("data.root", "folder"), ("model.weights_path", "file"),
+                      ("ckpt_path", "file")):
+        value = _get(cfg, key)
+        if value is _MISSING or not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser()
+        try:
+            path.resolve(strict=False)
+        except (RuntimeError, OSError) as e:  # Python 3.11: RuntimeError("Symlink loop ...")
+            raise UserError(f"{key}={value}: cannot be resolved ({e}); give a real "
+                            f"{kind}") from None
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise UserError(f"{key}={value}: is a file; give a folder")
+        if kind == "file" and path.is_dir():
+            raise UserError(f"{key}={value}: is a folder; give a file")
+
+
+def check_devices(cfg) -> None:
+    """The accelerator and device count exist on this machine. Imports torch only when a
+    device is asked for by name or more than one device is asked for."""
+    trainer = cfg.get("trainer") or {}
+    accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", 1)
+    if accelerator in ("auto", "cpu") and devices == 1:
+        return
+    import os
+
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator}: no CUDA GPU on this machine; "
+                        f"choices here: auto, cpu")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise UserError("trainer.accelerator=mps: no Apple GPU on this machine; choices here: "
+                        "auto, cpu")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    have = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
+    if devices > have:
+        what = "GPUs" if gpu else "CPU cores (one process each)"
+        raise UserError(f"trainer.devices={devices}: this machine has {have} {what}; give "
+                        f"trainer.devices <= {have}")
 
 
 def check_targets(cfg) -> None:
@@ -322,6 +377,7 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
             job = _compose(compose, fixed + list(combo), return_hydra=False)
             validate(job)
             check_targets(job)
+            check_devices(job)
     GlobalHydra.instance().clear()
 
 
