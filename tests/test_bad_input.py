@@ -116,6 +116,10 @@ def _setup_code_checkpoint(tmp, ckpt):
     _interrupted_run(tmp, buf.getvalue())
 
 
+def _setup_loops(tmp, ckpt):
+    (tmp / "loop").symlink_to(tmp / "loop")
+
+
 def _setup_bad_cifar(tmp, ckpt):
     base = tmp / "bad" / "cifar-10-batches-py"
     base.mkdir(parents=True)
@@ -208,6 +212,50 @@ CASES = [
          ["cifar-10-python.tar.gz", "data=synthetic"]),
     Case("corrupted cifar", ["train", "data=cifar10", "data.root={tmp}/bad",
                              "hydra.run.dir={tmp}/run"], ["corrupted"], setup=_setup_bad_cifar),
+    # values that pass a type check but not the libraries
+    Case("negative seed", train("seed=-1"), ["seed=-1", "[0, 2**32)"], creates_nothing=True),
+    Case("huge seed", train("seed=1099511627776"), ["seed=1099511627776", "[0, 2**32)"],
+         creates_nothing=True),
+    Case("infinite lr", train("optim.lr=inf"), ["optim.lr=inf", "finite"],
+         creates_nothing=True),
+    Case("nan momentum", train("optim.momentum=nan"), ["optim.momentum=nan", "finite"],
+         creates_nothing=True),
+    Case("never ends", train("trainer.max_epochs=-1"), ["trainer.max_epochs=-1", "never ends"],
+         creates_nothing=True),
+    Case("absent gpu", train("trainer.accelerator=gpu"),
+         ["trainer.accelerator=gpu", "no CUDA GPU", "auto, cpu"], creates_nothing=True),
+    Case("too many devices", train("trainer=ddp", "trainer.devices=512"),
+         ["trainer.devices=512", "this machine has"], creates_nothing=True),
+    Case("fewer classes than labels", train("model=resnet18", "model.num_classes=5"),
+         ["model.num_classes=5", ">= 10"], creates_nothing=True),
+    Case("tiny data set", train("data.train_size=3"), ["data.train_size=3", "[5,"],
+         creates_nothing=True),
+    Case("data root loops", ["train", *SMALL, "data.root={tmp}/loop"],
+         ["data.root=", "cannot be resolved"], setup=_setup_loops, creates_nothing=True),
+    Case("data root is a file", ["train", *SMALL, "data.root={tmp}/afile"],
+         ["data.root=", "is a file"], setup=_setup_file, creates_nothing=True),
+    Case("ckpt_path is a folder", train("ckpt_path={tmp}"), ["ckpt_path=", "is a folder"],
+         creates_nothing=True),
+    Case("run dir loops", train("hydra.run.dir={tmp}/loop/run"),
+         ["hydra.run.dir=", "loop"], setup=_setup_loops, creates_nothing=True),
+    Case("weights path is a folder", train("model.weights_path={tmp}"),
+         ["model.weights_path=", "is a folder"], creates_nothing=True),
+    Case("zero validation batch", train("data.val_batch_size=0"),
+         ["data.val_batch_size=0", ">= 1"], creates_nothing=True),
+    Case("validation fraction", train("trainer.limit_val_batches=2.5"),
+         ["trainer.limit_val_batches=2.5", "fraction"], creates_nothing=True),
+    Case("flush interval", train("log.flush_every_s=0"), ["log.flush_every_s=0", "> 0"],
+         creates_nothing=True),
+    Case("probe interval", train("probes=cheap", "probes.every_n_steps=0"), ["probes.every_n_steps=0", ">= 1"],
+         creates_nothing=True),
+    Case("one beta", train("optim=adam", "optim.betas=[0.9]"), ["optim.betas", "two numbers"],
+         creates_nothing=True),
+    Case("augmentation", train("data.augment=rotate"), ["data.augment='rotate'", "flip_crop"],
+         creates_nothing=True),
+    Case("grad mode", train("eval.grad_mode=train"), ["eval.grad_mode='train'", "no_grad"],
+         creates_nothing=True),
+    Case("activation", train("model.activation=gelu"), ["model.activation='gelu'",
+                                                        "custom_relu"], creates_nothing=True),
     # checkpoints on resume
     Case("corrupted checkpoint", train("hydra.run.dir={tmp}/run"),
          ["last.ckpt", "truncated or corrupted", "resume=false"], setup=_setup_corrupted,

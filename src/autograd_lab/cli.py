@@ -100,6 +100,11 @@ def _check_output_dir(args: list[str], multirun: bool) -> None:
     if given is not None and "${" in given:
         return  # an interpolation: Hydra resolves it
     path = Path(given) if given else Path.cwd()
+    try:
+        path.resolve(strict=False)
+    except (RuntimeError, OSError) as e:  # a symlink loop: Python 3.11 raises RuntimeError
+        raise UserError(f"{key}={given}: cannot be resolved ({e}); choose a real folder"
+                        ) from None
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
