@@ -41,20 +41,21 @@ def comparable(config: dict) -> dict:
 NAME_MAX = 255  # bytes in one path component on Linux file systems
 
 
-def path_safe(overrides) -> str:
+def path_safe(overrides, limit: int = NAME_MAX) -> str:
     """A run or job directory name from the overrides: readable, one path component, and short
     enough for any file system. A path value must not nest folders ("/" -> "%2F"); with no
     overrides the name is "defaults" (`autograd-lab train` always lands in runs/defaults). A
-    name over NAME_MAX bytes keeps its first 200 bytes and a hash of the whole, so the same
-    command still finds the same directory; run.json and .hydra/ keep the full overrides."""
+    name over `limit` bytes (NAME_MAX) keeps its first limit - 55 bytes and a hash of the whole, so
+    the same command still finds the same directory; run.json and .hydra/ keep the full
+    overrides."""
     import hashlib
 
     name = str(overrides).replace("/", "%2F").replace("\0", "") or "defaults"
     raw = name.encode()
-    if len(raw) <= NAME_MAX:
+    if len(raw) <= limit:
         return name
     digest = hashlib.sha1(raw).hexdigest()[:12]
-    head = raw[:200].decode(errors="ignore")  # never cut a character in half
+    head = raw[:limit - 55].decode(errors="ignore")  # never cut a character in half
     return f"{head}...{digest}"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import RUN_FORMAT_VERSION
-from .config import UserError, flatten
+from .config import UserError, flatten, path_safe
 from .sweep import json_kind, metrics_problem, read_run_json
 
 METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "steps"]
@@ -274,7 +274,8 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Pa
         ax.set(xlabel="optimizer step", ylabel="train loss",
                title=f"{study}: loss per step (mean over seeds, band: min-max)")
         ax.legend()
-        path = out / f"{study}_loss.png"
+        # a file name, whatever the study is called (with room for the temporary file's name)
+        path = out / f"{path_safe(study, limit=200)}_loss.png"
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)

@@ -66,23 +66,23 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
     from .distributed import is_rank_zero
     from .records import write_json
 
-    path = run_dir / "run.json"
     if not is_rank_zero():
         return
-    try:
-        import json
+    from .sweep import read_run_json
 
-        old = json.loads(path.read_text())
-        if old.get("ended") or old.get("format_version", 0) > RUN_FORMAT_VERSION:
+    old, _ = read_run_json(run_dir)  # None for a missing or broken record
+    if old is not None:
+        version = old.get("format_version", 0)
+        if old.get("ended") or (isinstance(version, int) and version > RUN_FORMAT_VERSION):
             return
-    except (OSError, ValueError, AttributeError):
-        pass
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an unresolvable value is what failed
         config = OmegaConf.to_container(cfg, resolve=False)
-    write_json(path, {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": error,
-                      "config": config, "overrides": _overrides(), "choices": _choices()})
+    write_json(run_dir / "run.json", {"format_version": RUN_FORMAT_VERSION, "status": "failed",
+                                      "error": error,
+                                      "config": config, "overrides": _overrides(),
+                                      "choices": _choices()})
 
 
 def _parallel_launcher(hc) -> bool:
