@@ -215,3 +215,60 @@ def test_a_resume_under_another_thread_count_says_it_is_not_bitwise(tmp_path, da
         run(make_cfg(*overrides, "threads=1", data_root=data_root), same, callbacks=[Stop()])
     assert "bitwise" not in run(make_cfg(*overrides, "threads=1", data_root=data_root),
                                 same)["resumed"]
+
+
+def test_workers_of_a_parallel_sweep_stop_with_their_parent(tmp_path, data_root):
+    """SIGTERM to a joblib sweep's parent: its worker processes do not train on orphaned; each
+    gets SIGTERM in turn (PR_SET_PDEATHSIG), saves its job at a step and records it
+    interrupted, so the same sweep command can continue them."""
+    import psutil
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data=synthetic",
+            f"data.root={data_root}", "data.train_size=10000", "data.test_size=128",
+            "trainer.max_epochs=20", "probes=off", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    exe = Path(sys.executable).parent / "autograd-lab"
+    parent = subprocess.Popen([str(exe), *args], cwd=tmp_path, stderr=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2:
+        assert parent.poll() is None, parent.communicate()[1][-2000:]
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(parent.pid).children(recursive=True)
+               if "popen_loky" in " ".join(p.cmdline())]  # joblib's loky workers
+    assert workers, "no worker processes found"
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(60)
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+    records = [json.loads(p.read_text()) for p in sweep.glob("*/run.json")]
+    assert len(records) == 2 and all(r["status"] == "interrupted" for r in records), records
+
+
+def test_a_moved_data_folder_with_the_same_content_continues(tmp_path, data_root):
+    """data.root does not change results (config.NON_RESULT_KEYS): an interrupted run whose
+    data folder was copied elsewhere continues in the same run directory to the same curve."""
+    import shutil
+
+    import lightning as L
+
+    from autograd_lab.train import run
+
+    overrides = ("data.train_size=320", "data.test_size=128", "trainer.max_epochs=1")
+    old, new = tmp_path / "old_data", tmp_path / "new_data"
+
+    class Stop(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    reference = run(make_cfg(*overrides, data_root=old), tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run(make_cfg(*overrides, data_root=old), run_dir, callbacks=[Stop()])
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+    record = run(make_cfg(*overrides, data_root=new), run_dir)
+    assert record["status"] == "completed" and record["resumed"]["from_step"] == 4
+    assert losses(run_dir) == losses(tmp_path / "reference")
+    assert record["final"] == reference["final"]

@@ -54,8 +54,10 @@ def _escape(path: str) -> str:
     return str(path).replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
 
 
-def _die_with_parent() -> None:
-    """Linux: a rank ends when rank 0 does, even on SIGKILL (no orphan holding a GPU)."""
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent ends, even on SIGKILL: a DDP rank when
+    rank 0 does (no orphan holding a GPU), a parallel sweep's worker when the sweep does (it
+    then saves a checkpoint at its next step and stops, as for any SIGTERM)."""
     try:
         import ctypes
 
@@ -83,7 +85,7 @@ class _JobLauncher(_SubprocessScriptLauncher):
             command, cwd = child_command(local_rank)
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd,
-                                               preexec_fn=_die_with_parent))
+                                               preexec_fn=die_with_parent))
         return None
 
 

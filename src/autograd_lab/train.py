@@ -44,8 +44,18 @@ def main(cfg: DictConfig) -> dict | None:
                       f"run it again)", file=sys.stderr)
                 return done
         parallel = _parallel_launcher(hc)
-        return run(cfg, run_dir, progress_bar=_progress_bar_wanted(cfg, hc),
-                   threads=cfg.threads or (1 if parallel else None))
+        if parallel:  # a joblib/submitit worker ends with the sweep that started it
+            from .distributed import die_with_parent
+
+            die_with_parent()
+        try:
+            return run(cfg, run_dir, progress_bar=_progress_bar_wanted(cfg, hc),
+                       threads=cfg.threads or (1 if parallel else None))
+        except SystemExit as e:
+            if parallel and e.code not in (0, None):  # stopped by a signal, record written:
+                logging.shutdown()                    # a pool worker would live on idle
+                os._exit(e.code if isinstance(e.code, int) else 1)
+            raise
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
         if not multirun:
