@@ -184,6 +184,26 @@ def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
     assert losses(small_disk / "run") == losses(reference)
 
 
+def test_a_second_signal_during_the_last_writes_still_leaves_the_record(tmp_path, data_root,
+                                                                       monkeypatch):
+    """A SIGTERM that lands while the run writes metrics.parquet and run.json (a second Ctrl-C,
+    a scheduler's follow-up signal) does not cut them short: both are written."""
+    import autograd_lab.records as records
+    from autograd_lab.train import run
+
+    original = records.write_parquet
+
+    def signalled(path, frame):
+        os.kill(os.getpid(), signal.SIGTERM)
+        original(path, frame)
+
+    monkeypatch.setattr(records, "write_parquet", signalled)
+    record = run(make_cfg("trainer.max_steps=3", data_root=data_root), tmp_path / "run")
+    assert record["status"] == "completed"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
+    assert len(losses(tmp_path / "run")) == 3
+
+
 def test_a_resume_under_another_thread_count_says_it_is_not_bitwise(tmp_path, data_root,
                                                                     capsys):
     """Threads change floating-point sums, so a run continued under another thread count (on
@@ -272,3 +292,21 @@ def test_a_moved_data_folder_with_the_same_content_continues(tmp_path, data_root
     assert record["status"] == "completed" and record["resumed"]["from_step"] == 4
     assert losses(run_dir) == losses(tmp_path / "reference")
     assert record["final"] == reference["final"]
+
+
+def test_a_summary_being_written_is_not_written_twice_at_once(tmp_path, data_root):
+    """`autograd-lab summarize DIR` while another process writes DIR/summary: one line naming
+    the holder, exit 2, the folder as it was."""
+    from autograd_lab.train import run
+
+    for seed in (0, 1):
+        run(make_cfg(f"seed={seed}", "trainer.max_steps=2", data_root=data_root),
+            tmp_path / "sweep" / f"seed={seed}")
+    (tmp_path / "sweep" / "summary").mkdir()
+    with RunLock(tmp_path / "sweep" / "summary"):
+        out = cli("summarize", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0], out.stderr
+    assert [p.name for p in (tmp_path / "sweep" / "summary").iterdir()] == [LOCK_NAME]
+    assert cli("summarize", str(tmp_path / "sweep"), cwd=tmp_path).returncode == 0

@@ -289,15 +289,36 @@ def summarize(path, by: list[str] | None = None) -> Path:
     return summarize_runs(path, by)[0]
 
 
+def _summary_lock(path: Path):
+    """One writer for a summary folder too (two `summarize` calls, or one beside a sweep's end):
+    a second gets the lock's one-line error. A folder that cannot be made is left to the
+    writes below, which report it."""
+    import contextlib
+
+    from .lock import RunLock
+
+    try:
+        (path / "summary").mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return contextlib.nullcontext()
+    return RunLock(path / "summary")
+
+
 def summarize_runs(path, by: list[str] | None = None) -> tuple[Path, pd.DataFrame]:
     """Write path/summary/; return it and the runs table written there. Runs whose files do
     not parse are listed as broken (status `broken`, what is wrong as the error) and left out of
     the grouped table and the plots; the others are summarised as usual. A summary that cannot
     be written is a UserError."""
-    from .records import atomic_write_bytes, write_csv, write_parquet
 
     path = Path(path)
     runs = load_runs(path)
+    with _summary_lock(path):
+        return _write_summary(path, runs, by)
+
+
+def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
+    from .records import atomic_write_bytes, write_csv, write_parquet
+
     curves = load_curves(path)
     for name, problem in curves.attrs.get("broken", {}).items():  # a footer that parsed, data
         at = runs.index[(runs.run == name) & (runs.status != "broken")]  # that did not
