@@ -44,7 +44,8 @@ def test_ddp_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, data_root)
     # the Hydra pitfall: no rank made an output directory of its own
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        ".hydra", "checkpoints", "metrics.parquet", "run.json", "tb", "train.log"]
+        ".autograd_lab.lock", ".hydra", "checkpoints", "metrics.parquet", "run.json", "tb",
+        "train.log"]  # one lock: rank 0's
 
 
 def test_ddp_sweep_runs_each_job_once_in_its_own_directory(tmp_path, data_root):

@@ -68,8 +68,8 @@ def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path, data_root):
 def test_two_processes_started_on_one_directory_one_trains(tmp_path, data_root):
     """The race as it happens: the same command started twice. The second is refused while the
     first trains; the first's curve is complete and equals an in-process run of the config."""
-    args = ["train", *SMALL, f"data.root={data_root}", "model=resnet18", "model.stem=cifar",
-            "data.train_size=480", "probes=off", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = ["train", *SMALL, f"data.root={data_root}", "data.train_size=10000",
+            "trainer.max_epochs=4", "probes=off", f"hydra.run.dir={tmp_path / 'run'}"]
     exe = Path(sys.executable).parent / "autograd-lab"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
@@ -87,8 +87,8 @@ def test_two_processes_started_on_one_directory_one_trains(tmp_path, data_root):
     reference = tmp_path / "reference"
     from autograd_lab.train import run
 
-    run(make_cfg("data.root=" + str(data_root), "model=resnet18", "model.stem=cifar",
-                 "data.train_size=480", "probes=off", "threads=1"), reference)
+    run(make_cfg("data.root=" + str(data_root), "data.train_size=10000", "trainer.max_epochs=4",
+                 "probes=off", "threads=1"), reference)
     assert losses(tmp_path / "run") == losses(reference)
     assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 1
 
@@ -310,3 +310,20 @@ def test_a_summary_being_written_is_not_written_twice_at_once(tmp_path, data_roo
     assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0], out.stderr
     assert [p.name for p in (tmp_path / "sweep" / "summary").iterdir()] == [LOCK_NAME]
     assert cli("summarize", str(tmp_path / "sweep"), cwd=tmp_path).returncode == 0
+
+
+def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(tmp_path, data_root):
+    """A SIGKILL in the middle of an atomic write leaves `.NAME.xxxx.tmp` (117 MB for a
+    ResNet18 checkpoint); the next run in that directory removes such leftovers, and only them."""
+    from autograd_lab.train import run
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    leftovers = [run_dir / "checkpoints" / ".last.ckpt.k2j4.tmp", run_dir / ".run.json.a8.tmp",
+                 run_dir / ".metrics.parquet.zz.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    (run_dir / "notes.tmp").write_text("a user's own file")
+    run(make_cfg("trainer.max_steps=2", data_root=data_root), run_dir)
+    assert not any(p.exists() for p in leftovers)
+    assert (run_dir / "notes.tmp").exists()

@@ -36,7 +36,7 @@ def _cases():
         assert rejected, f"{key}: no candidate value is out of range: extend CANDIDATES"
         # one of each kind: a wrong type first, then out of range, then not finite
         kinds = [t for t in rejected if t in ("abc", "[1,2,3]", "true", "''")][:1] + \
-            [t for t in rejected if t in ("-1", "0", "1.5", "-0.5", "1099511627776", "2")][:2] + \
+            [t for t in rejected if t in ("-1", "0", "1.5", "-0.5", "1099511627776", "2")][:1] + \
             [t for t in rejected if t in ("inf", "nan")][:1]
         for text in kinds:
             yield pytest.param(key, text, id=f"{key}={text}")
