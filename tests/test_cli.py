@@ -134,3 +134,13 @@ def test_overrides_longer_than_a_file_name_still_name_a_directory(tmp_path, data
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("already completed") == 2
     assert sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "run.json").exists()) == jobs
+
+
+def test_printing_the_config_checks_the_overrides_too(tmp_path):
+    """`--cfg job` with a typo: the same one line and exit 2 as a run, not Hydra's traceback."""
+    out = cli("train", "--cfg", "job", "model=nope", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines == ["autograd-lab: error: model=nope: no such model; choices are: resnet18, "
+                     "smallnet"]
+    assert list(tmp_path.iterdir()) == []

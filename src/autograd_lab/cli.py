@@ -23,13 +23,15 @@ COMMANDS = {
     "profile": "a short profiled training run (or --op conv1d, the seed's case): op tables",
 }
 
-# Hydra flags that only print or install things: no job runs, so nothing to validate.
+# Hydra flags that only print help or install things: no config is composed, nothing to check.
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
-               "--version", "--cfg", "-c", "--resolve", "-p", "--package")
+               "--version")
+# Flags that print the composed config: the overrides are checked, no run directory is made.
+_PRINT_FLAGS = ("--cfg", "-c", "--resolve", "--package", "-p")
 
 
 _VALUE_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
-                "--experimental-rerun")
+                "--experimental-rerun", "--cfg", "-c", "--package", "-p")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +78,8 @@ def train(args: list[str]) -> int:
                 continue
             overrides.append(a)
         check_overrides(overrides, multirun)
-        _check_output_dir(args, multirun)
+        if not any(a.split("=")[0] in _PRINT_FLAGS for a in args):
+            _check_output_dir(args, multirun)
     from . import train as train_app
 
     sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else "autograd-lab", *args]
