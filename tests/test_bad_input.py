@@ -301,6 +301,11 @@ CASES = [
          creates_nothing=True),
     Case("newer run dir", train("hydra.run.dir={tmp}/run"), ["format_version=99", "newer"],
          setup=_setup_newer, keep=["run/run.json"]),
+    # tensorboard
+    Case("tensorboard no folder", ["tensorboard", "{tmp}/nope"], ["nope", "no such folder"],
+         creates_nothing=True),
+    Case("tensorboard no runs here", ["tensorboard"], ["no runs here", "runs/"],
+         creates_nothing=True),
     # summarize
     Case("summarize empty", ["summarize", "{tmp}/empty"], ["no such folder"]),
     Case("summarize unrelated", ["summarize", "{tmp}/other"], ["no runs found"],

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import cli, make_cfg
 
 SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1"]
 
@@ -144,3 +145,43 @@ def test_printing_the_config_checks_the_overrides_too(tmp_path):
     assert lines == ["autograd-lab: error: model=nope: no such model; choices are: resnet18, "
                      "smallnet"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_tensorboard_command_serves_every_step_and_stops_on_ctrl_c(tmp_path, data_root):
+    """A run of 1,500 steps: through `autograd-lab tensorboard`'s server (127.0.0.1, a free port
+    from the one asked for) the scalars API returns all 1,500 train/loss points (plain
+    TensorBoard keeps 1,000); Ctrl-C stops the server and the command exits 0."""
+    import signal
+    import socket
+    import urllib.request
+
+    from autograd_lab.train import run
+
+    run_dir = tmp_path / "runs" / "long"
+    run(make_cfg("data.train_size=12000", "data.batch_size=8", "trainer.max_epochs=1",
+                 "probes=off", "trainer.limit_val_batches=1", data_root=data_root), run_dir)
+    with socket.socket() as s:  # a port nobody listens on now, as a starting point
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "autograd-lab"
+    proc = subprocess.Popen([str(exe), "tensorboard", str(tmp_path / "runs"), f"--port={port}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("TensorBoard: http://127.0.0.1:"), (line, proc.stderr.read())
+        url = line.split()[1]
+        import time
+
+        points, deadline = [], time.time() + 60
+        while len(points) < 1500 and time.time() < deadline:  # TensorBoard loads in the back
+            time.sleep(0.5)
+            if "long/tb" in json.load(urllib.request.urlopen(f"{url}data/runs", timeout=30)):
+                points = json.load(urllib.request.urlopen(
+                    f"{url}data/plugin/scalars/scalars?tag=train%2Floss&run=long%2Ftb",
+                    timeout=30))
+        assert [p[1] for p in points] == list(range(1500))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    assert code == 0 and "Traceback" not in proc.stderr.read()

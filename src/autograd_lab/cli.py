@@ -21,6 +21,7 @@ COMMANDS = {
     "graph": "[overrides] --out PATH: the backward graph, its saved tensors, DOT and image",
     "summarize": "DIR [--by KEY ...]: summary/ for any folder of runs (tables, curves, plots)",
     "profile": "a short profiled training run (or --op conv1d, the seed's case): op tables",
+    "tensorboard": "[DIR ...] [--port N]: TensorBoard on 127.0.0.1 with every step kept",
 }
 
 # Hydra flags that only print help or install things: no config is composed, nothing to check.
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         handler = {"train": train, "demo": demo, "profile": profile, "summarize": summarize,
-                   "step-check": step_check, "graph": graph}.get(command)
+                   "step-check": step_check, "graph": graph,
+                   "tensorboard": tensorboard}.get(command)
         if handler is not None:
             return handler(rest)
         raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")
@@ -312,6 +314,92 @@ def profile(args: list[str]) -> int:
         print(f"\nprofiler: {json.loads(record.read_text())['profiler']['error']}")
     print(f"\ntraces: {run_dir / 'tb'} (open *.pt.trace.json in ui.perfetto.dev)")
     return code
+
+
+def command_path() -> str:
+    """How to call this console script again, pasteable as is (no activated venv needed)."""
+    exe = Path(sys.executable).parent / "autograd-lab"
+    if not exe.exists():
+        return "autograd-lab"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
+# TensorBoard keeps 1,000 points a scalar tag unless told otherwise: every step is the point.
+# Not scalars=0: TensorBoard's documented "keep all" returns no points at all from the fast
+# (Rust) data server of tensorboard 2.21 (tests/test_cli.py shows all 1,500 of a run's steps).
+SAMPLES = "scalars=10000000,images=100,histograms=500"
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def tensorboard(args: list[str]) -> int:
+    """`autograd-lab tensorboard [DIR ...] [--port N]`: this venv's TensorBoard on 127.0.0.1 with
+    every scalar kept, on a free port from N (6006) up; prints the URL; Ctrl-C stops it."""
+    import argparse
+    import subprocess
+    import time
+
+    parser = argparse.ArgumentParser(prog="autograd-lab tensorboard")
+    parser.add_argument("dirs", nargs="*", type=Path,
+                        help="folders of runs (default: runs and multirun, where they exist)")
+    parser.add_argument("--port", type=int, default=6006)
+    opts = parser.parse_args(args)
+    dirs = opts.dirs or [d for d in (Path("runs"), Path("multirun")) if d.is_dir()]
+    if not dirs:
+        raise UserError("no runs here (no runs/ or multirun/ folder); give a folder: "
+                        "autograd-lab tensorboard multirun/<study>/<sweep>")
+    missing = [d for d in dirs if not d.is_dir()]
+    if missing:
+        raise UserError(f"{missing[0]}: no such folder; give a folder of runs")
+    if not 1 <= opts.port <= 65535:
+        raise UserError(f"--port {opts.port}: must be in 1..65535")
+    port = next((p for p in range(opts.port, min(opts.port + 100, 65536))
+                 if not _listening(p)), None)
+    if port is None:
+        raise UserError(f"--port {opts.port}: it and the next 99 ports are taken")
+    if len(dirs) == 1:
+        where = ["--logdir", str(dirs[0])]
+    else:  # one named group per folder
+        where = ["--logdir_spec", ",".join(f"{d.name or d}:{d}" for d in dirs)]
+    command = [sys.executable, "-m", "tensorboard.main", *where, "--host", "127.0.0.1",
+               "--port", str(port), "--samples_per_plugin", SAMPLES]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.time() + 60
+        while not _listening(port):
+            if server.poll() is not None:
+                error = (server.stderr.read() or "").strip().splitlines()
+                raise UserError(f"tensorboard did not start: "
+                                f"{error[-1] if error else f'exit {server.returncode}'}")
+            if time.time() > deadline:
+                raise UserError(f"tensorboard did not listen on port {port} within 60 s")
+            time.sleep(0.1)
+        print(f"TensorBoard: http://127.0.0.1:{port}/ ({', '.join(map(str, dirs))}; every step "
+              f"kept). Ctrl-C stops it.", flush=True)
+        server.wait()
+        return server.returncode or 0
+    except KeyboardInterrupt:
+        print("TensorBoard stopped.", file=sys.stderr)
+        return 0
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 if __name__ == "__main__":

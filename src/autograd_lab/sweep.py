@@ -132,7 +132,9 @@ class SummaryCallback(Callback):
             sys.exit(1)
         print(f"\nsummary: {out / 'summary.md'} (runs.csv, runs.parquet, curves.parquet, "
               f"{', '.join(p.name for p in sorted(out.glob('*.png')))})")
-        print(f"tensorboard: tensorboard --logdir {sweep_dir}")
+        from .cli import command_path
+
+        print(f"tensorboard: {command_path()} tensorboard {sweep_dir}")
         bad = runs[runs.status.isin(["failed", "interrupted", "broken"])]
         for _, row in bad.iterrows():
             print(f"{row.status}: {row.run}: {row.error}", file=sys.stderr)
