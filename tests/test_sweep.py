@@ -49,7 +49,9 @@ def test_summary_numbers_come_from_the_run_records(tmp_path, data_root):
     out = cli("train", "-m", "experiment=zero_grad_study", *SMALL, f"data.root={data_root}",
               "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert f"tensorboard --logdir {sweep}" in out.stdout
+    # the command that opens it, pasteable as is (the venv's own console script)
+    assert f"tensorboard: {Path(sys.executable).parent / 'autograd-lab'} tensorboard {sweep}" \
+        in out.stdout
     records = _records(sweep)
     runs = load_runs(sweep)
     assert runs.attrs["swept"] == ["train.zero_grad"]  # seed is averaged over, not a group
