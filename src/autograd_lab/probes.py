@@ -14,48 +14,57 @@ layer1, ...) and for `all`:
   grad_none      how many parameter tensors have .grad None (frozen or cut off by a detach)
 
 and overall `frozen_max_change`, the largest |dw| of any frozen parameter (must stay 0).
-`full` adds weight and gradient histograms and the top Hessian eigenvalue (power iteration on
-Hessian-vector products of the current batch's loss) at sparser intervals.
+`full` adds weight and gradient histograms, and turns on the two second-order probes of
+dynamics.py at sparser intervals (any mode but off runs them when their interval is > 0):
+
+  sharpness         the top Hessian eigenvalue of the training loss on a probe set drawn once per
+                    run, next to stability_limit (2/lr for plain SGD): every
+                    sharpness_every_n_steps, at the weights the step about to run starts from
+  grad_noise_scale  B_simple = tr(Sigma)/|G|^2 and its parts gns_trace_sigma and gns_grad_sq,
+                    from its own draws of the training set: every gns_every_n_steps
 
 Nothing is synced per step: statistics are 0-d device tensors, stacked into one row per probe
 and handed to the RunRecorder, which writes them with the loss at its next flush. The probes
 never touch .grad, the weights, BatchNorm buffers or the global RNG, so they cannot change the
-curve they measure.
+curve they measure. The second-order probes have their own generators and evaluate the model
+with copies of its buffers (dynamics.py).
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
+from .config import UserError
+from .dynamics import (has_train_batchnorm, noise_scale, per_example_noise, sharpness,
+                       stability_limit, two_batch_noise)
+
+GNS_METHODS = ("auto", "per_example", "two_batch")
+SHARPNESS = ["probes/sharpness", "probes/stability_limit"]
+GNS = ["probes/grad_noise_scale", "probes/gns_trace_sigma", "probes/gns_grad_sq"]
 STATS = ("grad_norm", "acc_grad_norm", "weight_norm", "update_norm", "update_ratio",
          "dist_init", "cos_prev", "eff_lr", "grad_none")
 
 
-def top_hessian_eigenvalue(loss: torch.Tensor, params: list[torch.Tensor], iters: int = 10,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Largest-magnitude eigenvalue of d2 loss / d params2 by power iteration on HVPs."""
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    v = [torch.randn(p.shape, generator=generator).to(p) for p in params]
-    eig = torch.zeros((), device=loss.device)
-    for _ in range(iters):
-        norm = torch.sqrt(sum((x * x).sum() for x in v))
-        v = [x / norm for x in v]
-        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-        eig = sum((a * b).sum() for a, b in zip(hv, v, strict=True))  # Rayleigh quotient
-        v = [h.detach() for h in hv]
-    return eig.detach()
-
-
 class Probes(L.Callback):
     def __init__(self, recorder, mode: str = "cheap", every_n_steps: int = 10,
-                 histogram_every_n_steps: int = 100, hessian_every_n_steps: int = 200,
-                 hessian_iters: int = 10, zero_grad: bool = True):
+                 histogram_every_n_steps: int = 100, sharpness_every_n_steps: int = 0,
+                 sharpness_examples: int = 1024, sharpness_iters: int = 20,
+                 sharpness_batch_size: int | None = None, gns_every_n_steps: int = 0,
+                 gns_method: str = "auto", gns_batch_size: int = 256,
+                 gns_small_batch_size: int | None = None, zero_grad: bool = True):
+        if gns_method not in GNS_METHODS:
+            raise UserError(f"probes.gns_method={gns_method!r}: choices are: "
+                            f"{', '.join(GNS_METHODS)}")
         self.recorder, self.mode, self.every = recorder, mode, every_n_steps
-        self.hist_every, self.hess_every = histogram_every_n_steps, hessian_every_n_steps
-        self.hess_iters, self.zero_grad = hessian_iters, zero_grad
-        self.pending: list[tuple[int, int, torch.Tensor]] = []
+        self.hist_every, self.zero_grad = histogram_every_n_steps, zero_grad
+        self.sharp_every, self.sharp_examples = sharpness_every_n_steps, sharpness_examples
+        self.sharp_iters, self.sharp_batch = sharpness_iters, sharpness_batch_size
+        self.gns_every, self.gns_method, self.gns_batch = gns_every_n_steps, gns_method, \
+            gns_batch_size
+        self.gns_small = gns_small_batch_size
+        self.gns_method_used: str | None = None  # per_example or two_batch, once decided
+        self.pending: list[tuple[int, int, list[str], torch.Tensor]] = []
         self.frozen_max_change = 0.0
         self._restored: dict | None = None
         recorder.sources.append(self)
@@ -78,20 +87,58 @@ class Probes(L.Callback):
         self.columns = [f"probes/{s}/{g}" for s in STATS for g in [*self.groups, "all"]]
         self.columns.append("probes/frozen_max_change")
         self.snapshots: dict[int, list[torch.Tensor]] = {}  # step -> .grad after that step
-        self.generator = torch.Generator().manual_seed(0)
+        # the second-order probes' own random numbers: the training RNG never moves
+        self.sharp_gen = torch.Generator().manual_seed(1)
+        self.gns_gen = torch.Generator().manual_seed(2)
+        if self.sharp_every or self.gns_every:
+            self._second_order_setup(trainer, pl_module)
         if self._restored is not None:  # resuming: the run's own initial weights and history
             r, self._restored = self._restored, None
             self.w0 = [w.to(device) for w in r["w0"]]
             self.snapshots = {s: [g.to(device) for g in gs] for s, gs in r["snapshots"].items()}
-            self.generator.set_state(r["generator"])
+            if "sharp_gen" in r:  # (checkpoints from before the second-order probes lack them)
+                self.sharp_gen.set_state(r["sharp_gen"])
+                self.gns_gen.set_state(r["gns_gen"])
             self.frozen_max_change = r["frozen_max_change"]
+
+    def _second_order_setup(self, trainer, pl_module) -> None:
+        """The training set as the loader holds it (uint8, this rank's share), the sharpness
+        probe set (drawn once per run, the same in every run of a sweep), the batch sizes."""
+        from .data import normalize
+
+        loader = trainer.train_dataloader
+        self.data_x, self.data_y = loader.x, loader.y
+        self.normalize = normalize
+        n = len(self.data_y)
+        train_batch = min(loader.batch_size, n)
+        draw = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:self.sharp_examples]
+        self.probe_idx = draw.to(self.data_y.device)
+        self.sharp_batch = self.sharp_batch or train_batch
+        self.gns_small = self.gns_small or train_batch
+
+    def _gns_method(self, model) -> str:
+        """per_example or two_batch, decided at the first call (the model's train/eval modes,
+        frozen BatchNorms included, are settled by then)."""
+        if self.gns_method_used is None:
+            method = self.gns_method
+            if method == "auto":  # per-example gradients only where examples do not mix
+                method = "two_batch" if has_train_batchnorm(model) else "per_example"
+            elif method == "per_example" and has_train_batchnorm(model):
+                raise UserError("probes.gns_method=per_example: this model has BatchNorm in "
+                                "train mode (a batch's examples mix); use two_batch or auto")
+            if method == "two_batch" and self.gns_batch < 2 * self.gns_small:
+                raise UserError(f"probes.gns_batch_size={self.gns_batch}: two_batch needs at "
+                                f"least two batches of {self.gns_small} "
+                                f"(probes.gns_small_batch_size)")
+            self.gns_method_used = method
+        return self.gns_method_used
 
     # -- checkpoints: what the rest of the probe rows depend on
     def state_dict(self) -> dict:
         if not hasattr(self, "w0"):
             return {}
         return {"w0": self.w0, "snapshots": self.snapshots,
-                "generator": self.generator.get_state(),
+                "sharp_gen": self.sharp_gen.get_state(), "gns_gen": self.gns_gen.get_state(),
                 "frozen_max_change": self.frozen_max_change}
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,6 +151,11 @@ class Probes(L.Callback):
     # -- Lightning's per-batch hooks: one batch is one optimizer step
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step  # the step about to run
+        # second-order probes at the weights this step starts from (where train/loss is taken)
+        if self.sharp_every and step % self.sharp_every == 0:
+            self._sharpness(trainer, pl_module, step)
+        if self.gns_every and step % self.gns_every == 0:
+            self._noise_scale(trainer, pl_module, step)
         if step % self.every == 0:
             self.w_before = [p.detach().clone() for p in self.params]
         if self.mode == "full" and step % self.hist_every == 0 and self.recorder.writer:
@@ -118,9 +170,11 @@ class Probes(L.Callback):
             self.acc = self._grads()
             self.none = torch.tensor([p.grad is None for p in self.params],
                                      device=self.group_of.device)
-            self.pending.append((step, trainer.current_epoch, self._row(step)))
-        if self.mode == "full":  # histograms and Hessian keep their own intervals
-            self._full(trainer, pl_module, batch, step)
+            self.pending.append((step, trainer.current_epoch, self.columns, self._row(step)))
+        if self.mode == "full" and step % self.hist_every == 0 and self.recorder.writer:
+            for name, p in zip(self.names, self.params, strict=True):  # the .grad the update used
+                if p.grad is not None:
+                    self.recorder.writer.add_histogram(f"grads/{name}", p.grad.detach(), step)
         # Keep .grad after the one or two steps before a probe: enough to recover the previous
         # step's own gradient (and, when .grad accumulates, this step's increment).
         if (step + 1) % every == 0 or (not self.zero_grad and (step + 2) % every == 0):
@@ -173,32 +227,41 @@ class Probes(L.Callback):
             if frozen else torch.zeros(1, device=g2.device)
         return torch.cat([*stats, frozen_change])
 
-    def _full(self, trainer, pl_module, batch, step: int) -> None:
-        if step % self.hist_every == 0 and self.recorder.writer:  # the .grad the update used
-            for name, p in zip(self.names, self.params, strict=True):
-                if p.grad is not None:
-                    self.recorder.writer.add_histogram(f"grads/{name}", p.grad.detach(), step)
-        if step % self.hess_every == 0:
-            # the parameters the loss reaches (not frozen, not cut off by a detach)
-            live = [p for p in self.params if p.requires_grad and p.grad is not None]
-            model = pl_module.model
-            buffers = {k: b.clone() for k, b in model.named_buffers()}  # BN stats must not move
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(batch[0]), batch[1])
-                eig = top_hessian_eigenvalue(loss, live, self.hess_iters, self.generator)
-            with torch.no_grad():
-                for k, b in model.named_buffers():
-                    b.copy_(buffers[k])
-            self.pending.append((step, trainer.current_epoch, eig.view(1)))
+    # -- second-order probes (dynamics.py): own draws, buffer copies, no .grad
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.normalize(self.data_x[idx]), self.data_y[idx]
+
+    def _sharpness(self, trainer, pl_module, step: int) -> None:
+        idx = self.probe_idx
+        batches = [self._batch(idx[lo:lo + self.sharp_batch])
+                   for lo in range(0, len(idx), self.sharp_batch)]
+        eig = sharpness(pl_module.model, batches, self.sharp_iters, self.sharp_gen)
+        limit = stability_limit(trainer.optimizers[0])
+        if limit is None:  # Adam: no raw-Hessian threshold to compare with
+            self.pending.append((step, trainer.current_epoch, SHARPNESS[:1], eig.view(1)))
+        else:
+            row = torch.stack([eig.to(torch.float64), torch.tensor(limit, dtype=torch.float64,
+                                                                   device=eig.device)])
+            self.pending.append((step, trainer.current_epoch, SHARPNESS, row))
+
+    def _noise_scale(self, trainer, pl_module, step: int) -> None:
+        n = len(self.data_y)
+        idx = torch.randint(n, (self.gns_batch,), generator=self.gns_gen)  # with replacement:
+        x, y = self._batch(idx.to(self.data_y.device))  # the estimators are then unbiased
+        if self._gns_method(pl_module.model) == "per_example":
+            trace, grad_sq = per_example_noise(pl_module.model, x, y)
+        else:
+            trace, grad_sq = two_batch_noise(pl_module.model, x, y, self.gns_small)
+        row = torch.stack([noise_scale(trace, grad_sq), trace, grad_sq])
+        self.pending.append((step, trainer.current_epoch, GNS, row))
 
     # -- the recorder calls this at each flush: one sync for all pending rows
     def drain(self) -> list[tuple[int, int, dict[str, float]]]:
         out = []
-        for step, epoch, row in self.pending:
+        for step, epoch, names, row in self.pending:
             values = row.tolist()
-            names = self.columns if len(values) == len(self.columns) else ["probes/hessian_top_eig"]
             out.append((step, epoch, dict(zip(names, values, strict=True))))
-            if len(values) == len(self.columns):
+            if names is self.columns:
                 self.frozen_max_change = max(self.frozen_max_change, values[-1])
         self.pending.clear()
         return out

@@ -1,0 +1,139 @@
+"""What the probes cost, measured side by side in one process.
+
+1. overhead: whole harness runs (SmallNet, synthetic data, batch 32), `probes=off` and
+   `probes=cheap` alternating, several repeats, at 1 and 2 torch threads: the ratio of training
+   seconds, cheap/off, per pair (target: within 5%).
+2. cost: each second-order probe per call (ms) at its defaults (conf/probes/full.yaml), against
+   the time of one training step at batch 32, and its share of a run at its default interval:
+   call / (interval x step).
+
+    .venv/bin/python scripts/bench_probes.py                  # both parts, CPU
+    .venv/bin/python scripts/bench_probes.py --part cost --device cuda --models resnet18
+
+On a CPU, ResNet18's sharpness call at 1024 examples takes minutes: `--resnet-examples` measures
+it on fewer examples and scales linearly to the default (said in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+FULL = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/probes/full.yaml").read_text())
+
+
+def overhead(repeats: int, threads: list[int], steps: int) -> None:
+    from autograd_lab.config import compose
+    from autograd_lab.train import run
+
+    tmp = Path(tempfile.mkdtemp())
+    common = ["data=synthetic", f"data.root={tmp / 'data'}", f"data.train_size={steps * 32}",
+              "data.test_size=256", "trainer.max_epochs=1", "trainer.progress_bar=false",
+              "logger=tensorboard", "checkpoint.every_n_steps=0"]
+    counter = iter(range(10_000))
+    for n in threads:
+        torch.set_num_threads(n)
+        run(compose([*common, "probes=off", f"threads={n}"]), tmp / f"w{next(counter)}")  # warm
+        ratios, secs = [], {"off": [], "cheap": []}
+        for _ in range(repeats):
+            pair = {}
+            for mode in ("off", "cheap"):
+                rec = run(compose([*common, f"probes={mode}", f"threads={n}"]),
+                          tmp / f"r{next(counter)}")
+                pair[mode] = rec["train_seconds"]
+                secs[mode].append(rec["train_seconds"])
+            ratios.append(pair["cheap"] / pair["off"])
+        print(f"threads={n}: {steps} steps/run, {repeats} pairs; off {statistics.median(secs['off']):.3f} s, "
+              f"cheap {statistics.median(secs['cheap']):.3f} s (medians); cheap/off per pair: "
+              f"{', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
+
+
+def _timed(fn, repeats: int, device) -> float:
+    """Median milliseconds of fn() over repeats (after one warm-up call)."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(out)
+
+
+def cost(models: list[str], device: torch.device, resnet_examples: int) -> None:
+    from autograd_lab.dynamics import (has_train_batchnorm, per_example_noise, sharpness,
+                                       two_batch_noise)
+    from autograd_lab.models import SmallNet, resnet18
+
+    g = torch.Generator().manual_seed(0)
+    n_sharp, iters = FULL["sharpness_examples"], FULL["sharpness_iters"]
+    n_gns = FULL["gns_batch_size"]
+    for name in models:
+        torch.manual_seed(0)
+        model = (SmallNet() if name == "smallnet" else resnet18()).to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        x = torch.randn(n_sharp, 3, 32, 32, generator=g).to(device)
+        y = torch.randint(0, 10, (n_sharp,), generator=g).to(device)
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(model(x[:32]), y[:32]).backward()
+            opt.step()
+
+        step_ms = _timed(step, 20, device)
+        print(f"{name} on {device}: training step (batch 32) {step_ms:.2f} ms")
+        examples = n_sharp if name == "smallnet" or device.type == "cuda" else resnet_examples
+        batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, examples, 32)]
+        ms = _timed(lambda: sharpness(model, batches, iters, torch.Generator().manual_seed(1)),
+                    1 if examples < n_sharp or name != "smallnet" else 3, device)
+        note = ""
+        if examples < n_sharp:
+            ms *= n_sharp / examples
+            note = f" (measured on {examples} examples, scaled to {n_sharp})"
+        every = FULL["sharpness_every_n_steps"]
+        print(f"  sharpness ({n_sharp} examples, {iters} Lanczos iterations): {ms:.0f} ms per "
+              f"call{note} = {ms / step_ms:.0f} steps; every {every} steps: "
+              f"{ms / (every * step_ms):.1%} of the run")
+        every = FULL["gns_every_n_steps"]
+        methods = ["two_batch"] if has_train_batchnorm(model) else ["per_example", "two_batch"]
+        for method in methods:
+            xs, ys = x[:n_gns], y[:n_gns]
+            if method == "per_example":
+                fn = lambda: per_example_noise(model, xs, ys)  # noqa: E731
+            else:
+                fn = lambda: two_batch_noise(model, xs, ys, 32)  # noqa: E731
+            ms = _timed(fn, 3 if name == "smallnet" or device.type == "cuda" else 1, device)
+            print(f"  grad noise scale, {method} ({n_gns} draws): {ms:.1f} ms per call = "
+                  f"{ms / step_ms:.1f} steps; every {every} steps: "
+                  f"{ms / (every * step_ms):.1%} of the run")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["overhead", "cost", "all"], default="all")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--steps", type=int, default=256, help="steps per overhead run")
+    ap.add_argument("--models", nargs="+", default=["smallnet", "resnet18"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--resnet-examples", type=int, default=64)
+    args = ap.parse_args()
+    if args.part in ("overhead", "all"):
+        overhead(args.repeats, args.threads, args.steps)
+    if args.part in ("cost", "all"):
+        torch.set_num_threads(args.threads[0])
+        cost(args.models, torch.device(args.device), args.resnet_examples)
+
+
+if __name__ == "__main__":
+    main()
