@@ -13,8 +13,8 @@ PROFILE = ("profiler=torch", "profiler.wait=1", "profiler.warmup=1", "profiler.a
 def test_traces_tables_and_text_tab(train_run):
     record, run_dir = train_run(*PROFILE, "model.activation=custom_relu")
     assert record["status"] == "completed"
-    traces = list((run_dir / "tb").glob("*.pt.trace.json"))
-    assert len(traces) == 1 and record["profiler"]["trace_files"] == [traces[0].name]
+    traces = list((run_dir / "profiler").glob("*.pt.trace.json"))
+    assert len(traces) == 1 and record["profiler"]["trace_files"] == [f"profiler/{traces[0].name}"]
     events = json.loads(traces[0].read_text())["traceEvents"]  # Chrome trace JSON
     names = [e.get("name", "") for e in events]
     assert names.count("aten::convolution") == 3  # one forward conv per profiled step

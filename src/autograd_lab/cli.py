@@ -18,7 +18,8 @@ COMMANDS = {
     "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
     "demo": "run the seed's zero-grad study (CIFAR-10 when present, else synthetic data)",
     "step-check": "one forward/backward/step; every parameter against its update rule",
-    "graph": "[overrides] --out PATH: the backward graph, its saved tensors, DOT and image",
+    "graph": "[overrides] --out PATH [--tensorboard DIR]: the backward graph, its saved "
+             "tensors, DOT, image, TensorBoard graph",
     "summarize": "DIR [--by KEY ...]: summary/ for any folder of runs (tables, curves, plots)",
     "profile": "a short profiled training run (or --op conv1d, the seed's case): op tables",
     "tensorboard": "[DIR ...] [--port N]: TensorBoard on 127.0.0.1 with every step kept",
@@ -226,16 +227,28 @@ def graph(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="autograd-lab graph")
     parser.add_argument("--out", type=Path, required=True, help="path without extension")
     parser.add_argument("--format", choices=["svg", "png", "dot"], default="svg")
+    parser.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                        help="also write the graph as a TensorBoard run in DIR (Graphs tab; "
+                             "nodes grouped by module), as every training run writes it")
     opts = parser.parse_args(flags)
     cfg = _compose(overrides, ["data=synthetic"])
     import torch.nn.functional as F
 
-    from .graph import render, saved_bytes_by_hooks, walk
+    from .graph import graph_def, module_scopes, render, saved_bytes_by_hooks, walk, write_graph
 
     model, x, y = _model_and_batch(cfg)
     model.train()
-    loss, backward = saved_bytes_by_hooks(lambda: F.cross_entropy(model(x), y))
-    g = walk(loss, dict(model.named_parameters()), dict(model.named_buffers()))
+    buffers = dict(model.named_buffers())
+    resident = [y]  # the labels are a view of the resident label array: alive anyway
+    scopes: dict = {}
+
+    def forward():
+        loss, found = module_scopes(model, lambda: F.cross_entropy(model(x), y))
+        scopes.update(found)
+        return loss
+
+    loss, backward = saved_bytes_by_hooks(forward, exclude=[*buffers.values(), *resident])
+    g = walk(loss, dict(model.named_parameters()), buffers, resident, scopes)
     hooked = backward()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     table = g.table()
@@ -245,11 +258,21 @@ def graph(args: list[str]) -> int:
                          f"{cfg.model.name}: {len(g.nodes)} nodes, saves {g.saved_bytes} B")
     print(f"{len(g.nodes)} nodes, {sum(1 for n in g.nodes if n['param'])} parameter leaves")
     verdict = "agree" if hooked == g.saved_bytes else "DISAGREE"
-    print(f"saved for backward: {g.saved_bytes} bytes ({g.saved_bytes / 2**20:.2f} MiB), of which "
-          f"{g.activation_bytes / 2**20:.2f} MiB activations (the rest is parameters and "
-          f"buffers, alive anyway); saved_tensors_hooks count {hooked} bytes: {verdict}")
+    print(f"saved for backward: {g.saved_bytes} bytes ({g.saved_bytes / 2**20:.2f} MiB) kept "
+          f"alive by the graph alone (it also references {g.total_bytes - g.saved_bytes} bytes "
+          f"of parameters, buffers and resident data, alive anyway); saved_tensors_hooks count "
+          f"{hooked} bytes: {verdict}")
     tables = [opts.out.with_suffix(".csv"), opts.out.with_suffix(".parquet")]
+    if opts.tensorboard is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(opts.tensorboard))
+        write_graph(writer, graph_def(g))
+        writer.close()
+        files.append(opts.tensorboard)
     print("written: " + ", ".join(str(f) for f in [*tables, *files]))
+    if opts.tensorboard is not None:
+        print(f"see it in the Graphs tab: {command_path()} tensorboard {opts.tensorboard}")
     if note:
         print(note)
     return 0 if hooked == g.saved_bytes else 1

@@ -1,17 +1,34 @@
 """The backward graph of a loss: nodes, edges, leaves named by parameter, saved tensors.
 
-`walk(loss, params)` follows grad_fn -> next_functions down to AccumulateGrad (as torchviz's
-make_dot does) and lists, for each node, the tensors it saved for backward (`_saved_*`
-attributes, or `saved_tensors` for a custom Function): what backward keeps alive.
-`saved_bytes_by_hooks(fn)` counts the same thing independently, with
-`torch.autograd.graph.saved_tensors_hooks` (the tensors backward unpacks), as the oracle.
+`walk(loss, params, buffers, resident)` follows grad_fn -> next_functions down to AccumulateGrad
+(as torchviz's make_dot does) and lists, for each node, the tensors it saved for backward
+(`_saved_*` attributes, or `saved_tensors` for a custom Function).
+
+What backward keeps alive is counted per storage (a tensor saved twice, or as two views, keeps
+its storage alive once, and whole), leaving out the storages that outlive the graph anyway:
+parameters, buffers and the resident data set (a batch's labels are a view of the resident
+label array: saving them costs nothing). `saved_bytes_by_hooks(fn)` counts the same thing
+independently, with `torch.autograd.graph.saved_tensors_hooks` (the tensors backward unpacks),
+as the oracle.
+
+For TensorBoard's Graphs dashboard: `module_scopes` records which module's forward made each
+node, `graph_def` turns a walk into a GraphDef with '/' scopes by module, `write_graph` puts it
+in a run's event file, and the `TensorBoardGraph` callback does all of it once per run, on a
+copy of the model.
 """
 
 from __future__ import annotations
 
+import copy
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
+import lightning as L
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 
 def _key(t: torch.Tensor) -> int:
@@ -26,20 +43,26 @@ def _bytes(t: torch.Tensor) -> int:
 
 @dataclass
 class Graph:
-    nodes: list[dict] = field(default_factory=list)     # id, name, kind, param, saved, bytes
-    edges: list[tuple[int, int]] = field(default_factory=list)  # (from node, to node)
+    nodes: list[dict] = field(default_factory=list)  # id, name, module, param, saved, saved_bytes
+    edges: list[tuple[int, int]] = field(default_factory=list)  # (node, its next function)
     saved: dict[int, tuple[str, int]] = field(default_factory=dict)  # storage -> (where, bytes)
     state: set[int] = field(default_factory=set)  # storages of parameters and buffers
+    resident: set[int] = field(default_factory=set)  # storages of the resident data set
+
+    def counts(self, key: int) -> bool:
+        """Whether a saved storage is kept alive by the graph alone."""
+        return key not in self.state and key not in self.resident
 
     @property
     def saved_bytes(self) -> int:
-        """Everything the graph references for backward, parameters and buffers included."""
-        return sum(b for _, b in self.saved.values())
+        """What backward alone keeps alive: saved storages that are neither model state
+        (parameters, buffers) nor resident data."""
+        return sum(b for k, (_, b) in self.saved.items() if self.counts(k))
 
     @property
-    def activation_bytes(self) -> int:
-        """What backward alone keeps alive: saved tensors that are not model state."""
-        return sum(b for k, (_, b) in self.saved.items() if k not in self.state)
+    def total_bytes(self) -> int:
+        """Every storage the graph references, model state and resident data included."""
+        return sum(b for _, b in self.saved.values())
 
     def table(self):
         import pandas as pd
@@ -82,33 +105,42 @@ def _saved_tensors(node) -> list[tuple[str, torch.Tensor]]:
 
 
 def walk(loss: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
-         buffers: dict[str, torch.Tensor] | None = None) -> Graph:
-    """`params` names the leaves; `params` and `buffers` are model state, kept alive anyway."""
+         buffers: dict[str, torch.Tensor] | None = None, resident=(),
+         scopes: dict | None = None) -> Graph:
+    """`params` names the leaves; `params`, `buffers` and `resident` (the data set's tensors)
+    outlive the graph: what they share is not counted as saved. `scopes` ({node: module name},
+    from `module_scopes`) places each node in a module; a node it does not know (made inside a
+    composite op) takes the module of the node that leads to it, a parameter's leaf its own."""
     names = {id(p): n for n, p in (params or {}).items()}
-    graph, ids, stack = Graph(), {}, [loss.grad_fn]
+    scopes = scopes or {}
+    graph, ids, stack = Graph(), {}, [(loss.grad_fn, "")]
     graph.state = {_key(t) for t in [*(params or {}).values(), *(buffers or {}).values()]}
+    graph.resident = {_key(t) for t in resident}
     while stack:
-        node = stack.pop()
+        node, outer = stack.pop()
         if node is None or node in ids:
             continue
         ids[node] = len(ids)
         variable = getattr(node, "variable", None)
+        param = names.get(id(variable)) if variable is not None else None
+        module = param.rpartition(".")[0] if param else scopes.get(node, outer)
         saved = _saved_tensors(node)
-        fresh = 0
+        fresh, described = 0, []
         for attr, t in saved:
-            key = _key(t)
+            key, size = _key(t), _bytes(t)
             if key not in graph.saved:
-                graph.saved[key] = (f"{type(node).__name__}.{attr}", _bytes(t))
-                fresh += _bytes(t)
-        graph.nodes.append({
-            "id": ids[node], "name": type(node).__name__,
-            "param": names.get(id(variable)) if variable is not None else None,
-            "saved": "; ".join(f"{a}: {tuple(t.shape)} {str(t.dtype)[6:]} {_bytes(t)} B"
-                               for a, t in saved),
-            "saved_bytes": fresh})
+                graph.saved[key] = (f"{type(node).__name__}.{attr}", size)
+                fresh += size if graph.counts(key) else 0
+            why = ("" if graph.counts(key) else
+                   " (model state, not counted)" if key in graph.state else
+                   " (resident data, not counted)")
+            described.append(f"{attr}: {tuple(t.shape)} {str(t.dtype)[6:]} {size} B{why}")
+        graph.nodes.append({"id": ids[node], "name": type(node).__name__, "module": module,
+                            "param": param, "saved": "; ".join(described),
+                            "saved_bytes": fresh})
         for child, _ in node.next_functions:
             if child is not None:
-                stack.append(child)
+                stack.append((child, module))
     for node, i in ids.items():
         for child, _ in node.next_functions:
             if child is not None:
@@ -116,22 +148,30 @@ def walk(loss: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
     return graph
 
 
-def saved_bytes_by_hooks(forward):
+def _is_parameter(t: torch.Tensor) -> bool:
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+
+
+def saved_bytes_by_hooks(forward, exclude=()):
     """The oracle for what backward keeps alive, counted without walking the graph.
 
     Runs `forward()` under `saved_tensors_hooks` and returns (loss, backward): calling
-    `backward()` runs loss.backward() and returns the bytes of the unique saved tensors that
-    backward unpacked. Tensors saved by a part of the graph that a detach cut off are never
-    unpacked, so they do not count (they are freed with that part). Walk the graph before
-    calling it: backward frees the saved tensors.
+    `backward()` runs loss.backward() and returns the bytes of the unique storages of the saved
+    tensors that backward unpacked, leaving out parameters (and views of them: told by their
+    type, not by a list) and the storages of the tensors in `exclude` (buffers, the resident
+    data set). Tensors saved by a part of the graph that a detach cut off are never unpacked,
+    so they do not count (they are freed with that part). Walk the graph before calling it:
+    backward frees the saved tensors.
     """
     seen: dict[int, int] = {}  # storage address -> its size, counted here on its own
+    outlive = {t.untyped_storage().data_ptr() for t in exclude}
     in_backward = [False]
 
     def unpack(t):
-        if in_backward[0]:
+        if in_backward[0] and not _is_parameter(t):
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in outlive:
+                seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
@@ -143,6 +183,156 @@ def saved_bytes_by_hooks(forward):
         return sum(seen.values())
 
     return loss, backward
+
+
+# ------------------------------------------------------------------ modules, for TensorBoard
+class _Scopes(TorchFunctionMode):
+    """Sees every op's output during a forward pass and files the node that made it under the
+    module whose forward is running (a stack kept by module hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.scopes = [""], {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                self.scopes.setdefault(t.grad_fn, self.stack[-1])
+        return out
+
+
+def module_scopes(model: nn.Module, forward):
+    """Run `forward()` and return (its result, {graph node: name of the innermost module whose
+    forward made it}); the module hooks are removed again."""
+    rec = _Scopes()
+
+    def enter(name):
+        def hook(module, args):
+            rec.stack.append(name)
+        return hook
+
+    def leave(module, args, output):
+        rec.stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles += [module.register_forward_pre_hook(enter(name)),
+                        module.register_forward_hook(leave)]
+    try:
+        with rec:
+            result = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return result, rec.scopes
+
+
+def step_graph(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eval_modules=(),
+               resident=()) -> Graph:
+    """The graph of one training step's loss (cross-entropy, as the training step computes it),
+    built on a deep copy of `model` in training mode (the modules in `eval_modules`, e.g. frozen
+    BatchNorm, in eval mode, as the training step has them) under a forked RNG: the weights,
+    `.grad`, BatchNorm statistics and RNG states of `model` are left as they were. The data set's
+    tensors in `resident` are not counted as saved (the labels are a view of them)."""
+    memo: dict = {}
+    clone = copy.deepcopy(model, memo)  # forward hooks come along: a detach_at stays in place
+    clone.train()
+    for m in eval_modules:
+        memo[id(m)].eval()
+    devices = [torch.cuda.current_device()] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        loss, scopes = module_scopes(clone, lambda: F.cross_entropy(clone(x), y))
+        return walk(loss, dict(clone.named_parameters()), dict(clone.named_buffers()), resident,
+                    scopes)
+
+
+def graph_def(graph: Graph):
+    """The walk as a TensorBoard GraphDef: one node per graph node, named `<module path>/<op>`
+    ('/' scopes group a module's nodes; a parameter's leaf is `<module path>/<name>`, op
+    `AccumulateGrad`); a node's inputs are its next functions (the direction of the DOT picture:
+    the forward pass's, gradients flow against the arrows). Attributes: `saved` (what the node
+    keeps for backward), `saved_bytes` (counted: neither model state nor resident data),
+    `param` on leaves; the loss node also `graph_saved_bytes` and `graph_nodes`."""
+    from tensorboard.compat.proto.attr_value_pb2 import AttrValue
+    from tensorboard.compat.proto.graph_pb2 import GraphDef
+
+    names, taken = {}, set()
+    for n in graph.nodes:
+        if n["param"]:
+            base = n["param"].replace(".", "/")
+        else:
+            scope = (n["module"] or "").replace(".", "/")
+            base = f"{scope}/{n['name']}" if scope else n["name"]
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        names[n["id"]] = name
+    inputs = defaultdict(list)
+    for a, b in graph.edges:
+        inputs[a].append(names[b])
+    out = GraphDef()
+    for n in graph.nodes:
+        attr = {"saved_bytes": AttrValue(i=n["saved_bytes"])}
+        if n["saved"]:
+            attr["saved"] = AttrValue(s=n["saved"].encode())
+        if n["param"]:
+            attr["param"] = AttrValue(s=n["param"].encode())
+        if n["id"] == 0:
+            attr["graph_saved_bytes"] = AttrValue(i=graph.saved_bytes)
+            attr["graph_nodes"] = AttrValue(i=len(graph.nodes))
+        out.node.add(name=names[n["id"]], op=n["name"], input=inputs[n["id"]], attr=attr)
+    return out
+
+
+def write_graph(writer, gdef) -> None:
+    """Put a GraphDef into a SummaryWriter's event file, as the Graphs dashboard reads it (an
+    Event with `graph_def`). torch's public `SummaryWriter.add_graph` traces a model with
+    torch.jit and takes no ready GraphDef, so this goes through the writer's file writer:
+    `_get_file_writer()` is private (it also writes a resumed run's purge marker first);
+    tests/test_tensorboard_graph_profiler.py::test_summary_writer_takes_a_graph_def fails if
+    torch changes it."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    writer._get_file_writer().add_event(Event(graph_def=gdef.SerializeToString()))
+    writer.flush()
+
+
+class TensorBoardGraph(L.Callback):
+    """Writes the backward graph of the first training batch's loss into the run's TensorBoard
+    (Graphs dashboard) once, when training starts, from a copy of the model (`step_graph`): the
+    curve does not change. Nothing on a resumed run (its first attempt wrote it), on DDP ranks
+    other than 0, or without a TensorBoard logger (logger=csv). `seconds`: what it cost."""
+
+    def __init__(self, recorder, resumed: bool = False):
+        self.recorder, self.resumed = recorder, resumed
+        self.seconds: float | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        if self.resumed or not trainer.is_global_zero:
+            return
+        writer = self.recorder.writer
+        if writer is None:
+            return
+        t0 = time.perf_counter()
+        x, y, resident = first_batch(trainer)
+        graph = step_graph(pl_module.model, x, y, getattr(pl_module, "frozen_bn", ()), resident)
+        write_graph(writer, graph_def(graph))
+        self.seconds = time.perf_counter() - t0
+
+
+def first_batch(trainer):
+    """The first batch of the run's training data, prepared as the step gets it, without moving
+    the loader (its position is in every checkpoint); and the resident tensors it comes from."""
+    loader = trainer.train_dataloader
+    batch = loader.take(loader._epoch_plan(), 0, loader.batch_size)  # epoch 0, batch 0
+    batch = batch[:2] if batch[2] is None else batch
+    x, y = trainer.datamodule.on_after_batch_transfer(batch, 0)
+    resident = [loader.x, loader.y, *getattr(trainer.datamodule, "tensors", {}).values()]
+    return x, y, resident
 
 
 def render(graph: Graph, out, fmt: str = "svg", title: str = "") -> tuple[list, str | None]:

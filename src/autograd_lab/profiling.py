@@ -1,9 +1,18 @@
-"""torch.profiler around training: trace files beside the run's scalars, and op tables.
+"""torch.profiler around training: trace files, op tables, and what TensorBoard shows of them.
 
 `profiler=torch` wraps training in `torch.profiler.profile` with a wait/warmup/active schedule.
-Each finished cycle is written by `tensorboard_trace_handler` into the run's `tb/` folder (open
-the `*.pt.trace.json` in ui.perfetto.dev or chrome://tracing; no TensorBoard plugin needed). At
-the end of the run:
+Each finished cycle is written by `tensorboard_trace_handler` into the run's `profiler/` folder
+(Chrome trace JSON: open it offline in Chromium's built-in chrome://tracing, or in Perfetto,
+ui.perfetto.dev; no TensorBoard plugin needed). In TensorBoard, through the run's recorder:
+
+  profiler/phase_ms/<phase>   per profiled step: forward, backward, optimizer, data, logging and
+                              other (what no phase covers), ms; profiler/step_ms the whole step
+  profiler/op_self_ms/<op>    per profiling cycle: the cycle's top ops by self CPU time, ms per
+                              step (profiler/op_self_cuda_ms/<op> by self CUDA time on a GPU)
+  Text tab                    profiler/ops, profiler/fwd_bwd (the tables below) and
+                              profiler/traces (this attempt's trace files, how to open them)
+
+At the end of the run:
 
   profile_ops.csv      the seed's table: key averages by self CPU time (+ device columns on GPU),
                        also in TensorBoard's Text tab (`profiler/ops`)
@@ -20,6 +29,8 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
+from bisect import bisect_right
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +38,8 @@ import lightning as L
 import torch
 
 PHASES = ("forward", "backward", "optimizer", "data", "logging")
+TOP_OPS = 8  # ops per profiling cycle shown as scalars
+_NOT_OPS = ("ProfilerStep", "autograd_lab::")  # ranges, not ops: the phases show them
 
 
 def ops_table(averages) -> pandas.DataFrame:  # noqa: F821
@@ -85,17 +98,83 @@ def fwd_bwd_table(events, step_total_us: float | None = None) -> pandas.DataFram
     return frame.sort_values("backward_us", ascending=False, ignore_index=True)
 
 
+def key_averages(events) -> list:
+    """`prof.key_averages()` for a part of a cycle's events (EventList's own needs the tree the
+    profiler built for all of them)."""
+    from torch.autograd.profiler_util import FunctionEventAvg
+
+    stats: dict = defaultdict(FunctionEventAvg)
+    for e in events:
+        stats[e.key].add(e)
+    return list(stats.values())
+
+
+def step_events(events) -> list:
+    """The profiler's step ranges (`ProfilerStep*`), in time order."""
+    return sorted((e for e in events if e.name.startswith("ProfilerStep")),
+                  key=lambda e: e.time_range.start)
+
+
+def step_phases(events) -> list[dict[str, float]]:
+    """ms per phase of each profiled step, in time order: the `autograd_lab::<phase>` ranges that
+    start inside the step's range, summed; `step` the step's whole time and `other` what no
+    phase covers."""
+    steps = step_events(events)
+    starts = [e.time_range.start for e in steps]
+    out = [{**dict.fromkeys(PHASES, 0.0), "step": e.cpu_time_total / 1000} for e in steps]
+    for e in events:
+        if not e.name.startswith("autograd_lab::"):
+            continue
+        i = bisect_right(starts, e.time_range.start) - 1
+        phase = e.name.split("::", 1)[1]
+        if i >= 0 and e.time_range.start < steps[i].time_range.end and phase in PHASES:
+            out[i][phase] += e.cpu_time_total / 1000
+    for v in out:
+        v["other"] = max(v["step"] - sum(v[p] for p in PHASES), 0.0)
+    return out
+
+
+def top_ops(ops, steps: int, column: str = "self_cpu_us", n: int = TOP_OPS) -> dict[str, float]:
+    """The `n` ops with the most self time in `column` of a cycle's table, in ms per step."""
+    ops = ops[~ops.name.str.startswith(_NOT_OPS)]
+    top = ops.sort_values(column, ascending=False).head(n)
+    return {name: us / 1000 / max(steps, 1) for name, us in zip(top.name, top[column],
+                                                                 strict=True) if us > 0}
+
+
+def traces_text(files: list[Path], run_dir: Path) -> str:
+    """The Text tab's list of trace files, with how to open them offline."""
+    lines = ["Chrome trace files of this run's profiled steps:", ""]
+    for f in files:
+        shown = f.relative_to(run_dir) if f.is_relative_to(run_dir) else f
+        size = f.stat().st_size / 2**20 if f.exists() else 0.0
+        lines.append(f"- `{shown}` ({size:.1f} MiB): `{f.resolve()}`")
+    lines += ["", "Open one offline: in Chromium or Chrome go to `chrome://tracing` (built in, no "
+              "network) and Load the file; or in Perfetto (https://ui.perfetto.dev, Open trace "
+              "file: the file is read in the browser, not uploaded; the page works offline once "
+              "loaded). The TensorBoard profiler plugin (`pip install 'autograd-lab"
+              "[profiler-plugin]'`, torch-tb-profiler, deprecated) reads the same folder, but its "
+              "page needs a script from the internet and stays blank offline."]
+    return "\n".join(lines)
+
+
 def _markdown(frame, limit: int = 40) -> str:
     return frame.head(limit).to_markdown(index=False, floatfmt=".1f")
 
 
 class TorchProfiler(L.Callback):
-    """Profiles training on a schedule; writes traces, tables and the step breakdown."""
+    """Profiles training on a schedule; writes traces, tables and the step breakdown, and per
+    cycle the phase and op scalars (drained by the recorder with the run's other values)."""
 
     def __init__(self, run_dir: Path, recorder, wait: int = 1, warmup: int = 1, active: int = 3,
                  repeat: int = 1, record_shapes: bool = True, profile_memory: bool = True,
-                 with_stack: bool = False):
+                 with_stack: bool = False, trace_dir: Path | None = None):
         self.run_dir, self.recorder = Path(run_dir), recorder
+        self.trace_dir = Path(trace_dir) if trace_dir is not None else self.run_dir / "profiler"
+        self.trace_files: list[Path] = []  # written by this attempt (never an earlier one's)
+        self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, epoch, values)
+        self._epochs: dict[int, int] = {}  # profiler step number -> epoch, while profiling
+        recorder.sources.append(self)
         self.cycle = wait + warmup + active
         self.schedule = dict(wait=wait, warmup=warmup, active=active, repeat=repeat)
         self.options = dict(record_shapes=record_shapes, profile_memory=profile_memory,
@@ -112,16 +191,32 @@ class TorchProfiler(L.Callback):
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(ProfilerActivity.CUDA)
-        writer = tensorboard_trace_handler(str(self.run_dir / "tb"))
+        # each cycle's events are kept here as it ends (on_trace_ready): not a loss
+        warnings.filterwarnings("ignore", message=".*Profiler clears events at the end of each")
+        writer = tensorboard_trace_handler(str(self.trace_dir))
+        self._first_step = trainer.global_step  # the profiler's step 0
 
         def on_trace_ready(prof):
+            before = set(self.trace_dir.glob("*.pt.trace.json*"))
             writer(prof)
-            self.events.extend(prof.events())
-            self.cycle_ops.append(ops_table(prof.key_averages()))
+            self.trace_files += sorted(set(self.trace_dir.glob("*.pt.trace.json*")) - before)
+            events, averages = prof.events(), None
+            # the profiler's number of the cycle's last step range: step() has moved on to the
+            # next one when it calls this, stop() has not
+            last = prof.step_num - (0 if self._stopping else 1)
+            steps = step_events(events)
+            if steps and last >= self._step:  # stopped after the last batch: that range ran
+                cut = steps[-1].time_range.start  # no batch (only the end of training)
+                events = [e for e in events if e.time_range.start < cut]
+                averages, last = key_averages(events), last - 1
+            self.events.extend(events)
+            self.cycle_ops.append(ops_table(averages or prof.key_averages()))
+            self._cycle_scalars(events, self.cycle_ops[-1], last)
 
         self.prof = profile(activities=activities, schedule=schedule(**self.schedule),
                             on_trace_ready=on_trace_ready, **self.options)
         pl_module.profiling = True
+        self._stopping = False
         self.prof.start()
         self._step = 0
 
@@ -141,8 +236,30 @@ class TorchProfiler(L.Callback):
         if self._step >= 1 and not warming:  # the first step pays one-off costs
             self.step_seconds["profiled" if recording else "plain"].append(
                 time.perf_counter() - self._t0)
+        self._epochs[self._step] = trainer.current_epoch
         self._step += 1
         self.prof.step()
+
+    def _cycle_scalars(self, events, ops, last: int) -> None:
+        """Phase ms of each profiled step of the cycle (the last one is the profiler's step
+        `last`), at its global step; the cycle's top ops at its last step."""
+        phases = step_phases(events)
+        for n, values in zip(range(last - len(phases) + 1, last + 1), phases, strict=True):
+            row = {f"profiler/phase_ms/{k}": v for k, v in values.items() if k != "step"}
+            row["profiler/step_ms"] = values["step"]
+            self.pending.append((self._first_step + n, self._epochs.get(n, 0), row))
+        if not phases:
+            return
+        row = {f"profiler/op_self_ms/{k}": v for k, v in top_ops(ops, len(phases)).items()}
+        if "self_device_us" in ops:
+            row.update({f"profiler/op_self_cuda_ms/{k}": v
+                        for k, v in top_ops(ops, len(phases), "self_device_us").items()})
+        self.pending.append((self._first_step + last, self._epochs.get(last, 0), row))
+
+    def drain(self) -> list[tuple[int, int, dict[str, float]]]:
+        """For the recorder: the scalars of the cycles finished since the last call."""
+        out, self.pending = self.pending, []
+        return out
 
     def on_train_end(self, trainer, pl_module):
         self.stop(pl_module)
@@ -153,6 +270,7 @@ class TorchProfiler(L.Callback):
     def stop(self, pl_module) -> None:
         if self.prof is None:
             return
+        self._stopping = True
         self.prof.stop()
         self.prof = None
         pl_module.profiling = False
@@ -178,6 +296,8 @@ class TorchProfiler(L.Callback):
         if self.recorder.writer is not None:
             self.recorder.writer.add_text("profiler/ops", _markdown(self.ops))
             self.recorder.writer.add_text("profiler/fwd_bwd", _markdown(pairs))
+            self.recorder.writer.add_text("profiler/traces",
+                                          traces_text(self.trace_files, self.run_dir))
         phase_us = defaultdict(float)
         for e in self.events:
             if e.name.startswith("autograd_lab::"):
@@ -191,7 +311,8 @@ class TorchProfiler(L.Callback):
             "profiled_steps": len(steps), "step_ms": step_ms, "breakdown_ms": breakdown,
             "overhead": (statistics.median(profiled) / statistics.median(plain)
                          if plain and profiled else None),
-            "trace_files": sorted(p.name for p in (self.run_dir / "tb").glob("*.pt.trace.json*")),
+            "trace_files": [str(p.relative_to(self.run_dir)) if p.is_relative_to(self.run_dir)
+                            else str(p) for p in self.trace_files],
         }
 
 

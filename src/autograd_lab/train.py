@@ -253,7 +253,10 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
     probes = _probes(cfg, recorder)
     profiler = _profiler(cfg, run_dir, recorder)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, signals, recorder)
-    callbacks = [recorder, *probes, *profiler, *user_callbacks, *extra_callbacks]
+    from .graph import TensorBoardGraph  # the backward graph, once (not again on a resume)
+
+    graph = TensorBoardGraph(recorder, resumed=resumed is not None)
+    callbacks = [recorder, graph, *probes, *profiler, *user_callbacks, *extra_callbacks]
     if progress_bar:
         callbacks.append(StepProgressBar(recorder))
     callbacks.append(checkpointer)  # a Checkpoint callback: Lightning calls it after the others
@@ -531,7 +534,7 @@ def _profiler(cfg, run_dir, recorder) -> list:
     from .profiling import TorchProfiler
 
     options = {k: v for k, v in cfg.profiler.items() if k != "name"}
-    return [TorchProfiler(run_dir, recorder, **options)]
+    return [TorchProfiler(run_dir, recorder, trace_dir=run_dir / "profiler", **options)]
 
 
 def _load_data(cfg):
