@@ -50,8 +50,9 @@ def overhead(repeats: int, threads: list[int], steps: int) -> None:
                 pair[mode] = rec["train_seconds"]
                 secs[mode].append(rec["train_seconds"])
             ratios.append(pair["cheap"] / pair["off"])
-        print(f"threads={n}: {steps} steps/run, {repeats} pairs; off {statistics.median(secs['off']):.3f} s, "
-              f"cheap {statistics.median(secs['cheap']):.3f} s (medians); cheap/off per pair: "
+        off, cheap = statistics.median(secs["off"]), statistics.median(secs["cheap"])
+        print(f"threads={n}: {steps} steps/run, {repeats} pairs; off {off:.3f} s, cheap "
+              f"{cheap:.3f} s (medians); cheap/off per pair: "
               f"{', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
 
 
@@ -71,51 +72,58 @@ def _timed(fn, repeats: int, device) -> float:
 
 
 def cost(models: list[str], device: torch.device, resnet_examples: int) -> None:
-    from autograd_lab.dynamics import (has_train_batchnorm, per_example_noise, sharpness,
-                                       two_batch_noise)
+    for name in models:
+        _cost_one(name, device, resnet_examples)
+
+
+def _cost_one(name: str, device: torch.device, resnet_examples: int) -> None:
+    from autograd_lab.dynamics import (
+        has_train_batchnorm,
+        per_example_noise,
+        sharpness,
+        two_batch_noise,
+    )
     from autograd_lab.models import SmallNet, resnet18
 
     g = torch.Generator().manual_seed(0)
     n_sharp, iters = FULL["sharpness_examples"], FULL["sharpness_iters"]
     n_gns = FULL["gns_batch_size"]
-    for name in models:
-        torch.manual_seed(0)
-        model = (SmallNet() if name == "smallnet" else resnet18()).to(device).train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        x = torch.randn(n_sharp, 3, 32, 32, generator=g).to(device)
-        y = torch.randint(0, 10, (n_sharp,), generator=g).to(device)
+    torch.manual_seed(0)
+    model = (SmallNet() if name == "smallnet" else resnet18()).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(n_sharp, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (n_sharp,), generator=g).to(device)
 
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(model(x[:32]), y[:32]).backward()
-            opt.step()
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x[:32]), y[:32]).backward()
+        opt.step()
 
-        step_ms = _timed(step, 20, device)
-        print(f"{name} on {device}: training step (batch 32) {step_ms:.2f} ms")
-        examples = n_sharp if name == "smallnet" or device.type == "cuda" else resnet_examples
-        batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, examples, 32)]
-        ms = _timed(lambda: sharpness(model, batches, iters, torch.Generator().manual_seed(1)),
-                    1 if examples < n_sharp or name != "smallnet" else 3, device)
-        note = ""
-        if examples < n_sharp:
-            ms *= n_sharp / examples
-            note = f" (measured on {examples} examples, scaled to {n_sharp})"
-        every = FULL["sharpness_every_n_steps"]
-        print(f"  sharpness ({n_sharp} examples, {iters} Lanczos iterations): {ms:.0f} ms per "
-              f"call{note} = {ms / step_ms:.0f} steps; every {every} steps: "
+    step_ms = _timed(step, 20, device)
+    print(f"{name} on {device}: training step (batch 32) {step_ms:.2f} ms")
+    examples = n_sharp if name == "smallnet" or device.type == "cuda" else resnet_examples
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, examples, 32)]
+    ms = _timed(lambda: sharpness(model, batches, iters, torch.Generator().manual_seed(1)),
+                1 if examples < n_sharp or name != "smallnet" else 3, device)
+    note = ""
+    if examples < n_sharp:
+        ms *= n_sharp / examples
+        note = f" (measured on {examples} examples, scaled to {n_sharp})"
+    every = FULL["sharpness_every_n_steps"]
+    print(f"  sharpness ({n_sharp} examples, {iters} Lanczos iterations): {ms:.0f} ms per "
+          f"call{note} = {ms / step_ms:.0f} steps; every {every} steps: "
+          f"{ms / (every * step_ms):.1%} of the run")
+    every = FULL["gns_every_n_steps"]
+    methods = ["two_batch"] if has_train_batchnorm(model) else ["per_example", "two_batch"]
+    xs, ys = x[:n_gns], y[:n_gns]
+    calls = {"per_example": lambda: per_example_noise(model, xs, ys),
+             "two_batch": lambda: two_batch_noise(model, xs, ys, 32)}
+    for method in methods:
+        fn = calls[method]
+        ms = _timed(fn, 3 if name == "smallnet" or device.type == "cuda" else 1, device)
+        print(f"  grad noise scale, {method} ({n_gns} draws): {ms:.1f} ms per call = "
+              f"{ms / step_ms:.1f} steps; every {every} steps: "
               f"{ms / (every * step_ms):.1%} of the run")
-        every = FULL["gns_every_n_steps"]
-        methods = ["two_batch"] if has_train_batchnorm(model) else ["per_example", "two_batch"]
-        for method in methods:
-            xs, ys = x[:n_gns], y[:n_gns]
-            if method == "per_example":
-                fn = lambda: per_example_noise(model, xs, ys)  # noqa: E731
-            else:
-                fn = lambda: two_batch_noise(model, xs, ys, 32)  # noqa: E731
-            ms = _timed(fn, 3 if name == "smallnet" or device.type == "cuda" else 1, device)
-            print(f"  grad noise scale, {method} ({n_gns} draws): {ms:.1f} ms per call = "
-                  f"{ms / step_ms:.1f} steps; every {every} steps: "
-                  f"{ms / (every * step_ms):.1%} of the run")
 
 
 def main() -> None:

@@ -36,8 +36,14 @@ import lightning as L
 import torch
 
 from .config import UserError
-from .dynamics import (has_train_batchnorm, noise_scale, per_example_noise, sharpness,
-                       stability_limit, two_batch_noise)
+from .dynamics import (
+    has_train_batchnorm,
+    noise_scale,
+    per_example_noise,
+    sharpness,
+    stability_limit,
+    two_batch_noise,
+)
 
 GNS_METHODS = ("auto", "per_example", "two_batch")
 SHARPNESS = ["probes/sharpness", "probes/stability_limit"]
