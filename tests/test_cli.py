@@ -47,8 +47,7 @@ def test_multirun_names_job_dirs_from_overrides_and_shows_a_progress_bar(tmp_pat
     assert out.returncode == 0, out.stderr
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir()
                   if p.is_dir() and p.name != "summary")
-    assert jobs == [f"data.test_size=128,data.train_size=256,data=synthetic,"
-                    f"train.zero_grad={v},trainer.max_epochs=1" for v in ("False", "True")]
+    assert jobs == ["train.zero_grad=false", "train.zero_grad=true"]  # what differs, only
     # Lightning's TQDM bar (on stdout, as Lightning writes it), with the loss and images/s
     assert "loss=" in out.stdout and "img/s=" in out.stdout and "Epoch 0" in out.stdout
 
@@ -176,9 +175,9 @@ def test_the_tensorboard_command_serves_every_step_and_stops_on_ctrl_c(tmp_path,
         points, deadline = [], time.time() + 60
         while len(points) < 1500 and time.time() < deadline:  # TensorBoard loads in the back
             time.sleep(0.5)
-            if "long/tb" in json.load(urllib.request.urlopen(f"{url}data/runs", timeout=30)):
+            if "long" in json.load(urllib.request.urlopen(f"{url}data/runs", timeout=30)):
                 points = json.load(urllib.request.urlopen(
-                    f"{url}data/plugin/scalars/scalars?tag=train%2Floss&run=long%2Ftb",
+                    f"{url}data/plugin/scalars/scalars?tag=train%2Floss&run=long",
                     timeout=30))
         assert [p[1] for p in points] == list(range(1500))
     finally:

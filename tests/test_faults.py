@@ -90,7 +90,7 @@ def test_two_processes_started_on_one_directory_one_trains(tmp_path, data_root):
     run(make_cfg("data.root=" + str(data_root), "data.train_size=10000", "trainer.max_epochs=4",
                  "probes=off", "threads=1"), reference)
     assert losses(tmp_path / "run") == losses(reference)
-    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 1
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2])

@@ -157,7 +157,7 @@ def test_step_scheduler_steps_once_an_epoch(train_run):
 def _event_tags(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    return EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    return EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
 
 
 def test_logger_csv_alone_writes_every_step_and_no_event_files(train_run):

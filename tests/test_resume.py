@@ -195,7 +195,7 @@ def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cl
     # TensorBoard shows one curve: the killed attempt's later events are purged on resume
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == list(range(len(losses(run_dir))))
     frame = pd.read_parquet(run_dir / "metrics.parquet")
@@ -217,12 +217,12 @@ def test_starting_over_removes_only_this_harness_files(tmp_path, data_root):
     run_dir = tmp_path / "run"
     cfg = make_cfg(*OVERRIDES, "trainer.max_epochs=1", data_root=data_root)
     run(cfg, run_dir)
-    old_events = sorted((run_dir / "tb").glob("events.*"))
+    old_events = sorted(run_dir.glob("events.*"))
     (run_dir / "checkpoints" / "mine.pt").write_text("a user's own file")
-    (run_dir / "tb" / "notes.txt").write_text("a user's own file")
+    (run_dir / "notes.txt").write_text("a user's own file")
     record = run(make_cfg(*OVERRIDES, "trainer.max_epochs=1", "resume=false",
                           data_root=data_root), run_dir)
     assert "resumed" not in record and record["status"] == "completed"
     assert (run_dir / "checkpoints" / "mine.pt").exists()
-    assert (run_dir / "tb" / "notes.txt").exists()
-    assert not set(old_events) & set((run_dir / "tb").glob("events.*"))  # one curve in TB
+    assert (run_dir / "notes.txt").exists()
+    assert old_events and not set(old_events) & set(run_dir.glob("events.*"))  # one curve

@@ -115,68 +115,6 @@ def test_summarize_refuses_folders_without_runs(make, tmp_path):
     assert list(target.rglob("summary")) == []
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_real_tensorboard_server_shows_every_step_and_the_hparams(tmp_path, data_root):
-    import urllib.request
-
-    sweep = tmp_path / "sweep"
-    out = cli("train", "-m", *SMALL, f"data.root={data_root}", "train.zero_grad=true,false",
-              f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    port = _free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "tensorboard"), "--logdir",
-                               str(sweep), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-
-    def get(path, body=None):
-        req = urllib.request.Request(base + path, data=None if body is None else
-                                     json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
-
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                runs = get("/data/runs")
-                if len(runs) == 2:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "tensorboard did not come up"
-            time.sleep(0.5)
-        records = _records(sweep)
-        assert sorted(runs) == sorted(f"{name}/tb" for name in records)
-        for run in runs:
-            points = get(f"/data/plugin/scalars/scalars?run={urllib.parse.quote(run)}"
-                         f"&tag=train%2Floss")
-            expected = pd.read_parquet(sweep / run.split("/")[0] / "metrics.parquet")
-            expected = expected[expected.name == "train/loss"].value.tolist()
-            assert [p[1] for p in points] == list(range(8))  # every step, none dropped
-            assert [p[2] for p in points] == pytest.approx(expected, rel=1e-6)
-        experiment = get("/data/plugin/hparams/experiment", {"experimentName": ""})
-        hparams = {h["name"] for h in experiment["hparamInfos"]}
-        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
-        assert {"train.zero_grad", "optim.lr", "model.name"} <= hparams
-        assert {"final/train_loss", "final/val_acc"} <= metrics
-        groups = get("/data/plugin/hparams/session_groups", {
-            "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
-            "colParams": [], "startIndex": 0, "sliceSize": 10})
-        assert groups["totalSize"] == 2
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_complete_and_summarise_with_one_thread_per_job(launcher, tmp_path,
                                                                            data_root):

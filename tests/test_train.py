@@ -85,7 +85,7 @@ def test_tensorboard_has_every_step_and_the_final_metrics_in_hparams(train_run):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     record, run_dir = train_run("trainer.max_epochs=2")
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     events = acc.Scalars("train/loss")
     expected = losses(run_dir)
@@ -104,12 +104,17 @@ def test_tensorboard_has_every_step_and_the_final_metrics_in_hparams(train_run):
             session = data.session_start_info
         if data.HasField("experiment"):
             metric_tags = {m.name.tag for m in data.experiment.metric_infos}
-    assert session.hparams["optim.lr"].number_value == pytest.approx(0.001)
-    assert session.hparams["model.name"].string_value == "smallnet"
-    assert {"final/train_loss", "final/val_loss", "final/val_acc"} <= metric_tags
-    final_loss = acc.Scalars("final/train_loss")[-1].value
-    assert final_loss == pytest.approx(record["final"]["train_loss"], rel=1e-6)
-    assert final_loss == pytest.approx(expected[-1], rel=1e-6)  # not a placeholder
+    # called from Python (no command line): the run is named by its config groups alone
+    assert session.hparams["model"].string_value == "smallnet"
+    assert session.hparams["optim"].string_value == "sgd"
+    assert "optim.lr" not in session.hparams
+    # HParams shows a metric's last value: the curves' own tags give the final ones
+    assert {"train/loss", "val/loss", "val/acc", "whole_run/best_train_loss"} <= metric_tags
+    best = acc.Scalars("whole_run/best_train_loss")[-1].value
+    assert best == pytest.approx(record["final"]["best_train_loss"], rel=1e-6)
+    assert best == pytest.approx(min(expected), rel=1e-6)  # not a placeholder
+    assert acc.Scalars("whole_run/steps")[-1].value == 32
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("final/")]
 
 
 def test_run_json_records_what_happened(train_run):

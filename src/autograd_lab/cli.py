@@ -80,9 +80,11 @@ def train(args: list[str]) -> int:
                 skip = a in _VALUE_FLAGS
                 continue
             overrides.append(a)
-        check_overrides(overrides, multirun)
+        plan = check_overrides(overrides, multirun)
         if not any(a.split("=")[0] in _PRINT_FLAGS for a in args):
             _check_output_dir(args, multirun)
+        if multirun:  # directories (and TensorBoard runs) named by what differs
+            args = [*args, *plan.hydra_overrides(args)]
     from . import train as train_app
 
     sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else "autograd-lab", *args]

@@ -49,8 +49,11 @@ def path_safe(overrides, limit: int = NAME_MAX) -> str:
     the same command still finds the same directory; run.json and .hydra/ keep the full
     overrides."""
     import hashlib
+    import re
 
     name = str(overrides).replace("/", "%2F").replace("\0", "") or "defaults"
+    # a swept boolean comes back from Hydra's sweeper as True/False: named as typed, true/false
+    name = re.sub(r"=(True|False)(?=,|$)", lambda m: "=" + m.group(1).lower(), name)
     raw = name.encode()
     if len(raw) <= limit:
         return name
@@ -338,10 +341,48 @@ def _is_hydra_override(text: str) -> bool:
     return text.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))
 
 
-def check_overrides(overrides: list[str], multirun: bool) -> None:
+class SweepPlan:
+    """What a command's overrides say about naming its directories: the keys it sweeps (on the
+    command line or in a study preset's hydra.sweeper.params), the overrides that stay constant
+    across its jobs (their input lines), and the study the preset names."""
+
+    def __init__(self, swept: list[str], fixed: list, study: str | None):
+        self.swept, self.fixed, self.study = swept, fixed, study
+
+    @property
+    def constant_keys(self) -> list[str]:
+        return [o.key_or_group for o in self.fixed]
+
+    def sweep_dir(self, root: str = "multirun") -> str:
+        """multirun/<study>/<the constant overrides that change results>: the same command finds
+        its sweep again (completed jobs are skipped, an interrupted one continues)."""
+        lines = sorted(o.input_line for o in self.fixed
+                       if is_result_key(o.key_or_group) and o.key_or_group != "experiment")
+        name = path_safe(",".join(lines)) if lines else "defaults"
+        for char, code in (("'", "%27"), ("\\", "%5C"), ("$", "%24")):  # Hydra quoting
+            name = name.replace(char, code)
+        return "/".join(p for p in (root, self.study, name) if p)
+
+    def hydra_overrides(self, given: list[str]) -> list[str]:
+        """The Hydra overrides that name a multirun's directories by what differs: the sweep
+        folder by the constant overrides (unless hydra.sweep.dir is given), each job's folder
+        (and so its TensorBoard run name) by the swept keys alone."""
+        out = []
+        if not any(a.startswith("hydra.sweep.dir=") for a in given):
+            out.append(f"hydra.sweep.dir='{self.sweep_dir()}'")
+        if not any(a.startswith("hydra.job.config.override_dirname.exclude_keys=")
+                   for a in given):
+            keys = dict.fromkeys([*NON_RESULT_KEYS, *self.constant_keys])
+            out.append("hydra.job.config.override_dirname.exclude_keys=["
+                       + ",".join(f"'{k}'" for k in keys) + "]")
+        return out
+
+
+def check_overrides(overrides: list[str], multirun: bool) -> SweepPlan:
     """Compose the config for every job the overrides describe and validate each.
 
     Uses Hydra's own parser and compose API, so what passes here composes the same way in the run.
+    Returns how the command names its directories (SweepPlan).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -372,7 +413,10 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
             key = next(iter(sweeps))
             raise UserError(f"{key}: a comma list or sweep needs -m (multirun), e.g. "
                             f"autograd-lab train -m {key}=...")
-        fixed = [o.input_line for o in parsed if o.get_key_element() not in sweeps]
+        fixed_overrides = [o for o in parsed if o.get_key_element() not in sweeps]
+        fixed = [o.input_line for o in fixed_overrides]
+        plan = SweepPlan([o.key_or_group for o in sweeps.values()], fixed_overrides,
+                         cfg.get("study"))
         choices = [[f"{k}={v}" for v in o.sweep_string_iterator()] for k, o in sweeps.items()]
         # the shipped loggers and callbacks are tested; a _target_ the user typed is imported
         # (and Lightning with it) only when an override names one
@@ -385,6 +429,7 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
                 check_targets(job)
             check_devices(job)
     GlobalHydra.instance().clear()
+    return plan
 
 
 def _first_choice(override) -> str:

@@ -146,6 +146,9 @@ class RunRecorder(L.Callback):
         self.run_dir = Path(run_dir)
         self.flush_every_s = flush_every_s
         self.hparams = hparams or {}
+        self.whole_run: dict = {}  # more whole-run HParams metrics (parameter counts, ...)
+        self.hparams_differ: set = set()  # the HParams keys the sweep varies: shown first
+        self.layout: dict | None = None  # the Custom Scalars layout, written on a fresh start
         self.rows: dict[str, list] = {"step": [], "epoch": [], "name": [], "value": []}
         self.loggers: list = []
         self.sources: list = []  # e.g. probes: objects with drain() -> [(step, epoch, values)]
@@ -234,7 +237,13 @@ class RunRecorder(L.Callback):
         self._ddp_flush_every = 64 if self._world > 1 else 0
 
     def on_train_start(self, trainer, pl_module):
-        if self.resumed_from is None or not self.loggers:
+        if self.resumed_from is None:  # a resume keeps the layout its first attempt wrote
+            if self.layout and self.writer is not None:
+                from .dashboard import write_layout
+
+                write_layout(self.writer, self.layout)
+            return
+        if not self.loggers:
             return
         # Resumed: the rows restored from the checkpoint are the truth. TensorBoard purged the
         # killed attempt's events from the resumed step on (purge_step) and gets the restored
@@ -307,19 +316,24 @@ class RunRecorder(L.Callback):
         self.flush(trainer, pl_module)  # before Lightning finalizes the loggers
 
     def teardown(self, trainer, pl_module, stage):
-        """The run ended normally (completed, diverged, stopped early): HParams with the final
-        metrics, before Lightning finalizes the loggers."""
+        """The run ended normally (completed, diverged, stopped early): HParams with the
+        whole-run metrics, before Lightning finalizes the loggers."""
         self.flush(trainer, pl_module)
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        final = {f"final/{k}": v for k, v in self.final_metrics().items() if v is not None}
+        from .dashboard import whole_run_metrics, write_hparams
+
+        metrics = whole_run_metrics(self, self.whole_run)
+        status = "diverged" if self.diverged_at is not None else "completed"
+        step = max(self._next_step - 1, 0)
         for logger in self.loggers:
-            step = max(self._next_step - 1, 0)
-            if isinstance(logger, TensorBoardLogger):  # HParams with the final metrics
-                logger.log_hyperparams(self.hparams, final, step=step)
-            else:  # CSVLogger and others take only the params
-                logger.log_hyperparams(self.hparams)
-                logger.log_metrics(final, step)
+            if isinstance(logger, TensorBoardLogger):
+                logger.hparams.update(self.hparams)  # Lightning's hparams.yaml beside the events
+                write_hparams(logger.experiment, self.hparams, metrics, step, status,
+                              differs=self.hparams_differ)
+            else:  # CSVLogger and others: the params, and the values as one row
+                logger.log_hyperparams({**self.hparams, "status": status})
+                logger.log_metrics(metrics, step)
         self._trainer = self._module = None
 
     # -- checkpoints (Lightning stores a callback's state_dict and restores it on resume)

@@ -356,7 +356,11 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         write_csv(out / "runs.csv", runs)
         write_parquet(out / "curves.parquet", curves)
         atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
-        plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
+        pngs = plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
+        from .dashboard import write_summary_run
+
+        # the TensorBoard run `summary`: seed bands and these PNGs
+        write_summary_run(out, intact, curves, by, pngs)
     except OSError as e:
         where = e.filename or out
         raise UserError(f"cannot write the summary: {where}: "

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import RUN_FORMAT_VERSION, __version__
-from .config import CONF_PACKAGE, UserError, flatten, is_result_key, validate, write_failure
+from .config import CONF_PACKAGE, UserError, validate, write_failure
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
@@ -250,13 +250,17 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
     recorder = RunRecorder(run_dir, cfg.log.flush_every_s, hparams=_hparams(cfg),
                            resumed_from=resumed["from_step"] if resumed else None,
                            log_lr_every_step=cfg.scheduler.name != "none")
+    recorder.whole_run = {"trainable_params": report.trainable_params,
+                          "frozen_params": report.frozen_params}
+    recorder.layout = _layout(cfg)
+    recorder.hparams_differ = _varied_keys()
     probes = _probes(cfg, recorder)
     profiler = _profiler(cfg, run_dir, recorder)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, signals, recorder)
     from .graph import TensorBoardGraph  # the backward graph, once (not again on a resume)
 
-    graph = TensorBoardGraph(recorder, resumed=resumed is not None)
-    callbacks = [recorder, graph, *probes, *profiler, *user_callbacks, *extra_callbacks]
+    graph = TensorBoardGraph(recorder, resumed=resumed is not None)  # after the probes' hooks
+    callbacks = [recorder, *probes, *profiler, graph, *user_callbacks, *extra_callbacks]
     if progress_bar:
         callbacks.append(StepProgressBar(recorder))
     callbacks.append(checkpointer)  # a Checkpoint callback: Lightning calls it after the others
@@ -506,14 +510,18 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                   file=sys.stderr)
         return path, resumed, ckpt
     if clear:  # only files this harness writes: never a folder of the user's
-        stale = [*(run_dir / "tb").glob("events.out.tfevents.*"), run_dir / "run.json",
-                 *(run_dir / "tb").glob("*.pt.trace.json*"),  # the profiler's old traces
-                 run_dir / "tb" / "hparams.yaml", run_dir / "csv" / "metrics.csv",
+        stale = [*run_dir.glob("events.out.tfevents.*"), run_dir / "hparams.yaml",
+                 run_dir / "run.json", run_dir / "csv" / "metrics.csv",
                  run_dir / "csv" / "hparams.yaml",
-                 *(run_dir / "checkpoints").glob("last.ckpt")]
+                 *(run_dir / "profiler").glob("*.pt.trace.json*"),  # the profiler's old traces
+                 *(run_dir / "checkpoints").glob("last.ckpt"),
+                 # the layout before events moved into the run directory itself
+                 *(run_dir / "tb").glob("events.out.tfevents.*"),
+                 *(run_dir / "tb").glob("*.pt.trace.json*"), run_dir / "tb" / "hparams.yaml"]
         for path in stale:
             path.unlink(missing_ok=True)
-        for folder in (run_dir / "tb", run_dir / "csv", run_dir / "checkpoints"):
+        for folder in (run_dir / "tb", run_dir / "csv", run_dir / "checkpoints",
+                       run_dir / "profiler"):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if now empty
     return None, None, None
@@ -554,10 +562,35 @@ def _results(recorder, t0: float) -> dict:
 
 
 def _hparams(cfg) -> dict:
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True),
-                   lambda v: v if isinstance(v, (int, float, str, bool)) else str(v))
-    return {k: v for k, v in flat.items()
-            if is_result_key(k) and not k.startswith(("probes.", "profiler.", "log."))}
+    """HParams: the keys that name the run (group choices, keys typed or swept)."""
+    from .dashboard import identifying_hparams
+
+    return identifying_hparams(cfg, _choices(), _overrides())
+
+
+def _varied_keys() -> set:
+    """The keys that name this run among others: in a sweep, the ones its job directory is
+    named by (swept); for a single run, every key typed."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return set()
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task if "=" in o}
+    if hc.mode.name == "MULTIRUN":
+        keys -= set(hc.job.config.override_dirname.exclude_keys)
+    return keys
+
+
+def _layout(cfg) -> dict:
+    from .dashboard import layout
+    from .probes import STATS
+
+    try:
+        in_sweep = HydraConfig.get().mode.name == "MULTIRUN"
+    except ValueError:
+        in_sweep = False
+    return layout(probe_stats=STATS if cfg.probes.mode != "off" else (),
+                  profiler=cfg.profiler.name != "off", in_sweep=in_sweep)
 
 
 def _choices() -> dict:
