@@ -13,13 +13,12 @@ as the oracle.
 
 For TensorBoard's Graphs dashboard: `module_scopes` records which module's forward made each
 node, `graph_def` turns a walk into a GraphDef with '/' scopes by module, `write_graph` puts it
-in a run's event file, and the `TensorBoardGraph` callback does all of it once per run, on a
-copy of the model.
+in a run's event file, and the `TensorBoardGraph` callback does all of it once per run, on the
+run's first training step (no extra forward pass).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
@@ -201,25 +199,40 @@ class _Scopes(TorchFunctionMode):
                 self.scopes.setdefault(t.grad_fn, self.stack[-1])
         return out
 
+    def install(self, model: nn.Module, mode_in_forward: bool = False) -> list:
+        """Module hooks that keep the stack of module names; with `mode_in_forward`, the mode is
+        also entered and left around `model`'s own forward (left even if it raises). Returns
+        the hook handles (remove them when done)."""
+        def enter(name):
+            def hook(module, args):
+                self.stack.append(name)
+            return hook
+
+        def leave(module, args, output):
+            self.stack.pop()
+
+        handles = []
+        for name, module in model.named_modules():
+            if name:
+                handles += [module.register_forward_pre_hook(enter(name)),
+                            module.register_forward_hook(leave, always_call=True)]
+        if mode_in_forward:
+            def start(module, args):
+                self.__enter__()
+
+            def end(module, args, output):
+                self.__exit__(None, None, None)
+
+            handles += [model.register_forward_pre_hook(start, prepend=True),
+                        model.register_forward_hook(end, always_call=True)]
+        return handles
+
 
 def module_scopes(model: nn.Module, forward):
     """Run `forward()` and return (its result, {graph node: name of the innermost module whose
     forward made it}); the module hooks are removed again."""
     rec = _Scopes()
-
-    def enter(name):
-        def hook(module, args):
-            rec.stack.append(name)
-        return hook
-
-    def leave(module, args, output):
-        rec.stack.pop()
-
-    handles = []
-    for name, module in model.named_modules():
-        if name:
-            handles += [module.register_forward_pre_hook(enter(name)),
-                        module.register_forward_hook(leave)]
+    handles = rec.install(model)
     try:
         with rec:
             result = forward()
@@ -227,25 +240,6 @@ def module_scopes(model: nn.Module, forward):
         for h in handles:
             h.remove()
     return result, rec.scopes
-
-
-def step_graph(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eval_modules=(),
-               resident=()) -> Graph:
-    """The graph of one training step's loss (cross-entropy, as the training step computes it),
-    built on a deep copy of `model` in training mode (the modules in `eval_modules`, e.g. frozen
-    BatchNorm, in eval mode, as the training step has them) under a forked RNG: the weights,
-    `.grad`, BatchNorm statistics and RNG states of `model` are left as they were. The data set's
-    tensors in `resident` are not counted as saved (the labels are a view of them)."""
-    memo: dict = {}
-    clone = copy.deepcopy(model, memo)  # forward hooks come along: a detach_at stays in place
-    clone.train()
-    for m in eval_modules:
-        memo[id(m)].eval()
-    devices = [torch.cuda.current_device()] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        loss, scopes = module_scopes(clone, lambda: F.cross_entropy(clone(x), y))
-        return walk(loss, dict(clone.named_parameters()), dict(clone.named_buffers()), resident,
-                    scopes)
 
 
 def graph_def(graph: Graph):
@@ -302,37 +296,60 @@ def write_graph(writer, gdef) -> None:
 
 
 class TensorBoardGraph(L.Callback):
-    """Writes the backward graph of the first training batch's loss into the run's TensorBoard
-    (Graphs dashboard) once, when training starts, from a copy of the model (`step_graph`): the
-    curve does not change. Nothing on a resumed run (its first attempt wrote it), on DDP ranks
-    other than 0, or without a TensorBoard logger (logger=csv). `seconds`: what it cost."""
+    """Writes the backward graph of the run's first training step into its TensorBoard (Graphs
+    dashboard), once: the step's own loss, walked in `on_before_backward`, just before backward
+    frees the graph. It costs no extra forward pass and touches no number of the run (weights,
+    .grad, BatchNorm statistics, RNG: tests compare the curve with and without it). During that
+    one forward, module hooks and a TorchFunctionMode note which module made each node; they
+    are removed right after. Nothing on a resumed run (its first attempt wrote the graph), on DDP
+    ranks other than 0, or without a TensorBoard logger (logger=csv). `seconds`: the walk and
+    the write."""
 
     def __init__(self, recorder, resumed: bool = False):
         self.recorder, self.resumed = recorder, resumed
         self.seconds: float | None = None
+        self._armed = not resumed  # until the first training batch
+        self._scopes: _Scopes | None = None
+        self._handles: list = []
 
-    def on_train_start(self, trainer, pl_module):
-        if self.resumed or not trainer.is_global_zero:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self._armed:
             return
-        writer = self.recorder.writer
-        if writer is None:
+        self._armed = False
+        if trainer.is_global_zero and self.recorder.writer is not None:
+            self._scopes = _Scopes()
+            self._handles = self._scopes.install(pl_module.model, mode_in_forward=True)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self._scopes is None:
             return
+        scopes, self._scopes = self._scopes.scopes, None
+        self._remove_hooks()
         t0 = time.perf_counter()
-        x, y, resident = first_batch(trainer)
-        graph = step_graph(pl_module.model, x, y, getattr(pl_module, "frozen_bn", ()), resident)
-        write_graph(writer, graph_def(graph))
+        model = pl_module.model
+        graph = walk(loss, dict(model.named_parameters()), dict(model.named_buffers()),
+                     resident_tensors(trainer), scopes)
+        write_graph(self.recorder.writer, graph_def(graph))
         self.seconds = time.perf_counter() - t0
 
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._scopes = [], None
 
-def first_batch(trainer):
-    """The first batch of the run's training data, prepared as the step gets it, without moving
-    the loader (its position is in every checkpoint); and the resident tensors it comes from."""
+    def on_exception(self, trainer, pl_module, exception):
+        self._remove_hooks()  # a first step that never reached backward
+
+    def teardown(self, trainer, pl_module, stage):
+        self._remove_hooks()
+
+
+def resident_tensors(trainer) -> list[torch.Tensor]:
+    """The data set's resident tensors (batches are slices or gathers of them)."""
     loader = trainer.train_dataloader
-    batch = loader.take(loader._epoch_plan(), 0, loader.batch_size)  # epoch 0, batch 0
-    batch = batch[:2] if batch[2] is None else batch
-    x, y = trainer.datamodule.on_after_batch_transfer(batch, 0)
-    resident = [loader.x, loader.y, *getattr(trainer.datamodule, "tensors", {}).values()]
-    return x, y, resident
+    found = [getattr(loader, "x", None), getattr(loader, "y", None),
+             *(getattr(trainer.datamodule, "tensors", None) or {}).values()]
+    return [t for t in found if isinstance(t, torch.Tensor)]
 
 
 def render(graph: Graph, out, fmt: str = "svg", title: str = "") -> tuple[list, str | None]:
