@@ -43,7 +43,7 @@ def test_traces_tables_and_text_tab(train_run):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     acc.Reload()
     text = acc.Tensors("profiler/fwd_bwd/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "ConvolutionBackward0" in text and "CustomReLUFunctionBackward" in text

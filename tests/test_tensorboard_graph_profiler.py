@@ -196,6 +196,34 @@ def test_the_graph_writer_leaves_no_hook_or_mode_behind(board):
     assert graph_cb.seconds is not None and graph_cb.seconds > 0
 
 
+def _graph_events(run_dir: Path) -> int:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return sum(e.HasField("graph_def") for f in run_dir.rglob("events.out.tfevents.*")
+               for e in EventFileLoader(str(f)).Load())
+
+
+def test_a_resumed_run_does_not_write_the_graph_again(tmp_path, data_root):
+    import os
+
+    import lightning as L
+
+    from autograd_lab.train import run
+
+    class Stop(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = make_cfg("data.train_size=96", "data.test_size=32", "probes=off", data_root=data_root)
+    with pytest.raises(SystemExit):
+        run(cfg, tmp_path / "run", callbacks=[Stop()])
+    assert _graph_events(tmp_path / "run") == 1
+    record = run(cfg, tmp_path / "run")
+    assert record["status"] == "completed" and record["resumed"]["from_step"] == 1
+    assert _graph_events(tmp_path / "run") == 1
+
+
 def test_saved_bytes_leave_out_the_resident_labels_and_agree_with_hooks():
     """A SmallNet step's graph keeps alive, counted by hand from the shapes: the conv input,
     the ReLU output (also the pool's input), the pool's indices and output (the flattened fc
