@@ -157,8 +157,18 @@ CHECKS: dict[str, tuple] = {
     "trainer.progress_bar": (lambda v: v in ("auto", True, False), "one of: auto, true, false"),
     "probes.every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "probes.histogram_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.hessian_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.hessian_iters": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.sharpness_every_n_steps": (lambda v: _is_int(v) and v >= 0,
+                                       "an integer >= 0 (0: off)"),
+    "probes.gns_every_n_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "probes.sharpness_examples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.sharpness_iters": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.sharpness_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1),
+                                    "an integer >= 1, or null (the training batch size)"),
+    "probes.gns_small_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1),
+                                    "an integer >= 1, or null (the training batch size)"),
+    "probes.gns_batch_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "probes.gns_method": (lambda v: v in ("auto", "per_example", "two_batch"),
+                          "one of auto, per_example, two_batch"),
     "profiler.wait": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "profiler.warmup": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (PyTorch recommends "
                         "warming up)"),
@@ -212,6 +222,12 @@ def validate(cfg) -> None:
         if monitor is not None and monitor not in LOGGED_METRICS:
             raise UserError(f"callbacks.{name}.monitor={_show(monitor)}: no such metric; the "
                             f"run logs: {', '.join(LOGGED_METRICS)}")
+    probes = cfg.get("probes") or {}
+    model = (cfg.get("model") or {}).get("name")
+    if probes.get("gns_method") == "per_example" and model == "resnet18":
+        raise UserError("probes.gns_method=per_example with model=resnet18: per-example "
+                        "gradients need a model without train-mode BatchNorm; use "
+                        "probes.gns_method=two_batch (or auto)")
     optim = cfg.get("optim") or {}
     if optim.get("nesterov") and not optim.get("momentum"):
         raise UserError(f"optim.nesterov=true: needs optim.momentum > 0 "
@@ -346,12 +362,14 @@ class SweepPlan:
     command line or in a study preset's hydra.sweeper.params), the overrides that stay constant
     across its jobs (their input lines), and the study the preset names."""
 
-    def __init__(self, swept: list[str], fixed: list, study: str | None):
+    def __init__(self, swept: list[str], fixed: list, study: str | None,
+                 preset_fixed: list[str] = ()):
         self.swept, self.fixed, self.study = swept, fixed, study
+        self.preset_fixed = list(preset_fixed)  # one-value sweeper params of a preset
 
     @property
     def constant_keys(self) -> list[str]:
-        return [o.key_or_group for o in self.fixed]
+        return [o.key_or_group for o in self.fixed] + self.preset_fixed
 
     def sweep_dir(self, root: str = "multirun") -> str:
         """multirun/<study>/<the constant overrides that change results>: the same command finds
@@ -404,19 +422,25 @@ def check_overrides(overrides: list[str], multirun: bool) -> SweepPlan:
         base = [_first_choice(o) for o in parsed]
         cfg = _compose(compose, base, return_hydra=True)
         sweeps = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}
+        preset_fixed: list = []
         if multirun:  # a study preset may declare its own sweep (hydra.sweeper.params)
             params = cfg.hydra.sweeper.get("params") or {}
             for key, values in params.items():
-                if key not in sweeps:
-                    sweeps[key] = parser.parse_override(f"{key}={values}")
+                override = parser.parse_override(f"{key}={values}")
+                if key in sweeps:
+                    continue
+                if override.is_sweep_override():
+                    sweeps[key] = override
+                else:  # one value: a constant the preset sets through the sweeper
+                    preset_fixed.append(override)
         elif sweeps:
             key = next(iter(sweeps))
             raise UserError(f"{key}: a comma list or sweep needs -m (multirun), e.g. "
                             f"autograd-lab train -m {key}=...")
         fixed_overrides = [o for o in parsed if o.get_key_element() not in sweeps]
-        fixed = [o.input_line for o in fixed_overrides]
+        fixed = [o.input_line for o in [*fixed_overrides, *preset_fixed]]
         plan = SweepPlan([o.key_or_group for o in sweeps.values()], fixed_overrides,
-                         cfg.get("study"))
+                         cfg.get("study"), [o.key_or_group for o in preset_fixed])
         choices = [[f"{k}={v}" for v in o.sweep_string_iterator()] for k, o in sweeps.items()]
         # the shipped loggers and callbacks are tested; a _target_ the user typed is imported
         # (and Lightning with it) only when an override names one

@@ -165,7 +165,8 @@ def write_hparams(writer, hparams: dict, metrics: dict, step: int, status: str,
     writer.flush()
 
 
-def layout(probe_stats=(), profiler: bool = False, in_sweep: bool = False) -> dict:
+def layout(probe_stats=(), profiler: bool = False, in_sweep: bool = False,
+           sharpness: bool = False, noise_scale: bool = False) -> dict:
     """The Custom Scalars layout of a run, as torch's add_custom_scalars takes it: categories in
     order, each {chart title: [kind, [tag regexes]]}."""
     curves = {"train/loss (every optimizer step)": ["Multiline", [r"^train/loss$"]],
@@ -176,6 +177,16 @@ def layout(probe_stats=(), profiler: bool = False, in_sweep: bool = False) -> di
     if in_sweep:  # the summary run fills it in; here it only fixes the category's place
         out[BANDS] = {}
     out["curves"] = curves
+    second_order = {}
+    if sharpness:
+        second_order["sharpness and the stability limit (2/lr)"] = [
+            "Multiline", [r"^probes/(sharpness|stability_limit)$"]]
+    if noise_scale:
+        second_order["gradient noise scale B_simple"] = ["Multiline",
+                                                         [r"^probes/grad_noise_scale$"]]
+        second_order["noise scale parts: tr(Sigma), |G|^2"] = ["Multiline", [r"^probes/gns_"]]
+    if second_order:
+        out["training dynamics"] = second_order
     if probe_stats:
         out["probes (one chart per statistic, every layer group)"] = {
             stat: ["Multiline", [rf"^probes/{stat}(/.*)?$"]] for stat in probe_stats}

@@ -357,6 +357,10 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         write_parquet(out / "curves.parquet", curves)
         atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
         pngs = plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
+        if (curves.name == "probes/sharpness").any():  # sharpness against each run's 2/lr
+            from .dynamics import plot_stability
+
+            pngs.append(plot_stability(intact, curves[curves.run.isin(intact.run)], out))
         from .dashboard import write_summary_run
 
         # the TensorBoard run `summary`: seed bands and these PNGs

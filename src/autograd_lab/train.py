@@ -354,6 +354,8 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
         if parts.probes:
             record["probes"] = {"mode": parts.cfg.probes.mode,
                                 "frozen_max_change": parts.probes[0].frozen_max_change}
+            if parts.probes[0].gns_method_used:  # which noise-scale estimator ran
+                record["probes"]["gns_method"] = parts.probes[0].gns_method_used
         if rank_zero:
             _write_or_say(write_parquet, run_dir / "metrics.parquet", recorder.frame(), record)
     record["wall_seconds"] = time.perf_counter() - t0
@@ -589,8 +591,11 @@ def _layout(cfg) -> dict:
         in_sweep = HydraConfig.get().mode.name == "MULTIRUN"
     except ValueError:
         in_sweep = False
-    return layout(probe_stats=STATS if cfg.probes.mode != "off" else (),
-                  profiler=cfg.profiler.name != "off", in_sweep=in_sweep)
+    probes = cfg.probes
+    return layout(probe_stats=STATS if probes.mode != "off" else (),
+                  profiler=cfg.profiler.name != "off", in_sweep=in_sweep,
+                  sharpness=probes.mode != "off" and bool(probes.get("sharpness_every_n_steps")),
+                  noise_scale=probes.mode != "off" and bool(probes.get("gns_every_n_steps")))
 
 
 def _choices() -> dict:
