@@ -125,7 +125,7 @@ def test_run_json_records_what_happened(train_run):
     assert on_disk["final"]["train_loss"] == pytest.approx(losses(run_dir)[-1])
     assert on_disk["final"]["best_train_loss"] == pytest.approx(min(losses(run_dir)))
     assert on_disk["images_per_s"] > 0 and on_disk["wall_seconds"] > 0
-    assert on_disk["peak_rss_mib"] > 50
+    assert on_disk["process_peak_rss_mib"] > 50  # process-wide, named so
     assert on_disk["versions"]["torch"] == torch.__version__
     assert on_disk["config"]["optim"]["lr"] == 0.001
     assert on_disk["params"] == {"trainable": 6118, "frozen": 0, "frozen_names": []}
@@ -159,14 +159,6 @@ def test_adam_and_resnet_cifar_stem_train(train_run):
         p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters()
     ) - 64 * 3 * 7 * 7 + 64 * 3 * 3 * 3
     assert len(losses(run_dir)) == 2
-
-
-def test_eval_runs_under_the_chosen_grad_mode(train_run):
-    records = {m: train_run(f"eval.grad_mode={m}", "seed=3")[0]
-               for m in ("inference", "no_grad", "enabled")}
-    vals = {m: (r["final"]["val_loss"], r["final"]["val_acc"]) for m, r in records.items()}
-    assert vals["inference"] == vals["no_grad"] == vals["enabled"]
-    assert all(r["val_seconds"] > 0 and r["val_peak_mib"] > 0 for r in records.values())
 
 
 def test_custom_relu_gives_the_relu_curve(train_run, monkeypatch):

@@ -33,8 +33,11 @@ HPARAM_METRICS = (
     ("whole_run/best_train_loss", "best train loss"),
     ("whole_run/images_per_s", "images/s"),
     ("whole_run/seconds_per_step", "seconds per step"),
-    ("whole_run/val_peak_mib", "validation peak memory (MiB)"),
-    ("whole_run/peak_cuda_mib", "peak CUDA memory (MiB)"),
+    ("whole_run/saved_for_backward_bytes", "bytes saved for backward"),
+    ("whole_run/grad_bytes", "gradient bytes"),
+    ("whole_run/optimizer_state_bytes", "optimizer state bytes"),
+    ("whole_run/param_bytes", "parameter bytes"),
+    ("whole_run/val_saved_bytes", "validation graph bytes"),
     ("whole_run/trainable_params", "trainable parameters"),
     ("whole_run/frozen_params", "frozen parameters"),
     ("whole_run/steps", "optimizer steps"),
@@ -108,9 +111,9 @@ def whole_run_metrics(recorder, extra: dict) -> dict:
     steps = final["steps"]
     values = {"whole_run/best_train_loss": final["best_train_loss"],
               "whole_run/images_per_s": recorder.images_per_s or None,
-              "whole_run/seconds_per_step": (recorder.train_seconds / steps) if steps else None,
-              "whole_run/val_peak_mib": max(recorder.val_peak_mib, default=None),
+              "whole_run/seconds_per_step": recorder.seconds_per_step,
               "whole_run/steps": steps,
+              **{f"whole_run/{k}": v for k, v in recorder.memory.items()},
               **{f"whole_run/{k}": v for k, v in extra.items()}}
     return {k: float(v) for k, v in values.items()
             if v is not None and math.isfinite(float(v))}

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .records import current_rss_mib
 from .variants import eval_context
 
 _NO_RANGE = contextlib.nullcontext()
@@ -153,8 +152,6 @@ class Classifier(L.LightningModule):
         with eval_context(self.eval_grad_mode):
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, reduction="sum")
-            if self.device.type == "cpu":  # the graph (if any) is alive here: measure it
-                self.val_peak_mib = max(self.val_peak_mib, current_rss_mib())
         correct = (logits.argmax(1) == y).sum()
         self._val_sums += torch.stack([loss.detach(), correct.to(loss.dtype),
                                        torch.tensor(len(y), dtype=loss.dtype, device=loss.device)])

@@ -128,11 +128,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def current_rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 # ------------------------------------------------------------------ the recorder
 class RunRecorder(L.Callback):
     """Collects every value the run measures, writes it in bulk to every Lightning logger of the
@@ -148,6 +143,9 @@ class RunRecorder(L.Callback):
         self.hparams = hparams or {}
         self.whole_run: dict = {}  # more whole-run HParams metrics (parameter counts, ...)
         self.hparams_differ: set = set()  # the HParams keys the sweep varies: shown first
+        self.memory: dict = {}  # memory.MemoryFigures' exact byte counts, once measured
+        self.step_seconds: list[float] = []  # wall time of each step after an epoch's first
+        self._last_batch_end = None
         self.layout: dict | None = None  # the Custom Scalars layout, written on a fresh start
         self.rows: dict[str, list] = {"step": [], "epoch": [], "name": [], "value": []}
         self.loggers: list = []
@@ -265,11 +263,16 @@ class RunRecorder(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_start = time.perf_counter()
+        self._last_batch_end = None  # a step's time never includes validation or epoch ends
         if not self.log_lr_every_step:  # a constant learning rate: one point an epoch
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             self.log_values(trainer.global_step, trainer.current_epoch, {"lr": lr})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            self.step_seconds.append(now - self._last_batch_end)
+        self._last_batch_end = now
         self._images_pending += len(batch[1]) * self._world
         if self.log_lr_every_step:  # the rate this step used (the scheduler stepped after it)
             self.lrs.append(self._lr_used)
@@ -350,7 +353,8 @@ class RunRecorder(L.Callback):
                 "value": torch.tensor(self.rows["value"], dtype=torch.float64),
                 "next_step": self._next_step, "last_loss": self.last_loss,
                 "train_seconds": self.train_seconds, "train_images": self.train_images,
-                "val_seconds": list(self.val_seconds), "val_peak_mib": list(self.val_peak_mib)}
+                "val_seconds": list(self.val_seconds), "val_peak_mib": list(self.val_peak_mib),
+                "step_seconds": torch.tensor(self.step_seconds, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -361,8 +365,23 @@ class RunRecorder(L.Callback):
         self._next_step, self.last_loss = state["next_step"], state["last_loss"]
         self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
         self.val_seconds, self.val_peak_mib = state["val_seconds"], state["val_peak_mib"]
+        if "step_seconds" in state:  # checkpoints from before it was kept have none
+            self.step_seconds = state["step_seconds"].tolist()
 
     # -- results
+    WARMUP_STEPS = 5  # the first steps an attempt times (allocator, caches): left out
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Median wall time of an optimizer step, the first WARMUP_STEPS timed steps left out
+        (all of them when there are no more): the first job of a sweep, which pays the
+        process's warm-up, is not slower on paper."""
+        import statistics
+
+        times = self.step_seconds
+        times = times[self.WARMUP_STEPS:] if len(times) > self.WARMUP_STEPS else times
+        return statistics.median(times) if times else None
+
     @property
     def images_per_s(self) -> float:
         return self.train_images / self.train_seconds if self.train_seconds else 0.0

@@ -23,7 +23,8 @@ from .sweep import json_kind, metrics_problem, read_run_json
 
 METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "steps"]
 NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", "val_seconds",
-           "val_peak_mib", "peak_rss_mib", "peak_cuda_mib"]
+           "val_peak_cuda_mib", "peak_cuda_mib",
+           "process_peak_rss_mib"]  # process-wide (a sweep's earlier jobs too): never compared
 # keys that differ between runs without being what a study compares
 CHOICES = ("model", "data", "optim", "variant", "experiment", "size", "probes", "profiler",
            "trainer")
@@ -75,7 +76,7 @@ def _hydra_config(run_dir: Path) -> tuple[dict, dict]:
 
 
 # the parts of a run record that are mappings: anything else there is a damaged record
-SECTIONS = ("config", "final", "params", "profiler", "probes", "detach", "choices")
+SECTIONS = ("config", "final", "params", "profiler", "probes", "detach", "choices", "memory")
 
 
 def _record_problem(record: dict, run_dir: Path) -> str | None:
@@ -133,10 +134,12 @@ def load_runs(path) -> pd.DataFrame:
                "error": record.get("error")}
         row.update({k: (record.get("final") or {}).get(k) for k in METRICS})
         row.update({k: record.get(k) for k in NUMBERS})
+        if row["process_peak_rss_mib"] is None:  # run directories from before the rename
+            row["process_peak_rss_mib"] = record.get("peak_rss_mib")
         params = record.get("params") or {}
         row["trainable_params"] = params.get("trainable")
         row["frozen_params"] = params.get("frozen")
-        for section in ("profiler", "probes", "detach"):
+        for section in ("profiler", "probes", "detach", "memory"):
             for k, v in _flatten(record.get(section) or {}).items():
                 if not isinstance(v, (list, dict)):
                     row[f"{section}.{k}"] = v
@@ -203,7 +206,9 @@ def load_curves(path) -> pd.DataFrame:
 def group_table(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Mean ± std over seeds of the final metrics, time and memory, per group."""
     cols = [c for c in ["train_loss", "best_train_loss", "val_loss", "val_acc", "images_per_s",
-                        "seconds_per_step", "val_seconds", "val_peak_mib", "peak_rss_mib",
+                        "seconds_per_step", "val_seconds", "memory.saved_for_backward_bytes",
+                        "memory.grad_bytes", "memory.optimizer_state_bytes",
+                        "memory.val_saved_bytes", "val_peak_cuda_mib", "peak_cuda_mib",
                         "trainable_params", "profiler.breakdown_ms.forward",
                         "profiler.breakdown_ms.backward", "profiler.breakdown_ms.optimizer"]
             if c in runs and runs[c].notna().any()]

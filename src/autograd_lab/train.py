@@ -257,10 +257,14 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
     probes = _probes(cfg, recorder)
     profiler = _profiler(cfg, run_dir, recorder)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, signals, recorder)
+    from .memory import MemoryFigures
+
+    memory = MemoryFigures()
+    recorder.memory = memory.figures  # whole-run HParams metrics, filled by the first steps
     from .graph import TensorBoardGraph  # the backward graph, once (not again on a resume)
 
     graph = TensorBoardGraph(recorder, resumed=resumed is not None)  # after the probes' hooks
-    callbacks = [recorder, *probes, *profiler, graph, *user_callbacks, *extra_callbacks]
+    callbacks = [recorder, memory, *probes, *profiler, graph, *user_callbacks, *extra_callbacks]
     if progress_bar:
         callbacks.append(StepProgressBar(recorder))
     callbacks.append(checkpointer)  # a Checkpoint callback: Lightning calls it after the others
@@ -278,7 +282,8 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
         log_every_n_steps=1,  # what callbacks log (LearningRateMonitor) shows every step
         plugins=[AtomicCheckpointIO(loaded=loaded)])
     return _Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=recorder,
-                  probes=probes, profiler=profiler, hooks=hooks, cfg=cfg, run_dir=run_dir)
+                  memory=memory, probes=probes, profiler=profiler, hooks=hooks, cfg=cfg,
+                  run_dir=run_dir)
 
 
 def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
@@ -348,6 +353,7 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
             if write_failure(e) is None:
                 raise
         record.update(_results(recorder, t0))
+        record["memory"] = dict(parts.memory.figures)
         if parts.profiler:
             parts.profiler[0].stop(parts.module)  # idempotent: a failed run writes its tables
             record["profiler"] = parts.profiler[0].summary
@@ -359,7 +365,8 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
         if rank_zero:
             _write_or_say(write_parquet, run_dir / "metrics.parquet", recorder.frame(), record)
     record["wall_seconds"] = time.perf_counter() - t0
-    record["peak_rss_mib"] = peak_rss_mib()
+    # process-wide: in a sweep it includes earlier jobs of the same process (not per job)
+    record["process_peak_rss_mib"] = peak_rss_mib()
     if torch.cuda.is_available():
         module_peak = parts.module.cuda_peak_mib if parts is not None else 0.0
         record["peak_cuda_mib"] = max(torch.cuda.max_memory_allocated() / 2**20, module_peak)
@@ -554,13 +561,18 @@ def _load_data(cfg):
 
 
 def _results(recorder, t0: float) -> dict:
+    import torch
+
     val_s = recorder.val_seconds
     return {"final": recorder.final_metrics(), "images_per_s": recorder.images_per_s,
             "train_seconds": recorder.train_seconds,
             "val_seconds": val_s[-1] if val_s else None,
             "val_seconds_total": sum(val_s),
-            "seconds_per_step": recorder.train_seconds / max(recorder.final_metrics()["steps"], 1),
-            "val_peak_mib": max(recorder.val_peak_mib) if recorder.val_peak_mib else None}
+            "seconds_per_step": recorder.seconds_per_step,
+            "seconds_per_step_mean": recorder.train_seconds / max(
+                recorder.final_metrics()["steps"], 1),
+            **({"val_peak_cuda_mib": max(recorder.val_peak_mib)}
+               if recorder.val_peak_mib and torch.cuda.is_available() else {})}
 
 
 def _hparams(cfg) -> dict:
