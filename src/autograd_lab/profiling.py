@@ -36,6 +36,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.autograd import DeviceType
 
 PHASES = ("forward", "backward", "optimizer", "data", "logging")
 TOP_OPS = 8  # ops per profiling cycle shown as scalars
@@ -53,6 +54,7 @@ def ops_table(averages) -> pandas.DataFrame:  # noqa: F821
         if torch.cuda.is_available():
             row["self_device_us"] = getattr(e, "self_device_time_total", 0.0)
             row["device_total_us"] = getattr(e, "device_time_total", 0.0)
+            row["runs_on"] = "host" if _on_host(e) else "device"  # an op, or one of its kernels
         rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.sort_values("self_cpu_us", ascending=False, ignore_index=True)
@@ -109,9 +111,14 @@ def key_averages(events) -> list:
     return list(stats.values())
 
 
+def _on_host(e) -> bool:
+    """An event of the host's timeline (on a GPU, every range also has a device-side copy)."""
+    return getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU
+
+
 def step_events(events) -> list:
-    """The profiler's step ranges (`ProfilerStep*`), in time order."""
-    return sorted((e for e in events if e.name.startswith("ProfilerStep")),
+    """The profiler's step ranges (`ProfilerStep*`) on the host, in time order."""
+    return sorted((e for e in events if e.name.startswith("ProfilerStep") and _on_host(e)),
                   key=lambda e: e.time_range.start)
 
 
@@ -123,7 +130,7 @@ def step_phases(events) -> list[dict[str, float]]:
     starts = [e.time_range.start for e in steps]
     out = [{**dict.fromkeys(PHASES, 0.0), "step": e.cpu_time_total / 1000} for e in steps]
     for e in events:
-        if not e.name.startswith("autograd_lab::"):
+        if not e.name.startswith("autograd_lab::") or not _on_host(e):
             continue
         i = bisect_right(starts, e.time_range.start) - 1
         phase = e.name.split("::", 1)[1]
@@ -135,8 +142,11 @@ def step_phases(events) -> list[dict[str, float]]:
 
 
 def top_ops(ops, steps: int, column: str = "self_cpu_us", n: int = TOP_OPS) -> dict[str, float]:
-    """The `n` ops with the most self time in `column` of a cycle's table, in ms per step."""
+    """The `n` ops with the most self time in `column` of a cycle's table, in ms per step (ops,
+    not the kernels they launch: an op's self device time is its kernels')."""
     ops = ops[~ops.name.str.startswith(_NOT_OPS)]
+    if "runs_on" in ops:
+        ops = ops[ops.runs_on == "host"]
     top = ops.sort_values(column, ascending=False).head(n)
     return {name: us / 1000 / max(steps, 1) for name, us in zip(top.name, top[column],
                                                                  strict=True) if us > 0}
@@ -283,7 +293,7 @@ class TorchProfiler(L.Callback):
             self.summary = {"error": "no profiled step completed (run more steps than "
                                      "wait + warmup + active)"}
             return
-        steps = [e for e in self.events if e.name.startswith("ProfilerStep")]
+        steps = step_events(self.events)
         step_total = sum(e.cpu_time_total for e in steps)
         pairs = fwd_bwd_table(self.events, step_total)
         import pandas as pd
@@ -300,7 +310,7 @@ class TorchProfiler(L.Callback):
                                           traces_text(self.trace_files, self.run_dir))
         phase_us = defaultdict(float)
         for e in self.events:
-            if e.name.startswith("autograd_lab::"):
+            if e.name.startswith("autograd_lab::") and _on_host(e):
                 phase_us[e.name.split("::", 1)[1]] += e.cpu_time_total
         n = max(len(steps), 1)
         breakdown = {p: phase_us[p] / n / 1000 for p in PHASES}
