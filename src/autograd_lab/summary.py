@@ -170,7 +170,18 @@ def swept_keys(frame: pd.DataFrame) -> list[str]:
         is_key = col in CHOICES or ("." in col and col not in results)
         if is_key and col not in NOT_SWEPT and known[col].astype(str).nunique() > 1:
             keys.append(col)
-    return keys
+    # a group choice names what it sets: a key that varies exactly with one (variant and the
+    # train.freeze it sets, data and data.name) is left out, and the choice kept
+    text = {k: known[k].astype(str) for k in keys}
+    choices = [k for k in keys if k in CHOICES]
+    return [k for k in keys if k in CHOICES or not any(
+        _same_partition(text[k], text[c]) for c in choices)]
+
+
+def _same_partition(a: pd.Series, b: pd.Series) -> bool:
+    """Whether two columns split the rows into the same groups (one determines the other)."""
+    pairs = pd.DataFrame({"a": a.values, "b": b.values}).drop_duplicates()
+    return pairs.a.is_unique and pairs.b.is_unique
 
 
 def load_curves(path) -> pd.DataFrame:
@@ -289,6 +300,61 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Pa
     return written
 
 
+COST = (("seconds_per_step", "seconds per step (median)", 1.0),
+        ("memory.saved_for_backward_bytes", "saved for backward (MiB)", 2**-20),
+        ("memory.grad_bytes", ".grad (MiB)", 2**-20),
+        ("memory.optimizer_state_bytes", "optimizer state (MiB)", 2**-20),
+        ("memory.val_saved_bytes", "validation graph (MiB)", 2**-20))
+
+
+def plot_cost(runs: pd.DataFrame, by: list[str], out: Path) -> list[Path]:
+    """One figure per study: the per-job time and memory figures side by side, a bar per group
+    (mean over seeds, the seeds as dots). These belong to each job, whatever ran before it in
+    the process; peak RSS does not, so it is never plotted."""
+    import io
+
+    import matplotlib
+
+    from .records import atomic_write_bytes
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(c, t, k) for c, t, k in COST
+              if c in runs and runs[c].notna().any() and (runs[c].fillna(0) != 0).any()]
+    if not panels or not by:
+        return []
+    written = []
+    studies = runs["study"].fillna("runs").astype(str) if "study" in runs else \
+        pd.Series("runs", index=runs.index)
+    keys = [k for k in by if k != "seed"] or by
+    for study in sorted(studies.unique()):
+        subset = runs[studies == study]
+        labels = subset[keys].astype(str).apply(
+            lambda r: ",".join(f"{k.split('.')[-1]}={v}" for k, v in r.items()), axis=1)
+        order = sorted(labels.unique())
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.5 * len(order)
+                                                          + 1.8), squeeze=False)
+        for ax, (col, title, scale) in zip(axes[0], panels, strict=True):
+            values = [subset[labels == g][col].astype(float) * scale for g in order]
+            ax.barh(range(len(order)), [v.mean() for v in values], color="tab:blue",
+                    alpha=0.6)
+            for i, v in enumerate(values):
+                ax.plot(v, [i] * len(v), "k.", ms=4)
+            ax.set_yticks(range(len(order)), order if ax is axes[0][0] else [""] * len(order))
+            ax.set_title(title, fontsize=10)
+            ax.invert_yaxis()
+        fig.suptitle(f"{study}: per-job time and memory (bars: mean over seeds; dots: runs)")
+        fig.tight_layout()
+        path = out / f"{path_safe(study, limit=200)}_cost.png"
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written
+
+
 def summarize(path, by: list[str] | None = None) -> Path:
     """Write path/summary/ and return it."""
     return summarize_runs(path, by)[0]
@@ -362,6 +428,7 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         write_parquet(out / "curves.parquet", curves)
         atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
         pngs = plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
+        pngs += plot_cost(intact[intact.status == "completed"], by, out)
         if (curves.name == "probes/sharpness").any():  # sharpness against each run's 2/lr
             from .dynamics import plot_stability
 
