@@ -66,24 +66,64 @@ def test_demo_runs_the_zero_grad_study_and_says_which_data(tmp_path):
 @pytest.mark.parametrize("study, runs", [
     ("zero_grad_study", 2), ("freeze_study", 3), ("detach_study", 6), ("eval_modes", 6),
     ("custom_function_study", 4)])
-def test_every_study_runs_offline_on_synthetic_data(study, runs, tmp_path, data_root):
+def test_every_quick_study_runs_offline_and_shows_its_effect(study, runs, tmp_path, data_root):
+    """size=quick, on synthetic data: each study shows what it is about. The zero-grad study
+    runs exactly as a user's `size=quick` (320 steps: .grad's accumulation must show); the
+    others on a 64-example subset (what they compare does not depend on the length)."""
+    short = [] if study == "zero_grad_study" else ["data.subset=64", "trainer.limit_val_batches=1"]
     out = cli("train", "-m", f"experiment={study}", "data=synthetic", "size=quick",
-              f"data.root={data_root}", "data.train_size=256", "data.test_size=128",
-              "data.subset=64", "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}",
-              cwd=tmp_path)
+              f"data.root={data_root}", "data.train_size=2048", "data.test_size=256", *short,
+              f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     records = [json.loads(p.read_text()) for p in tmp_path.glob("*/run.json")]
     assert len(records) == runs
     assert all(r["status"] == "completed" and r["config"]["study"] == study for r in records)
-    assert all(r["final"]["steps"] == 2 and r["final"]["val_loss"] is not None for r in records)
-    if study == "freeze_study":
-        trainable = sorted(r["params"]["trainable"] for r in records)
-        assert trainable[0] == 512 * 10 + 10 and trainable[0] < trainable[1] < trainable[2]
-    if study == "detach_study":
+    assert all(r["final"]["val_loss"] is not None for r in records)
+    by = {}
+    for r in records:
+        c = r["config"]
+        by[(c["model"]["name"], c["train"]["zero_grad"], str(c["train"]["freeze"]),
+            c["train"]["detach_at"], c["eval"]["grad_mode"], c["model"]["activation"])] = r
+    if study == "zero_grad_study":  # the seed's point: without zero_grad training goes astray
+        loss = {zg: r["final"]["train_loss"] for (_, zg, *_), r in by.items()}
+        assert all(r["final"]["steps"] == 320 for r in records)
+        assert loss[False] >= 10 * loss[True], loss
+    if study == "freeze_study":  # fewer parameters trained, less kept for backward
+        order = sorted(records, key=lambda r: r["params"]["trainable"])
+        assert order[0]["params"]["trainable"] == 512 * 10 + 10
+        for key in ("trainable_param_bytes", "grad_bytes", "optimizer_state_bytes",
+                    "saved_for_backward_bytes"):
+            values = [r["memory"][key] for r in order]
+            assert values[0] < values[1] < values[2], key
+    if study == "detach_study":  # what is upstream of the cut gets no gradient and stays put
+        import pandas as pd
+
+        checked = 0
+        for path in tmp_path.glob("*/run.json"):
+            r = json.loads(path.read_text())
+            cut = r.get("detach", {}).get("upstream_names", [])
+            assert (len(cut) > 0) == (r["config"]["train"]["detach_at"] is not None)
+            frame = pd.read_parquet(path.parent / "metrics.parquet")
+            for group in {n.split(".")[0] for n in cut}:  # the step's update of each group
+                moved = frame[frame.name == f"probes/update_norm/{group}"].value
+                assert len(moved) and (moved == 0).all(), (path.parent.name, group)
+                checked += 1
+            if cut:  # and downstream of it, the weights did move
+                head = frame[frame.name == "probes/update_norm/fc"].value
+                assert len(head) and (head > 0).all()
+        assert checked >= 4
         cut = {(r["config"]["model"]["name"], r["config"]["train"]["detach_at"]):
                r.get("detach", {}).get("upstream_params", 0) for r in records}
         assert cut[("resnet18", "layer1")] < cut[("resnet18", "layer4")]
         assert cut[("smallnet", "conv")] == cut[("smallnet", "pool")] == 3 * 3 * 25 + 3
+    if study == "eval_modes":  # the same metrics; only `enabled` builds a graph to keep
+        for model in ("smallnet", "resnet18"):
+            mine = {k[4]: r for k, r in by.items() if k[0] == model}
+            assert len({(r["final"]["val_loss"], r["final"]["val_acc"])
+                        for r in mine.values()}) == 1
+            assert mine["enabled"]["memory"]["val_saved_bytes"] > 0
+            assert mine["no_grad"]["memory"]["val_saved_bytes"] == 0
+            assert mine["inference"]["memory"]["val_saved_bytes"] == 0
 
 
 def test_tab_completion_goes_through_hydra(tmp_path):

@@ -337,7 +337,8 @@ def profile(args: list[str]) -> int:
     record = run_dir / "run.json"
     if record.is_file() and "error" in (json.loads(record.read_text()).get("profiler") or {}):
         print(f"\nprofiler: {json.loads(record.read_text())['profiler']['error']}")
-    print(f"\ntraces: {run_dir / 'tb'} (open *.pt.trace.json in ui.perfetto.dev)")
+    print(f"\ntraces: {run_dir / 'profiler'} (open *.pt.trace.json in chrome://tracing or "
+          f"ui.perfetto.dev, both offline)")
     return code
 
 

@@ -199,19 +199,33 @@ def noise_scale(trace: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ the study's figure
 def plot_stability(runs, curves, out_dir) -> Path:
-    """Sharpness over the steps, one curve per run (labelled by its learning rate), with each
-    run's stability limit as a dashed line in the same colour; log y when the values span
-    decades. `runs`, `curves`: the frames of summary.load_runs / load_curves. Returns the PNG."""
+    """figure_stability as out_dir/stability_sharpness.png. Returns the PNG."""
     import io
 
-    import matplotlib
+    import matplotlib.pyplot as plt
 
     from .records import atomic_write_bytes
+
+    out = Path(out_dir)
+    fig = figure_stability(runs, curves)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "stability_sharpness.png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def figure_stability(runs, curves):
+    """Sharpness over the steps, one curve per run (labelled by its learning rate), with each
+    run's stability limit as a dashed line in the same colour; log y when the values span
+    decades. `runs`, `curves`: the frames of summary.load_runs / load_curves. A Figure."""
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
     sharp = curves[curves.name == "probes/sharpness"]
     limit = curves[curves.name == "probes/stability_limit"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -239,10 +253,5 @@ def plot_stability(runs, curves, out_dir) -> Path:
            title="Sharpness against the stability limit (dashed: 2/lr, (2+2β)/lr with momentum)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "stability_sharpness.png"
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    fig.tight_layout()
+    return fig

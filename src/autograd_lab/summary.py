@@ -214,35 +214,73 @@ def load_curves(path) -> pd.DataFrame:
     return frame
 
 
-def group_table(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Mean ± std over seeds of the final metrics, time and memory, per group."""
-    cols = [c for c in ["train_loss", "best_train_loss", "val_loss", "val_acc", "images_per_s",
-                        "seconds_per_step", "val_seconds", "memory.saved_for_backward_bytes",
-                        "memory.grad_bytes", "memory.optimizer_state_bytes",
-                        "memory.val_saved_bytes", "val_peak_cuda_mib", "peak_cuda_mib",
-                        "trainable_params", "profiler.breakdown_ms.forward",
-                        "profiler.breakdown_ms.backward", "profiler.breakdown_ms.optimizer"]
-            if c in runs and runs[c].notna().any()]
-    if not by:
-        runs = runs.assign(all="all")
-        by = ["all"]
-    keyed = runs.assign(**{k: runs[k].astype(str) for k in by})
-    stats = keyed.groupby(by, sort=True)[cols].agg(["mean", "std"])
-    table = pd.DataFrame(index=stats.index)
-    for c in cols:
-        mean, std = stats[(c, "mean")], stats[(c, "std")].fillna(0)
-        table[c] = [f"{m:.4g} ± {s:.2g}" for m, s in zip(mean, std, strict=True)]
-    table.insert(0, "runs", keyed.groupby(by, sort=True).size())
-    table.insert(1, "completed", keyed.assign(ok=keyed.status == "completed")
-                 .groupby(by, sort=True).ok.sum())
-    return table.reset_index()
+# The summary tables: (column, header, scale). Bytes are shown in MiB.
+RESULTS = (("train_loss", "train loss", 1.0), ("best_train_loss", "best train loss", 1.0),
+           ("val_loss", "val loss", 1.0), ("val_acc", "val acc", 1.0))
+COST = (("seconds_per_step", "s/step (median)", 1.0), ("images_per_s", "images/s", 1.0),
+        ("memory.saved_for_backward_bytes", "saved for backward MiB", 2**-20),
+        ("memory.grad_bytes", ".grad MiB", 2**-20),
+        ("memory.optimizer_state_bytes", "optimizer state MiB", 2**-20),
+        ("memory.val_saved_bytes", "val graph MiB", 2**-20),
+        ("trainable_params", "trainable params", 1.0),
+        ("peak_cuda_mib", "peak CUDA MiB", 1.0))
+
+
+def fmt_number(x, digits: int = 3) -> str:
+    """Plain notation with `digits` significant digits (0.163, 2.19, 6,842); powers of ten
+    only where the size needs them (1.1e7, 3.2e-5)."""
+    if x is None or pd.isna(x):
+        return "-"
+    x = float(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e6 or abs(x) < 1e-3:
+        mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+        return f"{float(mantissa):.{digits}g}e{int(exponent)}"
+    if abs(x) >= 10 ** digits:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _short(key: str, keys: list[str]) -> str:
+    """A key's last part (train.zero_grad -> zero_grad) unless two keys would then read the
+    same."""
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def _value_text(value) -> str:
+    return str(value).lower() if str(value) in ("True", "False") else str(value)
+
+
+def group_table(runs: pd.DataFrame, by: list[str], columns=RESULTS + COST) -> pd.DataFrame:
+    """Per group of runs (the keys in `by`, seeds pooled): n, and each column's mean, with
+    ± std where n > 1; completed runs only (the others are listed on their own)."""
+    done = runs[runs.status == "completed"]
+    cols = [(c, h, k) for c, h, k in columns if c in done and done[c].notna().any()]
+    keys = [k for k in by if k != "seed"]
+    keyed = done.assign(**{k: done[k].map(_value_text) for k in keys})
+    groups = keyed.groupby(keys, sort=True) if keys else [((), keyed)]
+    rows = []
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = {_short(k, keys): v for k, v in zip(keys, key, strict=True)}
+        row["n"] = len(group)
+        for col, header, scale in cols:
+            values = group[col].astype(float) * scale
+            text = fmt_number(values.mean())
+            if len(values.dropna()) > 1 and values.std() > 0:  # a spread only where there is one
+                text += f" ± {fmt_number(values.std(), digits=2)}"
+            row[header] = text
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _label(study, key_values: dict) -> str:
     if study in LABELS:
         key, names = LABELS[study]
         value = key_values.get(key)
-        value = {"True": True, "False": False}.get(value, value)
+        value = {"True": True, "False": False, "true": True, "false": False}.get(value, value)
         if value in names:
             rest = {k: v for k, v in key_values.items() if k != key}
             return names[value] + (f" ({_fmt(rest)})" if rest else "")
@@ -250,108 +288,146 @@ def _label(study, key_values: dict) -> str:
 
 
 def _fmt(key_values: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in key_values.items())
+    keys = list(key_values)
+    return ", ".join(f"{_short(k, keys)}={_value_text(v)}" for k, v in key_values.items())
+
+
+def _studies(runs: pd.DataFrame) -> pd.Series:
+    return runs["study"].fillna("runs").astype(str) if "study" in runs else \
+        pd.Series("runs", index=runs.index)
+
+
+def _data_name(runs: pd.DataFrame) -> str:
+    names = sorted(runs["data.name"].dropna().astype(str).unique()) if "data.name" in runs \
+        else []
+    return ", ".join(names) or "unknown data"
+
+
+def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], study: str,
+                  metric: str = "train/loss"):
+    """The study's `metric` per step, one line per group (mean over its seeds) with a min-max
+    band; a log axis when the curves span more than a decade; the legend outside the axes when
+    it is long. Returns a matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = curves[curves.name == metric]
+    keys = [k for k in by if k != "seed"]
+    groups = runs.groupby([runs[k].map(_value_text) for k in keys], sort=True) if keys \
+        else [((), runs)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    n_lines, low, high, seeds = 0, float("inf"), 0.0, 0
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        per_run = rows[rows.run.isin(group.run)].pivot_table(index="step", columns="run",
+                                                             values="value")
+        if per_run.empty:
+            continue
+        mean = per_run.mean(axis=1)
+        line, = ax.plot(mean.index, mean.values, lw=1.0,
+                        label=_label(study, dict(zip(keys, key, strict=True))))
+        if per_run.shape[1] > 1:
+            ax.fill_between(mean.index, per_run.min(axis=1), per_run.max(axis=1),
+                            color=line.get_color(), alpha=0.2, lw=0)
+        n_lines += 1
+        seeds = max(seeds, per_run.shape[1])
+        positive = per_run[per_run > 0]
+        low, high = min(low, positive.min().min()), max(high, per_run.max().max())
+    if n_lines and high > 10 * low:
+        ax.set_yscale("log")  # a run that blows up would flatten every other curve
+    band = f"mean over {seeds} seeds, band min-max" if seeds > 1 else "one run per line"
+    ax.set(xlabel="optimizer step", ylabel=metric.replace("/", " "),
+           title=f"{study} on {_data_name(runs)}: {metric} per step ({band})")
+    if n_lines > 6:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    elif n_lines:
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
+    """The per-job time and memory figures side by side, a bar per group (mean over seeds, the
+    seeds as dots), or None when there is nothing to compare. These belong to each job,
+    whatever ran before it in the process; peak RSS does not, so it is never plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = runs[runs.status == "completed"]
+    panels = [(c, h, k) for c, h, k in COST if c != "images_per_s" and c in done
+              and done[c].notna().any() and (done[c].fillna(0) != 0).any()]
+    keys = [k for k in by if k != "seed"]
+    if not panels or not keys or len(done) < 2:
+        return None
+    labels = done[keys].apply(lambda r: _fmt(dict(r.items())), axis=1)
+    order = sorted(labels.unique())
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels) + 1.5,
+                                                      0.45 * len(order) + 1.6), squeeze=False)
+    for ax, (col, header, scale) in zip(axes[0], panels, strict=True):
+        values = [done[labels == g][col].astype(float) * scale for g in order]
+        ax.barh(range(len(order)), [v.mean() for v in values], color="tab:blue", alpha=0.6)
+        for i, v in enumerate(values):
+            ax.plot(v, [i] * len(v), "k.", ms=4)
+        ax.set_yticks(range(len(order)), order if ax is axes[0][0] else [""] * len(order))
+        ax.set_title(header, fontsize=10)
+        ax.invert_yaxis()
+    fig.suptitle(f"{study} on {_data_name(done)}: per-job time and memory (bars: mean over "
+                 f"seeds, dots: runs)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_study(runs, curves: pd.DataFrame | None = None, by: list[str] | None = None) -> list:
+    """The summary's figures, for a notebook: per study, the loss curves (and the per-job cost
+    figure where there is one to compare, and sharpness against 2/lr where it was measured).
+    `runs`: a sweep or run folder, or load_runs' frame (then pass `curves`). The same figures
+    `summarize` writes as PNGs."""
+    return [fig for _, fig in _figures(runs, curves, by)]
+
+
+def _figures(runs, curves=None, by=None) -> list:
+    """[(file name, Figure)] for plot_study and the summary."""
+    if not isinstance(runs, pd.DataFrame):
+        path = runs
+        runs, curves = load_runs(path), load_curves(path)
+    by = runs.attrs.get("swept", []) if by is None else list(by)
+    intact = runs[runs.status.isin(["completed", "diverged", "interrupted"])]
+    out = []
+    studies = _studies(intact)
+    for study in sorted(studies.unique()):
+        subset = intact[studies == study]
+        mine = curves[curves.run.isin(subset.run)]
+        name = path_safe(study, limit=200)  # a file name, whatever the study is called
+        out.append((f"{name}_loss.png", figure_curves(subset, mine, by, study)))
+        cost = figure_cost(subset, by, study)
+        if cost is not None:
+            out.append((f"{name}_cost.png", cost))
+        if (mine.name == "probes/sharpness").any():  # sharpness against each run's 2/lr
+            from .dynamics import figure_stability
+
+            out.append((f"{name}_sharpness.png", figure_stability(subset, mine)))
+    return out
 
 
 def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Path) -> list[Path]:
-    """One figure per study: train/loss per group, mean over seeds with a min-max band."""
+    """Write the summary's figures (plot_study's) into `out` as PNGs; returns their paths."""
     import io
 
-    import matplotlib
+    import matplotlib.pyplot as plt
 
     from .records import atomic_write_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
-    loss = curves[curves.name == "train/loss"]
-    studies = runs["study"].fillna("runs").astype(str) if "study" in runs else \
-        pd.Series("runs", index=runs.index)
-    for study in sorted(studies.unique()):
-        subset = runs[studies == study]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        groups = subset.groupby([subset[k].astype(str) for k in by], sort=True) if by \
-            else [((), subset)]
-        for key, group in groups:
-            key = key if isinstance(key, tuple) else (key,)
-            per_run = loss[loss.run.isin(group.run)].pivot_table(
-                index="step", columns="run", values="value")
-            if per_run.empty:
-                continue
-            mean = per_run.mean(axis=1)
-            line, = ax.plot(mean.index, mean.values, lw=0.8,
-                            label=_label(study, dict(zip(by, key, strict=True))))
-            if per_run.shape[1] > 1:
-                ax.fill_between(mean.index, per_run.min(axis=1), per_run.max(axis=1),
-                                color=line.get_color(), alpha=0.2, lw=0)
-        if len(loss) and loss.value.max() > 100 * max(loss.value.min(), 1e-12):
-            ax.set_yscale("log")  # a run that blows up would flatten every other curve
-        ax.set(xlabel="optimizer step", ylabel="train loss",
-               title=f"{study}: loss per step (mean over seeds, band: min-max)")
-        ax.legend()
-        # a file name, whatever the study is called (with room for the temporary file's name)
-        path = out / f"{path_safe(study, limit=200)}_loss.png"
+    for name, fig in _figures(runs, curves, by):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
-        written.append(path)
-    return written
-
-
-COST = (("seconds_per_step", "seconds per step (median)", 1.0),
-        ("memory.saved_for_backward_bytes", "saved for backward (MiB)", 2**-20),
-        ("memory.grad_bytes", ".grad (MiB)", 2**-20),
-        ("memory.optimizer_state_bytes", "optimizer state (MiB)", 2**-20),
-        ("memory.val_saved_bytes", "validation graph (MiB)", 2**-20))
-
-
-def plot_cost(runs: pd.DataFrame, by: list[str], out: Path) -> list[Path]:
-    """One figure per study: the per-job time and memory figures side by side, a bar per group
-    (mean over seeds, the seeds as dots). These belong to each job, whatever ran before it in
-    the process; peak RSS does not, so it is never plotted."""
-    import io
-
-    import matplotlib
-
-    from .records import atomic_write_bytes
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(c, t, k) for c, t, k in COST
-              if c in runs and runs[c].notna().any() and (runs[c].fillna(0) != 0).any()]
-    if not panels or not by:
-        return []
-    written = []
-    studies = runs["study"].fillna("runs").astype(str) if "study" in runs else \
-        pd.Series("runs", index=runs.index)
-    keys = [k for k in by if k != "seed"] or by
-    for study in sorted(studies.unique()):
-        subset = runs[studies == study]
-        labels = subset[keys].astype(str).apply(
-            lambda r: ",".join(f"{k.split('.')[-1]}={v}" for k, v in r.items()), axis=1)
-        order = sorted(labels.unique())
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.5 * len(order)
-                                                          + 1.8), squeeze=False)
-        for ax, (col, title, scale) in zip(axes[0], panels, strict=True):
-            values = [subset[labels == g][col].astype(float) * scale for g in order]
-            ax.barh(range(len(order)), [v.mean() for v in values], color="tab:blue",
-                    alpha=0.6)
-            for i, v in enumerate(values):
-                ax.plot(v, [i] * len(v), "k.", ms=4)
-            ax.set_yticks(range(len(order)), order if ax is axes[0][0] else [""] * len(order))
-            ax.set_title(title, fontsize=10)
-            ax.invert_yaxis()
-        fig.suptitle(f"{study}: per-job time and memory (bars: mean over seeds; dots: runs)")
-        fig.tight_layout()
-        path = out / f"{path_safe(study, limit=200)}_cost.png"
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
-        written.append(path)
+        atomic_write_bytes(out / name, buf.getvalue())
+        written.append(out / name)
     return written
 
 
@@ -403,19 +479,33 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
     intact = runs[runs.status != "broken"]
     broken = runs[runs.status == "broken"]
     failed = intact[intact.status != "completed"]
-    text = [f"# Summary of {path}", "",
-            f"{len(runs)} runs{f' ({len(broken)} broken)' if len(broken) else ''}, "
-            f"grouped by: {', '.join(by) or '-'}", ""]
-    if len(intact):
-        text += [group_table(intact, by).to_markdown(index=False), ""]
+    text = [f"# Summary: {', '.join(sorted(_studies(runs).unique()))}", "", f"`{path}`", ""]
+    counts = runs.status.value_counts()
+    text += [f"{len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in (
+        "completed", "diverged", "failed", "interrupted", "broken") if s in counts) + ". "
+        f"Grouped by {', '.join(k for k in by if k != 'seed') or 'nothing (one group)'}"
+        f"{'; seeds pooled (n runs a group)' if 'seed' in by else ''}. Every run's every "
+        f"column: runs.csv; curves: curves.parquet.", ""]
+    results, cost = group_table(intact, by, RESULTS), group_table(intact, by, COST)
+    if len(results.columns) > 1 and len(results):
+        text += ["## Results (completed runs)", "", results.to_markdown(index=False, disable_numparse=True), ""]
     else:
-        text += ["No run's files parse: nothing to summarise.", ""]
+        text += ["No run completed: nothing to average.", ""]
+    if len(cost.columns) > len(results.columns) - len(RESULTS) + 1 and len(cost):
+        text += ["## Time and memory per job", "",
+                 "Figures that belong to each job, whatever ran before it in the process "
+                 "(exact bytes, in MiB; seconds per step is the median after a warm-up).", "",
+                 cost.to_markdown(index=False, disable_numparse=True), ""]
     if len(failed):
+        shown = failed.assign(error=failed.error.fillna("").astype(str).map(
+            lambda e: e if len(e) <= 110 else e[:107] + "..."))
         text += ["## Runs that did not complete", "",
-                 failed[["run", "status", "error"]].to_markdown(index=False), ""]
+                 "Not in the tables above. Re-running the same command continues an interrupted "
+                 "run from its checkpoint.", "",
+                 shown[["run", "status", "error"]].to_markdown(index=False, disable_numparse=True), ""]
     if len(broken):
         text += ["## Broken runs", "",
-                 "Their files do not parse, so they are not in the table above. Re-running the "
+                 "Their files do not parse, so they are not in the tables above. Re-running the "
                  "command that made one runs it again (or continues it from its checkpoint).", "",
                  broken.rename(columns={"error": "problem"})[["run", "problem"]]
                  .to_markdown(index=False), ""]
@@ -428,11 +518,6 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         write_parquet(out / "curves.parquet", curves)
         atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
         pngs = plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
-        pngs += plot_cost(intact[intact.status == "completed"], by, out)
-        if (curves.name == "probes/sharpness").any():  # sharpness against each run's 2/lr
-            from .dynamics import plot_stability
-
-            pngs.append(plot_stability(intact, curves[curves.run.isin(intact.run)], out))
         from .dashboard import write_summary_run
 
         # the TensorBoard run `summary`: seed bands and these PNGs
