@@ -112,7 +112,7 @@ def test_seed_bugs_are_caught(fn):
     result = check_backward(fn, x)
     assert result.ok is False
     assert result.max_abs_error > 0.1
-    assert "disagrees with finite differences" in result.message
+    assert result.message.startswith("backward is wrong (gradcheck fails")
     assert "chain rule" in result.message
 
 
@@ -124,14 +124,75 @@ def test_check_backward_accepts_correct_functions(fn):
     assert result.ok is True
     assert result.max_abs_error < 1e-6
     assert "agrees" in result.message
+    assert result.diagnosis == "" and result.right_with_ones is None
 
 
-def test_check_backward_reports_location_of_seed_quadratic_error():
+def test_seed_quadratic_report_names_the_right_answer_and_the_escaped_term():
     x = away_from_zero(n=4)
     result = check_backward(SeedQuadraticFunction.apply, x)
-    # Seed backward adds 2 to every vjp entry, so the Jacobian is off by exactly 2.
+    # Oracle: y_k = 3x_k^2 + 2x_k + 1, so dy_k/dx_j = 6x_j + 2 if j == k else 0; the seed's
+    # backward hands back grad_output * 6x + 2: 2 too much on every entry it should leave at 0.
+    (k,), (j,) = result.output_index, result.index
+    right = 6 * float(x.detach()[j]) + 2 if j == k else 0.0
+    assert result.expected == pytest.approx(right, abs=1e-6)
+    assert result.got == pytest.approx(right + 2, abs=1e-6)
     assert result.max_abs_error == pytest.approx(2.0, abs=1e-6)
-    assert "input[0] index" in result.message
+    assert f"at x[{j}] = {float(x.detach()[j]):.4g}, for output y[{k}]" in result.message
+    assert f"dy[{k}]/dx[{j}] = {result.expected:.6g}" in result.message
+    # all-ones grad_output: 1 * 6x + 2 == 1 * (6x + 2), so y.sum().backward() hides the bug
+    x.grad = None
+    SeedQuadraticFunction.apply(x).sum().backward()
+    torch.testing.assert_close(x.grad, 6 * x.detach() + 2)
+    assert result.right_with_ones is True and "Hidden by all-ones" in result.message
+    assert result.diagnosis.startswith("a term escapes the chain rule: with grad_output = 0 "
+                                       "backward still returns 2 at x[0] instead of 0")
+
+
+def test_seed_relu_report_says_it_ignores_grad_output():
+    x = away_from_zero(n=6)
+    result = check_backward(SeedCustomReLUFunction.apply, x)
+    (k,), (j,) = result.output_index, result.index
+    right = float(torch.autograd.functional.jacobian(torch.relu, x.detach())[k, j])
+    assert result.expected == pytest.approx(right, abs=1e-6)
+    assert result.got == 1.0 and right == 0.0  # 1 where torch's ReLU says 0
+    # all-ones grad_output: "set to 1 where x >= 0" is exactly "pass 1 through"
+    x.grad = None
+    SeedCustomReLUFunction.apply(x).backward(torch.full_like(x, 3.0))
+    assert torch.equal(x.grad, (x.detach() > 0).double())  # 1, not 3: grad_output dropped
+    assert result.right_with_ones is True
+    assert result.diagnosis.startswith("backward ignores grad_output")
+
+
+class CubeWithWrongDerivative(torch.autograd.Function):
+    """y = x^3 with backward grad_output * 2x: the chain rule is kept, the derivative is wrong."""
+
+    @staticmethod
+    def forward(ctx, input):
+        ctx.save_for_backward(input)
+        return input**3
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        return grad_output * 2 * input
+
+
+def test_a_wrong_local_derivative_is_not_blamed_on_the_chain_rule():
+    x = away_from_zero(n=4)
+    result = check_backward(CubeWithWrongDerivative.apply, x)
+    (k,), (j,) = result.output_index, result.index
+    assert j == k  # only the diagonal is wrong
+    assert result.expected == pytest.approx(3 * float(x.detach()[j]) ** 2, abs=1e-6)
+    assert result.got == pytest.approx(2 * float(x.detach()[j]), abs=1e-12)
+    assert result.right_with_ones is False and "Hidden by all-ones" not in result.message
+    assert "local derivative it multiplies by is wrong" in result.diagnosis
+
+
+def test_check_backward_names_the_input_among_several():
+    x, w = away_from_zero(n=3), away_from_zero(n=3, seed=1)
+    result = check_backward(lambda a, b: SeedQuadraticFunction.apply(a) * b, x, w)
+    assert result.ok is False and result.input == 0
+    assert f"input[0][{result.index[0]}]" in result.message
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ CONF_PACKAGE = "pkg://autograd_lab.conf"
 # override_dirname), of the comparison that decides whether a run can be skipped or continued,
 # and of HParams. The one list; a key here matches itself and the keys under it.
 NON_RESULT_KEYS = ("resume", "ckpt_path", "threads", "data.root", "data.download",
-                   "trainer.progress_bar", "log.flush_every_s", "checkpoint.every_n_steps")
+                   "trainer.progress_bar", "log.flush_every_s", "log.progress_every_s",
+                   "checkpoint.every_n_steps")
 
 
 # What the module self.log()s (callback_metrics): what callbacks like EarlyStopping may monitor.
@@ -175,6 +176,7 @@ CHECKS: dict[str, tuple] = {
     "profiler.active": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "profiler.repeat": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: until the end)"),
     "log.flush_every_s": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "log.progress_every_s": (lambda v: _is_num(v) and v > 0, "a finite number > 0 (seconds)"),
     "checkpoint.every_n_steps": (lambda v: _is_int(v) and v >= 0,
                                  "an integer >= 0 (0: only on a signal and at the end)"),
 }

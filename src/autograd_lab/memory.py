@@ -48,14 +48,18 @@ def _outliving(model: torch.nn.Module, trainer) -> set[int]:
 
 
 class MemoryFigures(L.Callback):
+    """Hands the module one training step and one validation step to run inside
+    saved_tensors_hooks (Classifier.watch_step / watch_val_step: around the step itself, not
+    around other callbacks' hooks, which may use torch.func), and reads the figures after."""
+
     def __init__(self):
         self.figures: dict[str, int] = {}
-        self._hooks = None
-        self._seen: dict[int, int] = {}
+        self._train_seen: dict[int, int] | None = None
+        self._val_seen: dict[int, int] | None = None
 
-    def _start(self, trainer, pl_module, count_at_pack: bool):
+    @staticmethod
+    def _watcher(trainer, pl_module, seen: dict, count_at_pack: bool):
         outlive = _outliving(pl_module.model, trainer)
-        seen = self._seen = {}
 
         def keep(t):
             storage = t.untyped_storage()
@@ -66,26 +70,21 @@ class MemoryFigures(L.Callback):
         # validation runs no backward: what is packed is what the graph holds; training: what
         # backward unpacks (a part of the graph a detach cut off is freed during forward)
         pack, unpack = (keep, lambda t: t) if count_at_pack else (lambda t: t, keep)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-        self._hooks.__enter__()
-
-    def _stop(self) -> int:
-        self._hooks.__exit__(None, None, None)
-        self._hooks = None
-        return sum(self._seen.values())
+        return lambda: torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if "saved_for_backward_bytes" not in self.figures:
-            self._start(trainer, pl_module, count_at_pack=False)
+        if self._train_seen is None and "saved_for_backward_bytes" not in self.figures:
+            self._train_seen = {}
+            pl_module.watch_step = self._watcher(trainer, pl_module, self._train_seen, False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._hooks is None or "saved_for_backward_bytes" in self.figures:
+        if self._train_seen is None or "saved_for_backward_bytes" in self.figures:
             return
         model = pl_module.model
         params = list(model.parameters())
         state = [t for s in trainer.optimizers[0].state.values() for t in s.values()]
         self.figures.update({
-            "saved_for_backward_bytes": self._stop(),
+            "saved_for_backward_bytes": sum(self._train_seen.values()),
             "param_bytes": sum(_storages(params).values()),
             "trainable_param_bytes": sum(_storages(p for p in params if p.requires_grad)
                                          .values()),
@@ -93,15 +92,11 @@ class MemoryFigures(L.Callback):
             "optimizer_state_bytes": sum(_storages(state).values())})
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if "val_saved_bytes" not in self.figures and self._hooks is None \
-                and not trainer.sanity_checking:
-            self._start(trainer, pl_module, count_at_pack=True)
+        if self._val_seen is None and not trainer.sanity_checking:
+            self._val_seen = {}
+            pl_module.watch_val_step = self._watcher(trainer, pl_module, self._val_seen, True)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0):
-        if self._hooks is not None and "val_saved_bytes" not in self.figures:
-            self.figures["val_saved_bytes"] = self._stop()
-
-    def on_exception(self, trainer, pl_module, exception):
-        if self._hooks is not None:
-            self._stop()
+        if self._val_seen is not None and "val_saved_bytes" not in self.figures:
+            self.figures["val_saved_bytes"] = sum(self._val_seen.values())

@@ -61,6 +61,7 @@ class Classifier(L.LightningModule):
         self.val_peak_mib = 0.0
         self.cuda_peak_mib = 0.0  # training peak across validation resets (CUDA only)
         self.profiling = False  # set by the profiler callback: phases get record_function ranges
+        self.watch_step = self.watch_val_step = None  # one step inside a context (memory.py)
         self._restored: dict | None = None
 
     def phase(self, name: str):
@@ -79,7 +80,15 @@ class Classifier(L.LightningModule):
         self._step_scheduler = self.scheduler is not None and self.scheduler[1] == "step"
 
     def training_step(self, batch, batch_idx):
-        """One optimizer step, the seed's: zero_grad, forward, loss, backward, step."""
+        """One optimizer step, the seed's: zero_grad, forward, loss, backward, step.
+        `watch_step` (memory.MemoryFigures): a context around one step, then dropped."""
+        if self.watch_step is not None:
+            watch, self.watch_step = self.watch_step, None
+            with watch():
+                return self._step(batch)
+        return self._step(batch)
+
+    def _step(self, batch):
         x, y = batch
         opt = self._optimizer
         if self.reset_grads:  # train.zero_grad
@@ -148,6 +157,13 @@ class Classifier(L.LightningModule):
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def validation_step(self, batch, batch_idx):
+        if self.watch_val_step is not None:
+            watch, self.watch_val_step = self.watch_val_step, None
+            with watch():
+                return self._val_step(batch)
+        return self._val_step(batch)
+
+    def _val_step(self, batch):
         x, y = batch
         with eval_context(self.eval_grad_mode):
             logits = self.model(x)

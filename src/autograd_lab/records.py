@@ -145,6 +145,7 @@ class RunRecorder(L.Callback):
         self.hparams_differ: set = set()  # the HParams keys the sweep varies: shown first
         self.memory: dict = {}  # memory.MemoryFigures' exact byte counts, once measured
         self.step_seconds: list[float] = []  # wall time of each step after an epoch's first
+        self.last_val: tuple[float, float] | None = None  # the last validation's loss, acc
         self._last_batch_end = None
         self.layout: dict | None = None  # the Custom Scalars layout, written on a fresh start
         self.rows: dict[str, list] = {"step": [], "epoch": [], "name": [], "value": []}
@@ -304,6 +305,7 @@ class RunRecorder(L.Callback):
             return
         elapsed = time.perf_counter() - self._val_start
         loss, acc = pl_module.val_metrics().tolist()
+        self.last_val = (loss, acc)  # for the progress bar and lines
         self.val_seconds.append(elapsed)
         self.val_peak_mib.append(pl_module.val_peak_mib)
         self.log_values(trainer.global_step, trainer.current_epoch,
@@ -420,13 +422,20 @@ class StepProgressBar(TQDMProgressBar):
         self.recorder = recorder
 
     def get_metrics(self, trainer, pl_module):
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
+        """The bar's fields, none needing a host sync: the optimizer step, the last flushed
+        loss (and its step), images/s, and the last validation's loss and accuracy."""
+        from .summary import fmt_number
+
         rec = self.recorder
+        metrics = {"step": f"{trainer.global_step:,}"}
+        if math.isfinite(rec.last_loss):
+            metrics["loss"] = f"{fmt_number(rec.last_loss)}@{rec._next_step - 1}"
         seconds = rec.train_seconds + (time.perf_counter() - rec._epoch_start
                                        if rec._epoch_start is not None else 0.0)
         images = rec.train_images + rec._images_pending
-        metrics["loss"] = f"{rec.last_loss:.4f}"
         if seconds > 0:
             metrics["img/s"] = f"{images / seconds:,.0f}"
+        if rec.last_val is not None:
+            metrics["val_loss"] = fmt_number(rec.last_val[0])
+            metrics["val_acc"] = fmt_number(rec.last_val[1])
         return metrics

@@ -28,7 +28,8 @@ NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", 
 # keys that differ between runs without being what a study compares
 CHOICES = ("model", "data", "optim", "variant", "experiment", "size", "probes", "profiler",
            "trainer")
-NOT_SWEPT = {"seed", "data.root", "resume", "threads", "trainer.progress_bar", "log.flush_every_s"}
+NOT_SWEPT = {"seed", "data.root", "resume", "threads", "trainer.progress_bar", "log.flush_every_s",
+             "log.progress_every_s"}
 LABELS = {"zero_grad_study": ("train.zero_grad", {True: "Zero gradients",
                                                   False: "No zero gradients"})}
 
@@ -223,7 +224,10 @@ COST = (("seconds_per_step", "s/step (median)", 1.0), ("images_per_s", "images/s
         ("memory.optimizer_state_bytes", "optimizer state MiB", 2**-20),
         ("memory.val_saved_bytes", "val graph MiB", 2**-20),
         ("trainable_params", "trainable params", 1.0),
-        ("peak_cuda_mib", "peak CUDA MiB", 1.0))
+        ("peak_cuda_mib", "peak CUDA MiB", 1.0),
+        ("profiler.breakdown_ms.forward", "forward ms", 1.0),
+        ("profiler.breakdown_ms.backward", "backward ms", 1.0),
+        ("profiler.breakdown_ms.optimizer", "optimizer ms", 1.0))
 
 
 def fmt_number(x, digits: int = 3) -> str:
@@ -359,6 +363,7 @@ def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
 
     done = runs[runs.status == "completed"]
     panels = [(c, h, k) for c, h, k in COST if c != "images_per_s" and c in done
+              and not c.startswith("profiler.")
               and done[c].notna().any() and (done[c].fillna(0) != 0).any()]
     keys = [k for k in by if k != "seed"]
     if not panels or not keys or len(done) < 2:
@@ -463,6 +468,10 @@ def summarize_runs(path, by: list[str] | None = None) -> tuple[Path, pd.DataFram
         return _write_summary(path, runs, by)
 
 
+def _markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, disable_numparse=True)  # our numbers, as formatted
+
+
 def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
     from .records import atomic_write_bytes, write_csv, write_parquet
 
@@ -487,22 +496,22 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         f"{'; seeds pooled (n runs a group)' if 'seed' in by else ''}. Every run's every "
         f"column: runs.csv; curves: curves.parquet.", ""]
     results, cost = group_table(intact, by, RESULTS), group_table(intact, by, COST)
-    if len(results.columns) > 1 and len(results):
-        text += ["## Results (completed runs)", "", results.to_markdown(index=False, disable_numparse=True), ""]
+    if len(results) and any(h in results for _, h, _ in RESULTS):
+        text += ["## Results (completed runs)", "", _markdown(results), ""]
     else:
         text += ["No run completed: nothing to average.", ""]
-    if len(cost.columns) > len(results.columns) - len(RESULTS) + 1 and len(cost):
+    if len(cost) and any(h in cost for _, h, _ in COST):
         text += ["## Time and memory per job", "",
                  "Figures that belong to each job, whatever ran before it in the process "
                  "(exact bytes, in MiB; seconds per step is the median after a warm-up).", "",
-                 cost.to_markdown(index=False, disable_numparse=True), ""]
+                 _markdown(cost), ""]
     if len(failed):
         shown = failed.assign(error=failed.error.fillna("").astype(str).map(
             lambda e: e if len(e) <= 110 else e[:107] + "..."))
         text += ["## Runs that did not complete", "",
                  "Not in the tables above. Re-running the same command continues an interrupted "
                  "run from its checkpoint.", "",
-                 shown[["run", "status", "error"]].to_markdown(index=False, disable_numparse=True), ""]
+                 _markdown(shown[["run", "status", "error"]]), ""]
     if len(broken):
         text += ["## Broken runs", "",
                  "Their files do not parse, so they are not in the tables above. Re-running the "

@@ -130,11 +130,12 @@ class SummaryCallback(Callback):
             print(f"autograd-lab: error: no summary written for {sweep_dir}: {reason}",
                   file=sys.stderr)
             sys.exit(1)
+        from .messages import sweep_table, tensorboard_hint
+
+        print(f"\n{sweep_table(runs, runs.attrs.get('swept', []))}")
         print(f"\nsummary: {out / 'summary.md'} (runs.csv, runs.parquet, curves.parquet, "
               f"{', '.join(p.name for p in sorted(out.glob('*.png')))})")
-        from .cli import command_path
-
-        print(f"tensorboard: {command_path()} tensorboard {sweep_dir}")
+        print(f"tensorboard: {tensorboard_hint(sweep_dir)}")
         bad = runs[runs.status.isin(["failed", "interrupted", "broken"])]
         for _, row in bad.iterrows():
             print(f"{row.status}: {row.run}: {row.error}", file=sys.stderr)

@@ -40,8 +40,9 @@ def main(cfg: DictConfig) -> dict | None:
         if cfg.resume:
             done = finished_record(run_dir, OmegaConf.to_container(cfg, resolve=True))
             if done is not None:
-                print(f"skip {run_dir}: already completed with this config (resume=false to "
-                      f"run it again)", file=sys.stderr)
+                from .messages import skipped
+
+                skipped(run_dir)
                 return done
         parallel = _parallel_launcher(hc)
         if parallel:  # a joblib/submitit worker ends with the sweep that started it
@@ -49,7 +50,7 @@ def main(cfg: DictConfig) -> dict | None:
 
             die_with_parent()
         try:
-            return run(cfg, run_dir, progress_bar=_progress_bar_wanted(cfg, hc),
+            return run(cfg, run_dir, progress_bar=_progress_mode(cfg, hc),
                        threads=cfg.threads or (1 if parallel else None))
         except SystemExit as e:
             if parallel and e.code not in (0, None):  # stopped by a signal, record written:
@@ -101,13 +102,22 @@ def _parallel_launcher(hc) -> bool:
     return hc.mode.name == "MULTIRUN" and "BasicLauncher" not in target
 
 
-def _progress_bar_wanted(cfg, hc) -> bool:
+def _progress_mode(cfg, hc) -> str | bool:
+    """True: Lightning's bar; "lines": a plain line every log.progress_every_s (no terminal is
+    watching); False: nothing between the start and end lines (parallel sweep jobs)."""
     if cfg.trainer.progress_bar != "auto":
         return bool(cfg.trainer.progress_bar)
-    return sys.stderr.isatty() and not _parallel_launcher(hc)
+    if _parallel_launcher(hc):
+        return False
+    return True if sys.stderr.isatty() else "lines"
 
 
 def _quiet_libraries() -> None:
+    # the profiler's C++ start-up lines (kineto's USDT markers, "gpuGetDeviceCount failed" on a
+    # CPU machine) and c10's warnings: read from the environment when torch loads or the
+    # profiler starts (the CLI sets them before importing torch); a user's own setting wins
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # The checkpoint carries the data position and the datamodule restores it (checkpoint.py)
@@ -130,6 +140,8 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     """Train one configuration into `run_dir` and return its run record (also run.json).
 
     `callbacks` are extra Lightning callbacks (notebooks and tests use them to look inside).
+    `progress_bar`: True (Lightning's bar), "lines" (a plain line every log.progress_every_s)
+    or False. What the run says at its start and end goes to the `autograd_lab` logger.
     `threads` sets torch's intra-op threads (default: cfg.threads, else torch's own).
     Three steps: build the parts from the config, fit (the outcome classified in one place),
     write the record. An interrupted run exits 128 + the signal after writing its record.
@@ -151,6 +163,10 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     with lock, StopSignals() as signals, _quiet_thread_write_errors():
         # decided before anything is written: a bad checkpoint or run dir loses nothing
         ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
+        from . import messages
+
+        if rank_zero:
+            messages.starting(run_dir, resumed)
         record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config,
                         **({"resumed": resumed} if resumed else {}),
@@ -164,6 +180,8 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
         finally:
             signals.finishing = True  # a late signal must not cut the last writes short
             _write_record(parts, record, run_dir, t0, rank_zero)
+            if rank_zero and not record.get("_write_failed"):
+                messages.ended(record, run_dir)
     if record.get("_write_failed"):
         unwritten = record.get("_unwritten")
         raise WriteFailed(record["error"] + (f" ({' and '.join(unwritten)} not updated: the "
@@ -265,7 +283,11 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
 
     graph = TensorBoardGraph(recorder, resumed=resumed is not None)  # after the probes' hooks
     callbacks = [recorder, memory, *probes, *profiler, graph, *user_callbacks, *extra_callbacks]
-    if progress_bar:
+    if progress_bar == "lines":
+        from .messages import ProgressLines
+
+        callbacks.append(ProgressLines(recorder, cfg.log.progress_every_s))
+    elif progress_bar:
         callbacks.append(StepProgressBar(recorder))
     callbacks.append(checkpointer)  # a Checkpoint callback: Lightning calls it after the others
     trainer = L.Trainer(
@@ -277,7 +299,7 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
         limit_val_batches=cfg.trainer.limit_val_batches,
         callbacks=callbacks, logger=loggers or False,
         enable_checkpointing=True,  # the Checkpointer is there: Lightning adds no default one
-        enable_progress_bar=progress_bar, enable_model_summary=False,
+        enable_progress_bar=progress_bar is True, enable_model_summary=False,
         num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
         log_every_n_steps=1,  # what callbacks log (LearningRateMonitor) shows every step
         plugins=[AtomicCheckpointIO(loaded=loaded)])
