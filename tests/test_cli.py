@@ -224,3 +224,39 @@ def test_the_tensorboard_command_serves_every_step_and_stops_on_ctrl_c(tmp_path,
         proc.send_signal(signal.SIGINT)
         code = proc.wait(30)
     assert code == 0 and "Traceback" not in proc.stderr.read()
+
+
+def test_mistakes_are_caught_before_torch_is_imported_all_at_once(tmp_path):
+    """A freeze glob that matches nothing, a detach point SmallNet does not have and missing
+    CIFAR-10: one line each, together, exit 2, no run directory, and torch never imported
+    (so it is quick: the import alone takes seconds)."""
+    code = ("import sys; from autograd_lab.cli import main; "
+            "rc = main(['train', 'train.freeze=[convv.*]', 'train.detach_at=conv.0']); "
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); "
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout.strip() == "torch not imported"
+    lines = out.stderr.splitlines()
+    assert lines == [
+        "autograd-lab: error: train.freeze='convv.*': matches no parameter of smallnet (did you "
+        "mean conv or conv.bias?); parameter names start with: conv, fc (or use backbone)",
+        "autograd-lab: error: train.detach_at='conv.0': smallnet has no such module (did you "
+        "mean conv?); modules are: conv, pool, fc",
+        f"autograd-lab: error: data=cifar10: CIFAR-10 not found in data.root="
+        f"{(tmp_path / 'data').resolve()}; put cifar-10-python.tar.gz (or its extracted "
+        f"cifar-10-batches-py/) there, set data.download=true, or use data=synthetic (runs "
+        f"offline)"]
+    assert list(tmp_path.iterdir()) == []  # no run directory, nothing written
+
+
+def test_missing_pretrained_weights_are_caught_before_torch(tmp_path):
+    out = cli("train", "model=resnet18", "model.weights=IMAGENET1K_V1", "data=synthetic",
+              cwd=tmp_path, env={"TORCH_HOME": str(tmp_path / "th")})
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"autograd-lab: error: model.weights=IMAGENET1K_V1: resnet18-f37072fd.pth is not in "
+        f"{tmp_path / 'th' / 'hub' / 'checkpoints'}; put it there (from "
+        f"download.pytorch.org/models/) or set TORCH_HOME, or use model.weights=null"]
+    assert list(tmp_path.iterdir()) == []

@@ -92,3 +92,28 @@ def test_weights_path_loads_a_state_dict_and_rejects_wrong_shapes(tmp_path):
         build_model(make_cfg(f"model.weights_path={tmp_path / 'bad.pt'}").model)
     with pytest.raises(UserError, match="no such file"):
         build_model(make_cfg(f"model.weights_path={tmp_path / 'missing.pt'}").model)
+
+
+@pytest.mark.parametrize("name, stem", [("smallnet", None), ("resnet18", "imagenet"),
+                                        ("resnet18", "cifar")])
+def test_declared_module_and_parameter_names_are_the_real_ones(name, stem):
+    """conf/model/*.yaml declares the names train.freeze and train.detach_at are checked
+    against before torch is imported: they must be the built model's own."""
+    from autograd_lab.config import compose
+    from autograd_lab.models import build_model
+
+    cfg = compose([f"model={name}", *([f"model.stem={stem}"] if stem else [])]).model
+    model = build_model(cfg)
+    assert list(cfg.module_names) == [n for n, _ in model.named_modules() if n]
+    assert list(cfg.parameter_names) == [n for n, _ in model.named_parameters()]
+
+
+def test_declared_weights_files_are_torchvisions():
+    from torchvision.models import ResNet18_Weights
+
+    from autograd_lab.config import compose
+
+    files = compose(["model=resnet18"]).model.weights_files
+    for name, file in files.items():
+        weights = ResNet18_Weights.DEFAULT if name == "DEFAULT" else ResNet18_Weights[name]
+        assert weights.url.rsplit("/", 1)[-1] == file

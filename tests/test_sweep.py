@@ -42,6 +42,15 @@ def test_failing_and_diverging_jobs_do_not_sink_the_sweep(tmp_path, data_root):
     runs = pd.read_csv(sweep / "summary" / "runs.csv")
     assert sorted(runs.status) == ["completed", "diverged", "failed", "failed"]
     assert "missing.pt" in (sweep / "summary" / "summary.md").read_text()
+    # one line a job as it ends; the diverged one says at which step
+    (name, record), = [(n, r) for n, r in records.items() if r["status"] == "diverged"]
+    step = int(record["error"].rsplit(" ", 1)[1])
+    ends = [ln for ln in out.stderr.splitlines() if ln.startswith(f"autograd-lab: {sweep}/{name}")
+            or ln.startswith(f"autograd-lab: sweep/{name}")]
+    assert ends[-1].endswith(f"(non-finite loss at step {step})") and ": diverged, " in ends[-1]
+    table = out.stdout.split("summary: ")[0]  # the end-of-sweep table: a row per run
+    assert sum(status in table for status in ("completed", "diverged", "failed")) == 3
+    assert len([ln for ln in table.splitlines() if " failed " in ln]) == 2
 
 
 def test_summary_numbers_come_from_the_run_records(tmp_path, data_root):
@@ -153,3 +162,33 @@ def test_a_job_killed_before_its_record_is_listed_as_interrupted(tmp_path):
     row = runs.iloc[0]
     assert row.status == "interrupted" and "killed" in row.error
     assert row["train.freeze"] == "['conv.*']" and row["variant"] == "frozen_early"
+
+
+def test_rerunning_a_sweep_command_finds_its_folder_and_runs_only_what_is_new(tmp_path,
+                                                                             data_root):
+    """No hydra.sweep.dir: the folder is named from the command, so the same command skips
+    every job, and a new value of the swept key runs only its own job."""
+    args = ["train", "-m", *SMALL, f"data.root={data_root}", "trainer.max_steps=2"]
+    first = cli(*args, "seed=0,1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    assert sweep.name == ("data.test_size=128,data.train_size=256,data=synthetic,probes=off,"
+                          "trainer.max_epochs=1,trainer.max_steps=2")
+    runs = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/run.json")}
+    assert sorted(runs) == ["seed=0", "seed=1"]
+
+    again = cli(*args, "seed=0,1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    said = [ln for ln in again.stderr.splitlines() if ln.startswith("autograd-lab: ")]
+    assert said == [f"autograd-lab: multirun/{sweep.name}/seed={s}: skipped, already completed "
+                    f"with this config (resume=false runs it again)" for s in (0, 1)]
+    assert {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/run.json")} == runs
+
+    more = cli(*args, "seed=0,1,2", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert sum("skipped" in ln for ln in more.stderr.splitlines()) == 2
+    assert sum(": starting" in ln for ln in more.stderr.splitlines()) == 1
+    after = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/run.json")}
+    assert sorted(after) == ["seed=0", "seed=1", "seed=2"]
+    assert {k: after[k] for k in runs} == runs  # the finished jobs were not touched
+    assert list((tmp_path / "multirun").iterdir()) == [sweep]  # still one sweep folder

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return handler(rest)
         raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")
     except UserError as e:
-        print(f"autograd-lab: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:  # several problems: one line each
+            print(f"autograd-lab: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training began (a run records its own)
         print("autograd-lab: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
+import os
 from pathlib import Path
 
 # The top-level conf/ folder, installed as the package autograd_lab.conf (pyproject.toml): found
@@ -398,6 +399,71 @@ class SweepPlan:
         return out
 
 
+def run_problems(cfg) -> list[str]:
+    """What would stop this run that can be told without torch, one line each: freeze globs and
+    a detach point against the model's declared names, CIFAR-10 files, pretrained weights."""
+    import difflib
+    import fnmatch
+
+    problems = []
+    model, train = cfg.get("model") or {}, cfg.get("train") or {}
+    modules = list(model.get("module_names") or [])
+    params = list(model.get("parameter_names") or [])
+    prefixes = list(dict.fromkeys(p.split(".")[0] for p in params))
+    freeze = train.get("freeze") or []
+    if hasattr(freeze, "_content"):  # an OmegaConf list
+        from omegaconf import OmegaConf
+
+        freeze = OmegaConf.to_container(freeze)
+    patterns = [freeze] if isinstance(freeze, str) else freeze if isinstance(freeze, list) else []
+    for pattern in patterns:  # a value of the wrong type is the schema's to report
+        if not params or not isinstance(pattern, str) or pattern == "backbone":
+            continue
+        if not any(fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, pattern + ".*")
+                   for p in params):
+            names = list(dict.fromkeys([*prefixes, *modules, *params]))  # each once
+            close = difflib.get_close_matches(str(pattern), names, n=2)
+            problems.append(
+                f"train.freeze={pattern!r}: matches no parameter of {model.get('name')}"
+                + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; parameter names start with: {', '.join(prefixes)} (or use backbone)")
+    detach = train.get("detach_at")
+    if isinstance(detach, str) and modules and detach not in modules:
+        close = difflib.get_close_matches(str(detach), modules, n=2)
+        top = [m for m in modules if "." not in m]
+        inner = next((m for m in modules if "." in m), None)
+        problems.append(
+            f"train.detach_at={detach!r}: {model.get('name')} has no such module"
+            + (f" (did you mean {' or '.join(close)}?)" if close else "")
+            + f"; modules are: {', '.join(top)}"
+            + (f" (or dotted names inside them, e.g. {inner})" if inner else ""))
+    problems += _data_problems(cfg)
+    weights = model.get("weights")
+    files = model.get("weights_files") or {}
+    if isinstance(weights, str) and weights in files:
+        home = Path(os.environ.get("TORCH_HOME") or Path(
+            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch")
+        folder = home / "hub" / "checkpoints"
+        if not (folder / files[weights]).is_file():
+            problems.append(f"model.weights={weights}: {files[weights]} is not in {folder}; put "
+                            f"it there (from download.pytorch.org/models/) or set TORCH_HOME, "
+                            f"or use model.weights=null")
+    return problems
+
+
+def _data_problems(cfg) -> list[str]:
+    data = cfg.get("data") or {}
+    if data.get("name") != "cifar10" or data.get("download") or not isinstance(
+            data.get("root"), str):
+        return []
+    root = Path(str(data.get("root") or ".")).expanduser()
+    if (root / "cifar-10-batches-py").is_dir() or (root / "cifar-10-python.tar.gz").is_file():
+        return []
+    return [f"data=cifar10: CIFAR-10 not found in data.root={root.resolve()}; put "
+            f"cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/) there, set "
+            f"data.download=true, or use data=synthetic (runs offline)"]
+
+
 def check_overrides(overrides: list[str], multirun: bool) -> SweepPlan:
     """Compose the config for every job the overrides describe and validate each.
 
@@ -448,13 +514,20 @@ def check_overrides(overrides: list[str], multirun: bool) -> SweepPlan:
         # (and Lightning with it) only when an override names one
         typed = any(o.get_key_element().lstrip("+~").startswith(("callbacks", "logger"))
                     for o in parsed)
+        problems: list[str] = []  # every problem of every job, each once, reported together
         for combo in itertools.islice(itertools.product(*choices), 256):
             job = _compose(compose, fixed + list(combo), return_hydra=False)
-            validate(job)
-            if typed:
-                check_targets(job)
-            check_devices(job)
+            try:
+                validate(job)
+                if typed:
+                    check_targets(job)
+                check_devices(job)
+            except UserError as e:
+                problems.append(str(e))
+            problems += run_problems(job)
     GlobalHydra.instance().clear()
+    if problems:
+        raise UserError("\n".join(dict.fromkeys(problems)))
     return plan
 
 
