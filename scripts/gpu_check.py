@@ -13,6 +13,9 @@ Not part of the test suite (CI has no GPU). Run on a machine with one:
    an uninterrupted run.
 5. Determinism: two uninterrupted runs and a kill/resume, with default kernels and with
    `trainer.deterministic=true`.
+6. Per-job memory: freeze_study's variants (ResNet18) in one order and in the reverse order in
+   one process: the exact byte counts (run.json `memory`) are the same, peak CUDA memory is
+   reset per job.
 """
 
 from __future__ import annotations
@@ -213,6 +216,26 @@ def main() -> None:
             "resumed_equal": bool((ref == cut).all()),
             "resumed_max_abs_diff": float(abs(ref - cut).max())}
     print("5. determinism on GPU:", out["determinism"], flush=True)
+
+    # 6. per-job memory figures on the GPU: freeze_study's variants in one order, then the
+    #    reverse, in this one process: the exact byte counts must not depend on the order, and
+    #    peak CUDA memory is reset per job
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+    figures: dict = {}
+    variants = ["none", "frozen_backbone", "frozen_early"]
+    for i, order in enumerate((variants, variants[::-1])):
+        for v in order:
+            r = run(cfg_of("model=resnet18", f"variant={v}", "data.train_size=512",
+                           "data.test_size=256", "trainer.max_epochs=1", data_root=root),
+                    work / f"mem{i}_{v}")
+            figures.setdefault(v, []).append(
+                (r["memory"], r.get("peak_cuda_mib"), r.get("val_peak_cuda_mib"),
+                 r.get("seconds_per_step")))
+    out["memory"] = {v: {"exact_bytes_equal_in_both_orders": a[0] == b[0], "memory": a[0],
+                         "peak_cuda_mib": [a[1], b[1]], "val_peak_cuda_mib": [a[2], b[2]],
+                         "seconds_per_step": [a[3], b[3]]}
+                     for v, (a, b) in figures.items()}
+    print("6. per-job memory on GPU:", json.dumps(out["memory"]), flush=True)
 
     text = json.dumps(out, indent=2)
     print(text)
