@@ -179,34 +179,36 @@ def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cl
     stderr = proc.stderr.read()
     run_dir = ckpt.parent.parent
     assert code == {signal.SIGKILL: -9, signal.SIGINT: 130}[signum], stderr
-    name = f"runs/{run_dir.name}"
-    assert stderr.splitlines()[0] == f"autograd-lab: {name}: starting"
+    where = f"runs/{run_dir.name}"
+    assert stderr.splitlines()[0] == f"autograd-lab: {where}: starting"
     if signum != signal.SIGKILL:
         assert "Traceback" not in stderr
         record = json.loads((run_dir / "run.json").read_text())
         assert record["status"] == "interrupted"
         assert "re-run the same command" in record["error"]
         # what the user sees: the step, that a checkpoint was saved, and how to continue
+        steps = record["final"]["steps"]
         assert stderr.splitlines()[-1] == (
-            f"autograd-lab: {name}: interrupted at step {record['final']['steps']} "
-            f"({record['error']}); checkpoint saved: the same command continues from there")
+            f"autograd-lab: {where}: interrupted by SIGINT at step {steps}; a checkpoint was "
+            f"saved: re-run the same command to continue")
+        assert record["error"] in stderr.splitlines()[-1]
 
     again = _cli(*args, cwd=tmp_path)
     assert again.wait(300) == 0, again.stderr.read()
     said = again.stderr.read().splitlines()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["resumed"]["from_step"] > 0
-    assert said[0] == (f"autograd-lab: {name}: resuming from step "
+    assert said[0] == (f"autograd-lab: {where}: resuming from step "
                        f"{record['resumed']['from_step']} (epoch {record['resumed']['epoch']}, "
-                       f"{name}/checkpoints/last.ckpt)")
+                       f"{where}/checkpoints/last.ckpt)")
     final = record["final"]
-    assert said[1].startswith(f"autograd-lab: {name}: completed, {final['steps']:,} steps in ")
+    assert said[1].startswith(f"autograd-lab: {where}: completed, {final['steps']:,} steps in ")
     from autograd_lab.summary import fmt_number
 
     assert said[2] == (f"  train loss {fmt_number(final['train_loss'])} (best "
                        f"{fmt_number(final['best_train_loss'])}), val loss "
                        f"{fmt_number(final['val_loss'])}, val acc {fmt_number(final['val_acc'])}")
-    assert said[3].startswith("  tensorboard: ") and said[3].endswith(f"tensorboard {name}")
+    assert said[3].startswith("  tensorboard: ") and said[3].endswith(f"tensorboard {where}")
     assert len(said) == 4  # nothing else: no library chatter
     assert losses(run_dir) == losses(cli_reference)
     np.testing.assert_array_equal(_rows(run_dir).value, _rows(cli_reference).value)
@@ -227,7 +229,7 @@ def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cl
     skipped = _cli(*args, cwd=tmp_path)  # a third time: completed, nothing to do
     assert skipped.wait(120) == 0
     assert skipped.stderr.read().splitlines() == [
-        f"autograd-lab: {name}: skipped, already completed with this config (resume=false runs "
+        f"autograd-lab: {where}: skipped, already completed with this config (resume=false runs "
         f"it again)"]
 
 

@@ -78,10 +78,13 @@ def ended(record: dict, run_dir: Path) -> None:
     final = record.get("final") or {}
     steps = final.get("steps")
     where = shown(run_dir)
-    if status == "interrupted":
-        log.warning(f"autograd-lab: {where}: interrupted at step {steps} "
-                    f"({record.get('error')}); checkpoint saved: the same command continues "
-                    f"from there")
+    if status == "interrupted":  # the record's error says the signal, the step and the save
+        error = str(record.get("error") or "interrupted")
+        if "checkpoint" in error:
+            log.warning(f"autograd-lab: {where}: {error}")
+        else:
+            log.warning(f"autograd-lab: {where}: {error} at step {steps}; the same command "
+                        f"continues from the last checkpoint")
         return
     if status == "failed":
         log.error(f"autograd-lab: {where}: failed: {record.get('error')}")
