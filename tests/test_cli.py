@@ -260,3 +260,31 @@ def test_missing_pretrained_weights_are_caught_before_torch(tmp_path):
         f"{tmp_path / 'th' / 'hub' / 'checkpoints'}; put it there (from "
         f"download.pytorch.org/models/) or set TORCH_HOME, or use model.weights=null"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_without_a_terminal_a_run_prints_plain_progress_lines(tmp_path, data_root):
+    """Output to a pipe (a cluster job, `| tee`): no bar, a plain line every
+    log.progress_every_s with the step, the last flushed loss and its step, and images/s."""
+    import re
+
+    out = cli("train", "data=synthetic", f"data.root={data_root}", "data.train_size=2048",
+              "data.test_size=128", "trainer.max_epochs=2", "probes=off",
+              "log.progress_every_s=0.05", "log.flush_every_s=0.01", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    progress = [ln for ln in lines if ln.startswith("  step ")]
+    assert len(progress) >= 3, out.stderr
+    pattern = re.compile(r"  step ([\d,]+)/128, epoch (\d), loss [\d.e-]+ \(step ([\d,]+)\), "
+                         r"[\d,.]+ images/s(, val loss [\d.e-]+, val acc [\d.e-]+)?$")
+    steps = []
+    for ln in progress:
+        m = pattern.match(ln)
+        assert m, ln
+        step, flushed = int(m.group(1).replace(",", "")), int(m.group(3).replace(",", ""))
+        assert flushed < step  # the loss shown is one already on the host: no sync for it
+        steps.append(step)
+    assert steps == sorted(steps)
+    assert any(", val loss " in ln for ln in progress if int(
+        pattern.match(ln).group(2)) == 1)  # after the first validation it is shown too
+    assert "\r" not in out.stderr and "it/s" not in out.stderr + out.stdout  # no bar
+    assert lines[0].endswith(": starting") and lines[-1].startswith("  tensorboard: ")
