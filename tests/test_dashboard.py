@@ -124,8 +124,9 @@ def test_the_layout_puts_seed_bands_and_curves_first(server):
     assert titles[0].startswith("seed bands") and titles[1] == "curves"
     assert titles[2].startswith("probes")
     bands = layout["category"][0]["chart"]
-    assert [c["title"].split(":")[0] for c in bands] == ["train/loss", "val/loss", "val/acc"]
-    series = bands[0]["margin"]["series"][0]
+    # written in reverse: TensorBoard's page lays margin charts out reversed (train/loss first)
+    assert [c["title"].split(":")[0] for c in bands] == ["val/acc", "val/loss", "train/loss"]
+    series = bands[-1]["margin"]["series"][0]
     assert series == {"value": "seed_bands/train/loss/mean",
                       "lower": "seed_bands/train/loss/min", "upper": "seed_bands/train/loss/max"}
     curves = layout["category"][1]["chart"]
@@ -161,3 +162,26 @@ def test_the_summary_run_has_the_seed_bands_recomputed_from_metrics(sweep, serve
             assert (per_run.max(axis=1) > per_run.min(axis=1)).any()  # two seeds differ
     images = server("/data/plugin/images/tags")
     assert sorted(images["summary"]) == ["summary/runs_cost", "summary/runs_loss"]  # its PNGs
+
+
+def test_a_loss_that_spans_decades_gets_log10_bands(tmp_path):
+    """Custom Scalars has no log axis: a group whose loss blows up is banded as log10 too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from autograd_lab.dashboard import write_summary_run
+
+    runs = pd.DataFrame({"run": ["a", "b", "c", "d"], "status": ["completed"] * 4,
+                         "seed": [0, 1, 0, 1], "train.zero_grad": [True, True, False, False]})
+    steps = np.arange(5)
+    values = {"a": [2.0, 1.0, 0.5, 0.4, 0.3], "b": [2.1, 1.1, 0.6, 0.5, 0.2],
+              "c": [2.0, 40.0, 3e3, 2e5, 1e7], "d": [2.2, 9.0, 80.0, 700.0, 6e3]}
+    curves = pd.DataFrame([{"run": r, "step": int(k), "epoch": 0, "name": "train/loss",
+                            "value": v[k]} for r, v in values.items() for k in steps])
+    write_summary_run(tmp_path, runs, curves, ["seed", "train.zero_grad"])
+    acc = EventAccumulator(str(tmp_path / "train.zero_grad=false"),
+                           size_guidance={"scalars": 0}).Reload()
+    got = [e.value for e in acc.Scalars("seed_bands/train/loss/log10/max")]
+    np.testing.assert_allclose(got, np.log10(np.maximum(values["c"], values["d"])), rtol=1e-6)
+    mean = [e.value for e in acc.Scalars("seed_bands/train/loss/log10/mean")]
+    np.testing.assert_allclose(mean, np.log10((np.array(values["c"]) + values["d"]) / 2),
+                               rtol=1e-6)

@@ -284,6 +284,14 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
         with contextlib.suppress(OSError):
             old.parent.rmdir() if old.parent != folder else None
     bands = band_frames(runs, curves, by)
+    # a loss that spans more than two decades (a run that blows up) is shown as log10: Custom
+    # Scalars has no log axis, and on a linear one the blow-up flattens every other curve
+    log_metrics = set()
+    for metric in BAND_METRICS:
+        frames = [m[metric] for m in bands.values() if metric in m]
+        values = [v for f in frames for v in (*f["min"], *f["max"]) if v > 0]
+        if metric.endswith("loss") and values and max(values) > 100 * min(values):
+            log_metrics.add(metric)
     for label, metrics in bands.items():
         writer = SummaryWriter(str(folder / path_safe(label)), max_queue=100000,
                                flush_secs=3600)
@@ -292,16 +300,25 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
                 for stat in ("mean", "min", "max"):
                     for step, value in frame[stat].items():
                         writer.add_scalar(band_tag(metric, stat), float(value), int(step))
+                        if metric in log_metrics and value > 0:
+                            writer.add_scalar(band_tag(f"{metric}/log10", stat),
+                                              math.log10(value), int(step))
         finally:
             writer.close()
     seeds = max((int(f.n.max()) for m in bands.values() for f in m.values()), default=0)
     present = [m for m in BAND_METRICS if any(m in metrics for metrics in bands.values())]
+    charts = {}
+    for metric in present:
+        shown = f"{metric}/log10" if metric in log_metrics else metric
+        title = (f"{metric}, log10 (it spans decades)" if metric in log_metrics else metric)
+        charts[f"{title}: mean over seeds, band min-max (up to {seeds} seeds a group)"] = (
+            "Margin", [tuple(band_tag(shown, s) for s in ("mean", "min", "max"))])
+    # TensorBoard 2.21's Custom Scalars page lays a category's margin charts out in reverse
+    # order (seen in headless Chromium): written reversed, they read train/loss first
+    charts = dict(reversed(list(charts.items())))
     writer = SummaryWriter(str(folder), max_queue=1000, flush_secs=3600)
     try:
-        write_layout(writer, {BANDS: {
-            f"{metric}: mean over seeds, band min-max (up to {seeds} seeds a group)": (
-                "Margin", [tuple(band_tag(metric, s) for s in ("mean", "min", "max"))])
-            for metric in present}})
+        write_layout(writer, {BANDS: charts})
         from PIL import Image
 
         for png in pngs:
