@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean notebooks lab
 
 setup: $(STAMP)
 
@@ -31,6 +31,27 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check src tests scripts
+
+# The project's Jupyter kernel (this venv's Python), registered inside the venv on first use.
+KERNEL := $(VENV)/share/jupyter/kernels/autograd-lab/kernel.json
+$(KERNEL): $(STAMP)
+	$(BIN)/python -m ipykernel install --sys-prefix --name autograd-lab \
+	  --display-name "Python (autograd-lab)" >/dev/null
+
+# Execute both notebooks into notebooks/executed/ (git-ignored). SWEEP_DIR=<folder> points
+# sweep_analysis at a sweep of yours; without it the notebook runs two small sweeps itself.
+notebooks: setup $(KERNEL)
+	mkdir -p notebooks/executed
+	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir notebooks/executed \
+	  --ExecutePreprocessor.kernel_name=autograd-lab --ExecutePreprocessor.timeout=3600 \
+	  notebooks/autograd_tour.ipynb
+	$(BIN)/papermill --no-progress-bar -k autograd-lab notebooks/sweep_analysis.ipynb \
+	  notebooks/executed/sweep_analysis.ipynb $(if $(SWEEP_DIR),-p SWEEP_DIR '$(SWEEP_DIR)')
+
+# JupyterLab on 127.0.0.1 with the project's kernel (JupyterLab is installed on first use).
+lab: setup $(KERNEL)
+	test -x $(BIN)/jupyter-lab || $(BIN)/pip install -q jupyterlab
+	$(BIN)/jupyter lab --ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 clean:
 	rm -rf $(VENV) runs multirun

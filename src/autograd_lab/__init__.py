@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 RUN_FORMAT_VERSION = 1  # bumped when run.json / metrics.parquet change shape
 
 # The notebook API (api.py), loaded on first use so that importing the package stays cheap.
-__all__ = ["run", "multirun", "show", "quiet", "Run", "Sweep"]
+__all__ = ["run", "multirun", "show", "title_of", "quiet", "Run", "Sweep"]
 
 
 def __getattr__(name: str):

@@ -244,10 +244,10 @@ def multirun(study: str | None = None, overrides=(), *, root="multirun",
             print(line, end="")
     returncode = proc.wait()
     output = "".join(lines)
-    if returncode == 2:  # the CLI's one-line error for bad input
-        message = next((ln for ln in reversed(lines) if ln.startswith("autograd-lab: error:")),
-                       lines[-1] if lines else f"exit code {returncode}")
-        raise UserError(message.removeprefix("autograd-lab: error:").strip())
+    if returncode == 2:  # the CLI's error lines for bad input (one per mistake)
+        said = [ln.removeprefix("autograd-lab: error:").strip() for ln in lines
+                if ln.startswith("autograd-lab: error:")]
+        raise UserError("\n".join(said) or (lines[-1].strip() if lines else "exit code 2"))
     if returncode not in (0, 1):  # 1: some job failed (listed); anything else: it broke
         tail = "".join(lines[-20:])
         raise RuntimeError(f"autograd-lab train -m exited {returncode}:\n{tail}")
@@ -273,28 +273,40 @@ def title_of(fig) -> str:
 
 
 def show(fig) -> str:
-    """Display a matplotlib figure in a notebook, with its title in the output's metadata
-    (`metadata["image/png"]["title"]`, which tests and tools can read), and close it. A figure
-    without a title is refused: a reader must know what it shows. Returns the title."""
+    """Display a figure in a notebook with its title in the output's metadata
+    (`metadata[mime]["title"]`, which tests and tools can read), and close it. A matplotlib
+    figure, or a graphviz graph (its `label` is its title; without graphviz's `dot` binary its
+    DOT source is printed). A figure without a title is refused: a reader must know what it
+    shows. Returns the title."""
     import io
+    import shutil
 
-    title = title_of(fig)
+    is_graph = hasattr(fig, "pipe") and hasattr(fig, "graph_attr")
+    title = (fig.graph_attr.get("label") or "").strip() if is_graph else title_of(fig)
     if not title:
-        raise ValueError("this figure has no title: set one (ax.set_title or fig.suptitle) so "
-                         "a reader knows what it shows")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+        raise ValueError("this figure has no title: set one (ax.set_title, fig.suptitle, or a "
+                         "graph's label) so a reader knows what it shows")
+    if is_graph:
+        if shutil.which("dot") is None:
+            print(f"{title}: graphviz's dot binary is not installed; the DOT source:\n"
+                  f"{fig.source}")
+            return title
+        mime, data = "image/svg+xml", fig.pipe(format="svg").decode()
+    else:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        import matplotlib.pyplot as plt
 
-    plt.close(fig)
+        plt.close(fig)
+        mime, data = "image/png", buf.getvalue()
     try:
         from IPython import get_ipython
-        from IPython.display import Image, display
+        from IPython.display import SVG, Image, display
     except ImportError:  # plain Python: nothing to display on
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
         print(f"figure: {title}")
         return title
-    if get_ipython() is None:
-        print(f"figure: {title}")
-        return title
-    display(Image(data=buf.getvalue(), format="png"), metadata={"image/png": {"title": title}})
+    shown = SVG(data=data) if mime == "image/svg+xml" else Image(data=data, format="png")
+    display(shown, metadata={mime: {"title": title}})
     return title

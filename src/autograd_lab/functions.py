@@ -7,9 +7,11 @@ The seed notebook shipped two broken backward passes:
 * ``CustomReLUFunction`` set the gradient to ``1`` where ``input >= 0`` instead of
   passing ``grad_output`` through.
 
-Both bugs go unnoticed when the upstream gradient is all ones (``y.sum().backward()``),
-which is why ``check_backward`` compares full Jacobians against finite differences and
-says *where* they disagree instead of just returning ``False``.
+Both bugs go unnoticed when the upstream gradient is all ones (``y.sum().backward()``):
+multiplying by 1 changes nothing. ``check_backward`` compares the full Jacobian with finite
+differences and says in words where backward is wrong, what the right answer was, whether
+all-ones grad_output hides it, and the likely cause (it hands backward grad_output = 0, which
+must give 0, and grad_output doubled, which must double the result).
 """
 
 from __future__ import annotations
