@@ -237,7 +237,7 @@ def harness(a: dict, overrides: tuple[str, ...] = ()) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
     return {"seconds": rec["train_seconds"], "images_per_s": rec["images_per_s"],
             "steps": len(losses), "loss_last100": float(losses.iloc[-100:].mean()),
-            "status": rec["status"], "peak_rss_mib": rec["peak_rss_mib"]}
+            "status": rec["status"], "peak_rss_mib": rec["process_peak_rss_mib"]}
 
 
 def _warm_up(a: dict) -> None:
