@@ -33,6 +33,11 @@ def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
+    slurm = None
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # a job of hydra/launcher=slurm
+        from .slurm import SlurmJob
+
+        slurm = SlurmJob.current(hc)
     try:
         validate(cfg)
         from .sweep import finished_record
@@ -45,18 +50,26 @@ def main(cfg: DictConfig) -> dict | None:
                 skipped(run_dir)
                 return done
         parallel = _parallel_launcher(hc)
-        if parallel:  # a joblib/submitit worker ends with the sweep that started it
-            from .distributed import die_with_parent
+        if parallel and slurm is None:  # a joblib/submitit worker ends with the sweep that
+            from .distributed import die_with_parent  # started it (SLURM ends its own jobs)
 
             die_with_parent()
-        try:
-            return run(cfg, run_dir, progress_bar=_progress_mode(cfg, hc),
-                       threads=cfg.threads or (1 if parallel else None))
+        if slurm is not None:
+            slurm.started(run_dir)
+        try:  # threads: one per CPU SLURM gave the job; one per job of a local parallel sweep
+            record = run(cfg, run_dir, progress_bar=_progress_mode(cfg, hc),
+                         threads=cfg.threads or (slurm.cpus if slurm is not None else
+                                                 (1 if parallel else None)))
         except SystemExit as e:
+            if slurm is not None and e.code not in (0, None):  # a stop signal, record written:
+                slurm.finished(run_dir, e.code)  # job ids into run.json; requeue if it asks
             if parallel and e.code not in (0, None):  # stopped by a signal, record written:
                 logging.shutdown()                    # a pool worker would live on idle
                 os._exit(e.code if isinstance(e.code, int) else 1)
             raise
+        if slurm is not None:
+            record["slurm"] = slurm.finished(run_dir)
+        return record
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
         if not multirun:
@@ -67,6 +80,8 @@ def main(cfg: DictConfig) -> dict | None:
             raise
         print(f"autograd-lab: job failed: {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
         _record_failure(run_dir, cfg, f"{type(e).__name__}: {e}")
+    if slurm is not None:  # a failed job: its ids into run.json, never requeued
+        slurm.finished(run_dir)
     return None
 
 
