@@ -82,11 +82,16 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, batch_idx):
         """One optimizer step, the seed's: zero_grad, forward, loss, backward, step.
         `watch_step` (memory.MemoryFigures): a context around one step, then dropped."""
-        if self.watch_step is not None:
-            watch, self.watch_step = self.watch_step, None
-            with watch():
-                return self._step(batch)
-        return self._step(batch)
+        if self.watch_step is None:
+            return self._step(batch)
+        return self._watched("watch_step", self._step, batch)
+
+    def _watched(self, attr: str, step, batch):
+        """step(batch) inside the context self.<attr> makes, once."""
+        watch = getattr(self, attr)
+        setattr(self, attr, None)
+        with watch():
+            return step(batch)
 
     def _step(self, batch):
         x, y = batch
@@ -157,11 +162,9 @@ class Classifier(L.LightningModule):
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def validation_step(self, batch, batch_idx):
-        if self.watch_val_step is not None:
-            watch, self.watch_val_step = self.watch_val_step, None
-            with watch():
-                return self._val_step(batch)
-        return self._val_step(batch)
+        if self.watch_val_step is None:
+            return self._val_step(batch)
+        return self._watched("watch_val_step", self._val_step, batch)
 
     def _val_step(self, batch):
         x, y = batch
