@@ -361,7 +361,10 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             slurm_mem_per_gpu=None, slurm_array_parallelism=1,
             slurm_additional_parameters=extra,
             **{f"slurm_{k}": self.params.get(k) for k in keep})
-        job_id = str(executor.submit(write_summary, str(sweep_dir)).job_id)
+        try:
+            job_id = str(executor.submit(write_summary, str(sweep_dir)).job_id)
+        except Exception as e:  # submitit's FailedJobError: sbatch refused the summary job
+            raise _no_slurm("sbatch (the summary job)", e) from None
         (folder / "summary_job").write_text(job_id + "\n")
         return job_id
 
