@@ -71,7 +71,8 @@ def main(cfg: DictConfig) -> dict | None:
             record["slurm"] = slurm.finished(run_dir)
         return record
     except UserError as e:
-        print(f"autograd-lab: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:
+            print(f"autograd-lab: error: {line}", file=sys.stderr)
         if not multirun:
             sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
         _record_failure(run_dir, cfg, str(e))
