@@ -114,6 +114,11 @@ def test_graph_names_leaves_and_lists_saved_tensors():
     relu = next(n for n in g.nodes if n["name"] == "CustomReLUFunctionBackward")
     assert "saved_tensors[0]: (2, 3, 28, 28) float32 18816 B" in relu["saved"]
     assert len(g.edges) == len(g.nodes) - 1  # a tree for this net
+    source = g.dot().source  # the labels a reader sees: bytes in the unit that fits
+    assert "saves 18.4 KiB" in source  # 18,816 B kept for the custom ReLU
+    small = [n["saved_bytes"] for n in g.nodes if 0 < n["saved_bytes"] < 1024]
+    assert small and all(f"saves {b} B" in source for b in small)
+    assert "0.0 KiB" not in source
 
 
 def test_graph_command_writes_table_dot_and_image(tmp_path):

@@ -23,6 +23,7 @@ import pytest
 from conftest import REPO, cli, make_cfg
 
 from autograd_lab.slurm import slurm_job_state
+from autograd_lab.summary import load_runs
 from autograd_lab.train import run
 
 pytestmark = pytest.mark.slurm
@@ -188,6 +189,12 @@ def test_fire_and_forget_and_a_rerun_submits_only_what_failed(slurm, data_root, 
     assert {slurm_job_state(d) for d in jobs} <= {"pending", "configuring", "running",
                                                   "completing"}
     assert None not in {slurm_job_state(d) for d in jobs}
+    listed = load_runs(sweep).set_index("run")  # what `autograd-lab summarize` reads
+    still = {d.name for d in jobs if slurm_job_state(d) is not None}  # so also while listed
+    assert still, "both jobs ended before they could be listed"
+    for name in still:
+        assert listed.loc[name, "status"] == "running", listed.loc[name].to_dict()
+        assert listed.loc[name, "error"].startswith("SLURM job ")
 
     again = cli(*command, cwd=tmp_path, env=slurm.env)  # while they run: left alone
     assert again.returncode == 0, again.stderr

@@ -71,3 +71,18 @@ def test_summary_md_follows_its_rules(tmp_path):
     # time and memory per job: MiB from the exact bytes, seconds per step as recorded
     cost = md.split("## Time and memory per job")[1].split("##")[0]
     assert fmt_number(44_726_568 / 2**20) in cost and "0.0123" in cost
+
+
+def test_loss_figure_marks_each_point_of_a_short_curve_and_not_of_a_long_one(tmp_path):
+    """A 3-step curve drawn as a bare line is hard to read (where are the steps?); a 40-step
+    one with markers is noise. The figure a notebook gets is the one summarize writes."""
+    from autograd_lab.summary import plot_study
+
+    sweep = tmp_path / "sweep"
+    _run(sweep, "variant=none", "none", [], 0.1, "completed", [2.3, 1.1, 0.163])
+    _run(sweep, "variant=frozen_backbone", "frozen_backbone", ["backbone"], 0.1, "completed",
+         [2.3 - 0.05 * i for i in range(40)])
+    loss = next(f for f in plot_study(sweep) if "train/loss" in f.axes[0].get_title())
+    lines = {ln.get_label(): ln for ln in loss.axes[0].get_lines()}
+    by_points = {len(ln.get_xdata()): ln.get_marker() for ln in lines.values()}
+    assert by_points == {3: ".", 40: "None"}, by_points

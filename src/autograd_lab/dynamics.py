@@ -221,10 +221,9 @@ def figure_stability(runs, curves):
     """Sharpness over the steps, one curve per run (labelled by its learning rate), with each
     run's stability limit as a dashed line in the same colour; log y when the values span
     decades. `runs`, `curves`: the frames of summary.load_runs / load_curves. A Figure."""
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sharp = curves[curves.name == "probes/sharpness"]
     limit = curves[curves.name == "probes/stability_limit"]

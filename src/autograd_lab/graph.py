@@ -35,6 +35,15 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def size_text(n: int) -> str:
+    """Bytes as a person reads them: `12 B`, `3.5 KiB`, `1.20 MiB` (never `0.0 KiB`)."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 ** 2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024 ** 2:.2f} MiB"
+
+
 def _bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
@@ -76,7 +85,7 @@ class Graph:
         for n in self.nodes:
             label = n["param"] or n["name"]
             if n["saved_bytes"]:
-                label += f"\\nsaves {n['saved_bytes'] / 1024:.1f} KiB"
+                label += f"\\nsaves {size_text(n['saved_bytes'])}"
             color = "lightblue" if n["param"] else ("orange" if n["saved_bytes"] else "white")
             g.node(str(n["id"]), label, fillcolor=color)
         for a, b in self.edges:

@@ -40,8 +40,10 @@ def find_runs(path) -> list[Path]:
         raise UserError(f"{path}: no such folder")
     # A Hydra job dir (.hydra/) without run.json is a run whose process was killed (SIGKILL,
     # power loss) before it could record anything: it is listed, as interrupted.
+    # A job submitted to SLURM and not yet started has only its slurm.json.
     found = {p.parent for p in path.rglob("run.json")} | \
-        {p.parent.parent for p in path.rglob(".hydra/config.yaml")}
+        {p.parent.parent for p in path.rglob(".hydra/config.yaml")} | \
+        {p.parent for p in path.rglob("slurm.json")}
     runs = sorted(d for d in found if "summary" not in d.relative_to(path).parts)
     if not runs:
         raise UserError(f"{path}: no runs found (no run.json below it); point at a run or "
@@ -129,8 +131,18 @@ def load_runs(path) -> pd.DataFrame:
     A run whose files do not parse has status `broken` and what is wrong as its error."""
     base = Path(path)
     rows, results, configless = [], set(), []
-    for run_dir in find_runs(base):
+    from .slurm import slurm_job_states
+
+    run_dirs = find_runs(base)
+    active = slurm_job_states(run_dirs)  # jobs SLURM still has (pending, running, ...)
+    for run_dir in run_dirs:
         record = _read_record(run_dir)
+        if run_dir in active and record.get("status") != "completed":
+            from .slurm import read_marker
+
+            record["status"] = "running"
+            record["error"] = (f"SLURM job {read_marker(run_dir).get('job_id')} is "
+                               f"{active[run_dir]}")
         row = {"run": _name(run_dir, base), "status": record.get("status"),
                "error": record.get("error")}
         row.update({k: (record.get("final") or {}).get(k) for k in METRICS})
@@ -307,15 +319,26 @@ def _data_name(runs: pd.DataFrame) -> str:
     return ", ".join(names) or "unknown data"
 
 
+def pyplot():
+    """matplotlib.pyplot, on the file-only Agg backend unless pyplot is already in use (a
+    notebook's inline backend stays: its figures show in the notebook)."""
+    import sys
+
+    if "matplotlib.pyplot" not in sys.modules:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], study: str,
                   metric: str = "train/loss"):
     """The study's `metric` per step, one line per group (mean over its seeds) with a min-max
     band; a log axis when the curves span more than a decade; the legend outside the axes when
     it is long. Returns a matplotlib Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = curves[curves.name == metric]
     keys = [k for k in by if k != "seed"]
@@ -331,6 +354,7 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], study
             continue
         mean = per_run.mean(axis=1)
         line, = ax.plot(mean.index, mean.values, lw=1.0,
+                        marker="." if len(mean) < 10 else None,  # a few points: show each
                         label=_label(study, dict(zip(keys, key, strict=True))))
         if per_run.shape[1] > 1:
             ax.fill_between(mean.index, per_run.min(axis=1), per_run.max(axis=1),
@@ -356,10 +380,7 @@ def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
     """The per-job time and memory figures side by side, a bar per group (mean over seeds, the
     seeds as dots), or None when there is nothing to compare. These belong to each job,
     whatever ran before it in the process; peak RSS does not, so it is never plotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = runs[runs.status == "completed"]
     panels = [(c, h, k) for c, h, k in COST if c != "images_per_s" and c in done
@@ -485,13 +506,15 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
     if unknown:
         raise UserError(f"--by {unknown[0]}: no such key in these runs; swept keys are: "
                         f"{', '.join(runs.attrs['swept']) or '(none)'}")
-    intact = runs[runs.status != "broken"]
+    running = runs[runs.status == "running"]  # SLURM still has them: no result yet
+    intact = runs[~runs.status.isin(["broken", "running"])]
     broken = runs[runs.status == "broken"]
     failed = intact[intact.status != "completed"]
     text = [f"# Summary: {', '.join(sorted(_studies(runs).unique()))}", "", f"`{path}`", ""]
     counts = runs.status.value_counts()
     text += [f"{len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in (
-        "completed", "diverged", "failed", "interrupted", "broken") if s in counts) + ". "
+        "completed", "running", "diverged", "failed", "interrupted", "broken") if s in counts)
+        + ". "
         f"Grouped by {', '.join(k for k in by if k != 'seed') or 'nothing (one group)'}"
         f"{'; seeds pooled (n runs a group)' if 'seed' in by else ''}. Every run's every "
         f"column: runs.csv; curves: curves.parquet.", ""]
@@ -512,6 +535,10 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
                  "Not in the tables above. Re-running the same command continues an interrupted "
                  "run from its checkpoint.", "",
                  _markdown(shown[["run", "status", "error"]]), ""]
+    if len(running):
+        text += ["## Runs still with SLURM", "",
+                 "Not in the tables above yet: summarize again when they end.", "",
+                 _markdown(running[["run", "error"]].rename(columns={"error": "state"})), ""]
     if len(broken):
         text += ["## Broken runs", "",
                  "Their files do not parse, so they are not in the tables above. Re-running the "

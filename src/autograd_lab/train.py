@@ -193,6 +193,11 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
             parts = _build(cfg, run_dir, record, resumed, signals, callbacks, progress_bar,
                            loaded=(ckpt_path, ckpt) if ckpt else None)
             _fit(parts, ckpt_path, record)
+        except Exception as e:  # a failure while building: the record says what it was
+            if record["error"] is None:
+                record["error"] = (str(e) if isinstance(e, UserError)
+                                   else f"{type(e).__name__}: {e}")
+            raise
         finally:
             signals.finishing = True  # a late signal must not cut the last writes short
             _write_record(parts, record, run_dir, t0, rank_zero)
