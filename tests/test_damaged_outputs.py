@@ -16,7 +16,7 @@ import pytest
 from conftest import cli, losses, make_cfg
 from omegaconf import OmegaConf
 
-from autograd_lab.summary import load_curves, load_runs, summarize
+from autograd_lab.summary import fmt_number, load_curves, load_runs, summarize
 from autograd_lab.sweep import SummaryCallback, check_run_dir, finished_record
 
 SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1",
@@ -147,10 +147,12 @@ def test_summary_lists_broken_runs_and_summarises_the_rest(made, tmp_path):
 
     md = (out / "summary.md").read_text()
     head, section = md.split("## Broken runs")
-    assert "6 runs (4 broken), grouped by: optim.lr" in head
-    for run_dir in good.values():  # one run in each group: mean ± 0 of its own numbers
+    assert "6 runs: 2 completed, 4 broken. Grouped by optim.lr." in head
+    for run_dir in good.values():  # one run in each group: its own numbers, no "±"
         final = _record(run_dir)["final"]
-        assert f"{final['val_loss']:.4g} ± 0" in head and f"{final['val_acc']:.4g} ± 0" in head
+        assert f" {fmt_number(final['val_loss'])} " in head
+        assert f" {fmt_number(final['val_acc'])} " in head
+    assert "±" not in head
     assert not any(name in head for name in broken)  # not in the table, not "did not complete"
     lines = [ln for ln in section.splitlines() if ln.startswith("| ") and "problem" not in ln]
     assert len(lines) == len(broken)

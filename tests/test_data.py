@@ -154,6 +154,8 @@ def test_a_planted_pickle_with_a_matching_manifest_runs_nothing(tmp_path):
     assert not marker.exists(), "the planted pickle ran its command"
     assert second.returncode == 2, second.stderr[-2000:]
     lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert lines[0].endswith(": starting"), second.stderr  # the run's start line, then
+    lines = lines[1:]  # one line: what was refused
     assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
     assert "batches.meta" in lines[0] and "refused" in lines[0] and "nothing in it was run" \
         in lines[0] and "posix.system" in lines[0], lines[0]

@@ -165,6 +165,8 @@ def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 1, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[0].endswith(": starting"), err  # the run's start line, then one line
+    lines = lines[1:]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "No space left on device" in lines[0] and str(small_disk / "run") in lines[0]
     assert "same command again" in lines[0]

@@ -145,9 +145,14 @@ def test_servers_bind_to_localhost():
     src = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     assert not re.search(r"\.bind\(|\.listen\(|HTTPServer|serve_forever|0\.0\.0\.0|bind_all",
                          src)
+    # every TensorBoard start goes through `autograd-lab tensorboard` (tests included), whose
+    # command line names the host
     others = [p for p in (REPO / "tests").glob("test_*.py") if p.name != Path(__file__).name]
-    launches = [line for path in others for line in path.read_text().splitlines()
-                if '"--port"' in line]
+    launches = [line for path in [*others, *PACKAGE.rglob("*.py")]
+                for line in path.read_text().splitlines() if '"tensorboard.main"' in line]
     assert launches and all('"--host", "127.0.0.1"' in line for line in launches)
+    started = [line for path in others for line in path.read_text().splitlines()
+               if '"tensorboard"' in line and "Popen" in line]
+    assert started and all('"autograd-lab"' in line or "exe" in line for line in started)
     readme = (REPO / "README.md").read_text()
     assert "--bind_all" not in readme and "0.0.0.0" not in readme

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import cli
 
-from autograd_lab.summary import load_curves, load_runs
+from autograd_lab.summary import fmt_number, load_curves, load_runs
 
 SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1",
          "probes=off"]
@@ -58,9 +58,10 @@ def test_summary_numbers_come_from_the_run_records(tmp_path, data_root):
     out = cli("train", "-m", "experiment=zero_grad_study", *SMALL, f"data.root={data_root}",
               "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    # the command that opens it, pasteable as is (the venv's own console script)
-    assert f"tensorboard: {Path(sys.executable).parent / 'autograd-lab'} tensorboard {sweep}" \
-        in out.stdout
+    # the command that opens it, pasteable as is where the sweep was started (the venv's own
+    # console script; the folder as the user would type it, relative to where they are)
+    exe = Path(sys.executable).parent / "autograd-lab"
+    assert f"tensorboard: {exe} tensorboard {sweep.relative_to(tmp_path)}\n" in out.stdout
     records = _records(sweep)
     runs = load_runs(sweep)
     assert runs.attrs["swept"] == ["train.zero_grad"]  # seed is averaged over, not a group
@@ -73,7 +74,7 @@ def test_summary_numbers_come_from_the_run_records(tmp_path, data_root):
            if not r["config"]["train"]["zero_grad"]]
     md = (sweep / "summary" / "summary.md").read_text()
     mean, std = pd.Series(off).mean(), pd.Series(off).std()
-    assert f"{mean:.4g} ± {std:.2g}" in md
+    assert f"{fmt_number(mean)} ± {fmt_number(std, digits=2)}" in md
     curves = load_curves(sweep)
     assert set(curves.run) == set(records)
     assert len(curves[curves.name == "train/loss"]) == 4 * 8
@@ -99,13 +100,13 @@ def test_rerunning_an_interrupted_sweep_skips_finished_jobs(tmp_path, data_root)
     assert 1 <= len(done) < 4
     out = cli(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stderr.count("skip ") == len(done)
+    assert out.stderr.count(": skipped, already completed with this config") == len(done)
     records = _records(sweep)
     assert len(records) == 4 and all(r["status"] == "completed" for r in records.values())
     for name, mtime in done.items():  # finished jobs were not run again
         assert (sweep / name / "run.json").stat().st_mtime_ns == mtime
     again = cli(*args, "resume=false", cwd=tmp_path)
-    assert again.returncode == 0 and "skip " not in again.stderr
+    assert again.returncode == 0 and "skipped" not in again.stderr
 
 
 @pytest.mark.parametrize("make", ["empty", "unrelated", "newer"])

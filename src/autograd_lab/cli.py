@@ -85,8 +85,9 @@ def train(args: list[str]) -> int:
                 skip = a in _VALUE_FLAGS
                 continue
             overrides.append(a)
-        plan = check_overrides(overrides, multirun)
-        if not any(a.split("=")[0] in _PRINT_FLAGS for a in args):
+        printing = any(a.split("=")[0] in _PRINT_FLAGS for a in args)
+        plan = check_overrides(overrides, multirun, files=not printing)
+        if not printing:
             _check_output_dir(args, multirun)
         if multirun:  # directories (and TensorBoard runs) named by what differs
             args = [*args, *plan.hydra_overrides(args)]

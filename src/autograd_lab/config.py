@@ -399,9 +399,10 @@ class SweepPlan:
         return out
 
 
-def run_problems(cfg) -> list[str]:
+def run_problems(cfg, files: bool = True) -> list[str]:
     """What would stop this run that can be told without torch, one line each: freeze globs and
-    a detach point against the model's declared names, CIFAR-10 files, pretrained weights."""
+    a detach point against the model's declared names; with `files`, also the CIFAR-10 files
+    and pretrained weights (not when the command only prints the config)."""
     import difflib
     import fnmatch
 
@@ -437,6 +438,8 @@ def run_problems(cfg) -> list[str]:
             + (f" (did you mean {' or '.join(close)}?)" if close else "")
             + f"; modules are: {', '.join(top)}"
             + (f" (or dotted names inside them, e.g. {inner})" if inner else ""))
+    if not files:
+        return problems
     problems += _data_problems(cfg)
     weights = model.get("weights")
     files = model.get("weights_files") or {}
@@ -464,8 +467,9 @@ def _data_problems(cfg) -> list[str]:
             f"data.download=true, or use data=synthetic (runs offline)"]
 
 
-def check_overrides(overrides: list[str], multirun: bool) -> SweepPlan:
-    """Compose the config for every job the overrides describe and validate each.
+def check_overrides(overrides: list[str], multirun: bool, files: bool = True) -> SweepPlan:
+    """Compose the config for every job the overrides describe and validate each (`files`:
+    also check the data and weight files a run would read; not for `--cfg`, which runs nothing).
 
     Uses Hydra's own parser and compose API, so what passes here composes the same way in the run.
     Returns how the command names its directories (SweepPlan).
@@ -524,7 +528,7 @@ def check_overrides(overrides: list[str], multirun: bool) -> SweepPlan:
                 check_devices(job)
             except UserError as e:
                 problems.append(str(e))
-            problems += run_problems(job)
+            problems += run_problems(job, files)
     GlobalHydra.instance().clear()
     if problems:
         raise UserError("\n".join(dict.fromkeys(problems)))

@@ -86,8 +86,9 @@ def ended(record: dict, run_dir: Path) -> None:
             log.warning(f"autograd-lab: {where}: {error} at step {steps}; the same command "
                         f"continues from the last checkpoint")
         return
-    if status == "failed":
-        log.error(f"autograd-lab: {where}: failed: {record.get('error')}")
+    if status == "failed":  # a sweep names the job; a single run says it as any error
+        log.error(f"autograd-lab: {where}: failed: {record.get('error')}" if _in_sweep()
+                  else f"autograd-lab: error: {record.get('error')}")
         return
     losses = (f"train loss {_n(final.get('train_loss'))} (best "
               f"{_n(final.get('best_train_loss'))}), val loss {_n(final.get('val_loss'))}, "

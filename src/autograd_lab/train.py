@@ -71,15 +71,18 @@ def main(cfg: DictConfig) -> dict | None:
             record["slurm"] = slurm.finished(run_dir)
         return record
     except UserError as e:
-        for line in str(e).splitlines() or [""]:
-            print(f"autograd-lab: error: {line}", file=sys.stderr)
+        if not getattr(e, "reported", False):  # else the run's end line said it already
+            for line in str(e).splitlines() or [""]:
+                print(f"autograd-lab: error: {line}", file=sys.stderr)
         if not multirun:
             sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
         _record_failure(run_dir, cfg, str(e))
     except Exception as e:  # in a sweep the job is recorded as failed and the sweep goes on
         if not multirun:
             raise
-        print(f"autograd-lab: job failed: {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+        if not getattr(e, "reported", False):
+            print(f"autograd-lab: job failed: {run_dir}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
         _record_failure(run_dir, cfg, f"{type(e).__name__}: {e}")
     if slurm is not None:  # a failed job: its ids into run.json, never requeued
         slurm.finished(run_dir)
@@ -193,10 +196,11 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
             parts = _build(cfg, run_dir, record, resumed, signals, callbacks, progress_bar,
                            loaded=(ckpt_path, ckpt) if ckpt else None)
             _fit(parts, ckpt_path, record)
-        except Exception as e:  # a failure while building: the record says what it was
-            if record["error"] is None:
+        except Exception as e:  # the record says what it was, and so does the end line
+            if record["error"] is None:  # (a failure while building)
                 record["error"] = (str(e) if isinstance(e, UserError)
                                    else f"{type(e).__name__}: {e}")
+            e.reported = rank_zero and not record.get("_write_failed")  # by messages.ended
             raise
         finally:
             signals.finishing = True  # a late signal must not cut the last writes short
