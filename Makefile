@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/autograd-lab demo
 
+# Two test processes (one per core of a 2-core machine), one torch thread each: a process with
+# two threads slows many times over when another holds a core. A test file runs in one process
+# (its module fixtures are made once; the local SLURM cluster is started once).
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python scripts/bench_throughput.py --threads 1
