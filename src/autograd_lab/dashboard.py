@@ -311,7 +311,9 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     for metric in present:
         shown = f"{metric}/log10" if metric in log_metrics else metric
         title = (f"{metric}, log10 (it spans decades)" if metric in log_metrics else metric)
-        charts[f"{title}: mean over seeds, band min-max (up to {seeds} seeds a group)"] = (
+        spread = (f"mean over seeds, band min-max (up to {seeds} seeds a group)" if seeds > 1
+                  else "one seed a group: no band")
+        charts[f"{title}: {spread}"] = (
             "Margin", [tuple(band_tag(shown, s) for s in ("mean", "min", "max"))])
     # TensorBoard 2.21's Custom Scalars page lays a category's margin charts out in reverse
     # order (seen in headless Chromium): written reversed, they read train/loss first
