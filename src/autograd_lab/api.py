@@ -147,8 +147,9 @@ def run(overrides=(), run_dir=None, *, callbacks=(), threads: int | None = None,
     if cfg.resume:
         done = finished_record(run_dir, OmegaConf.to_container(cfg, resolve=True))
         if done is not None:
-            print(f"autograd-lab: {run_dir}: skipped, already completed with this config "
-                  f"(resume=false runs it again)")  # the CLI's words
+            from .messages import skipped_line
+
+            print(skipped_line(run_dir))  # the CLI's words
             return Run(run_dir, done, skipped=True)
     from .train import run as train_run
 

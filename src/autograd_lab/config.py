@@ -76,6 +76,12 @@ class UserError(Exception):
     """A mistake in what the user asked for. Shown as one line, never as a traceback."""
 
 
+def error_text(e: BaseException) -> str:
+    """What a run record and a message say of an error: a user's mistake as its own words, a
+    bug with its type."""
+    return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+
+
 # errno values that mean "this file system will not take the write": the run stops, failed,
 # with one line, and the same command continues once it will
 WRITE_ERRNOS = (28, 122, 30, 5)  # ENOSPC, EDQUOT, EROFS, EIO

@@ -67,9 +67,13 @@ def starting(run_dir: Path, resumed: dict | None) -> None:
         log.info(f"autograd-lab: {shown(run_dir)}: starting")
 
 
+def skipped_line(run_dir: Path) -> str:
+    return (f"autograd-lab: {shown(run_dir)}: skipped, already completed with this config "
+            f"(resume=false runs it again)")
+
+
 def skipped(run_dir: Path) -> None:
-    log.info(f"autograd-lab: {shown(run_dir)}: skipped, already completed with this config "
-             f"(resume=false runs it again)")
+    log.info(skipped_line(run_dir))
 
 
 def ended(record: dict, run_dir: Path) -> None:

@@ -40,10 +40,13 @@ def find_runs(path) -> list[Path]:
         raise UserError(f"{path}: no such folder")
     # A Hydra job dir (.hydra/) without run.json is a run whose process was killed (SIGKILL,
     # power loss) before it could record anything: it is listed, as interrupted.
-    # A job submitted to SLURM and not yet started has only its slurm.json.
-    found = {p.parent for p in path.rglob("run.json")} | \
-        {p.parent.parent for p in path.rglob(".hydra/config.yaml")} | \
-        {p.parent for p in path.rglob("slurm.json")}
+    # A job submitted to SLURM and not yet started has only its slurm.json. One walk.
+    found = set()
+    for p in path.rglob("*"):
+        if p.name in ("run.json", "slurm.json"):
+            found.add(p.parent)
+        elif p.name == "config.yaml" and p.parent.name == ".hydra":
+            found.add(p.parent.parent)
     runs = sorted(d for d in found if "summary" not in d.relative_to(path).parts)
     if not runs:
         raise UserError(f"{path}: no runs found (no run.json below it); point at a run or "
@@ -131,15 +134,13 @@ def load_runs(path) -> pd.DataFrame:
     A run whose files do not parse has status `broken` and what is wrong as its error."""
     base = Path(path)
     rows, results, configless = [], set(), []
-    from .slurm import slurm_job_states
+    from .slurm import read_marker, slurm_job_states
 
     run_dirs = find_runs(base)
     active = slurm_job_states(run_dirs)  # jobs SLURM still has (pending, running, ...)
     for run_dir in run_dirs:
         record = _read_record(run_dir)
         if run_dir in active and record.get("status") != "completed":
-            from .slurm import read_marker
-
             record["status"] = "running"
             record["error"] = (f"SLURM job {read_marker(run_dir).get('job_id')} is "
                                f"{active[run_dir]}")

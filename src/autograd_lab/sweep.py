@@ -118,14 +118,14 @@ class SummaryCallback(Callback):
     a result, not a failure). A summary that cannot be written is an error: one line, exit 1."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from .config import UserError
+        from .config import error_text
         from .summary import summarize_runs
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             out, runs = summarize_runs(sweep_dir)
         except Exception as e:  # UserError (unwritable, a newer run inside), or a bug
-            reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            reason = error_text(e)
             reason = reason.strip().splitlines()[0] if reason.strip() else type(e).__name__
             print(f"autograd-lab: error: no summary written for {sweep_dir}: {reason}",
                   file=sys.stderr)

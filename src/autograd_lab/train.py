@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import RUN_FORMAT_VERSION, __version__
-from .config import CONF_PACKAGE, UserError, validate, write_failure
+from .config import CONF_PACKAGE, UserError, error_text, validate, write_failure
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
@@ -81,9 +81,8 @@ def main(cfg: DictConfig) -> dict | None:
         if not multirun:
             raise
         if not getattr(e, "reported", False):
-            print(f"autograd-lab: job failed: {run_dir}: {type(e).__name__}: {e}",
-                  file=sys.stderr)
-        _record_failure(run_dir, cfg, f"{type(e).__name__}: {e}")
+            print(f"autograd-lab: job failed: {run_dir}: {error_text(e)}", file=sys.stderr)
+        _record_failure(run_dir, cfg, error_text(e))
     if slurm is not None:  # a failed job: its ids into run.json, never requeued
         slurm.finished(run_dir)
     return None
@@ -196,10 +195,8 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
             parts = _build(cfg, run_dir, record, resumed, signals, callbacks, progress_bar,
                            loaded=(ckpt_path, ckpt) if ckpt else None)
             _fit(parts, ckpt_path, record)
-        except Exception as e:  # the record says what it was, and so does the end line
-            if record["error"] is None:  # (a failure while building)
-                record["error"] = (str(e) if isinstance(e, UserError)
-                                   else f"{type(e).__name__}: {e}")
+        except BaseException as e:  # building or fitting failed: the record says what it was, and
+            record["error"] = error_text(e)  # so does the end line
             e.reported = rank_zero and not record.get("_write_failed")  # by messages.ended
             raise
         finally:
@@ -357,8 +354,7 @@ def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
                                f"same command again to continue")
             record["_write_failed"] = True
             return
-        record["error"] = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        raise
+        raise  # run() records what it was
     diverged = parts.recorder.diverged_at
     record["status"] = "diverged" if diverged is not None else "completed"
     record["stop_reason"] = _stop_reason(trainer, parts.cfg, diverged)
