@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -244,10 +245,11 @@ def test_mistakes_are_caught_before_torch_is_imported_all_at_once(tmp_path):
         "mean conv or conv.bias?); parameter names start with: conv, fc (or use backbone)",
         "autograd-lab: error: train.detach_at='conv.0': smallnet has no such module (did you "
         "mean conv?); modules are: conv, pool, fc",
-        f"autograd-lab: error: data=cifar10: CIFAR-10 not found in data.root="
-        f"{(tmp_path / 'data').resolve()}; put cifar-10-python.tar.gz (or its extracted "
-        f"cifar-10-batches-py/) there, set data.download=true, or use data=synthetic (runs "
-        f"offline)"]
+        f"autograd-lab: error: data=cifar10: CIFAR-10 is not in data.root="
+        f"{(tmp_path / 'data').resolve()} and cannot be downloaded from "
+        f"{os.environ['AUTOGRAD_LAB_CIFAR10_URL']} (Connection refused); put "
+        f"cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/) there, or use "
+        f"data=synthetic (runs offline)"]
     assert list(tmp_path.iterdir()) == []  # no run directory, nothing written
 
 

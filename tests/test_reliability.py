@@ -52,6 +52,7 @@ def test_many_jobs_in_one_process_leak_nothing(tmp_path, data_root):
 def _check_every_file(sweep: Path) -> dict[str, int]:
     """Everything under the sweep parses; returns the count of each status."""
     from autograd_lab.checkpoint import load
+    from autograd_lab.config import UserError
     from autograd_lab.summary import load_runs
 
     statuses: dict[str, int] = {}
@@ -72,14 +73,46 @@ def _check_every_file(sweep: Path) -> dict[str, int]:
             from PIL import Image
 
             Image.open(path).verify()
-    runs = load_runs(sweep)
-    assert set(runs.status) <= STATUSES
+    # A kill after Hydra wrote the sweep's multirun.yaml and before any job wrote its files
+    # leaves a sweep with no run in it yet: it summarises as that, not as an error.
+    started = [p for p in sweep.rglob("*") if p.name == "run.json"
+               or (p.name == "config.yaml" and p.parent.name == ".hydra" and p.parent.parent
+                   != sweep)]
+    try:
+        runs = load_runs(sweep)
+    except UserError as e:
+        assert not started and "no runs" in str(e), (started, str(e))
+        return statuses
+    assert set(runs.get("status", [])) <= STATUSES
     return statuses
+
+
+def _wait_until_it_writes(proc: subprocess.Popen, sweep: Path, since: float) -> None:
+    """Until the process has written something under the sweep folder (or has ended): the
+    random moment of a kill is counted from there, so the kills land in the sweep's own work
+    however long torch takes to import on this machine."""
+    def written(path: Path) -> bool:
+        try:
+            return path.stat().st_mtime >= since
+        except FileNotFoundError:  # a temporary file renamed meanwhile
+            return False
+
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if sweep.exists() and any(written(p) for p in sweep.rglob("*")):
+            return
+        time.sleep(0.05)
 
 
 def test_kills_at_random_moments_leave_no_torn_file(tmp_path, data_root):
     """12 kills (SIGKILL, SIGTERM, SIGINT) at random moments of a sweep that checkpoints and
-    flushes often; after each, every file parses and every status is one of the four."""
+    flushes often; after each, every file parses and every status is one of the four.
+
+    Not timed by the wall clock alone: the random moment is counted from the process's first
+    write in the sweep folder (so the kills land in the sweep's work on a fast machine and a
+    slow one alike), 1 kill in 4 comes within a second of the start (before the sweep folder or
+    a job's files exist, or in start-up), and a run that finished the whole sweep before
+    its kill is followed by one with resume=false, which rewrites every file again."""
     rng = random.Random(1234)
     sweep = tmp_path / "sweep"
     exe = Path(sys.executable).parent / "autograd-lab"
@@ -88,20 +121,27 @@ def test_kills_at_random_moments_leave_no_torn_file(tmp_path, data_root):
             "log.flush_every_s=0.01", "probes=off", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     signals = [signal.SIGKILL] * 3 + [signal.SIGTERM, signal.SIGINT]
-    kills, start = 0, time.time()
-    for _ in range(12):
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.8, 3.2))
+    kills, attempts, again = 0, 0, []
+    while kills < 12 and attempts < 30:
+        attempts += 1
+        since = time.time() - 1  # file times have a coarse grain on some file systems
+        proc = subprocess.Popen([*args, *again], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        early = rng.random() < 0.25
+        if early:  # SIGINT there would be Python's own start-up traceback, not the harness's
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:
+            _wait_until_it_writes(proc, sweep, since)
+            time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is None:
-            proc.send_signal(rng.choice(signals))
+            proc.send_signal(rng.choice(signals[:4] if early else signals))
             kills += 1
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
         assert "Traceback" not in err, err[-2000:]
+        again = ["resume=false"] if proc.returncode == 0 else []  # the sweep was complete
         if sweep.exists():
             _check_every_file(sweep)
-        assert time.time() - start < 300, "bounded in time"
-    assert kills >= 9
+    assert kills == 12, (kills, attempts)
     final = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)  # the same command finishes the sweep
     assert final.returncode == 0, final.stderr[-2000:]

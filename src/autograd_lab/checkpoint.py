@@ -28,8 +28,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from .config import UserError, comparable, flatten
-from .module import CHECKPOINT_FORMAT
+from .config import UserError, flatten, resume_comparable
+from .module import CHECKPOINT_FORMAT, at_max_steps
 from .records import atomic_write_bytes, load_tensor_file
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -89,9 +89,11 @@ def load(path: Path, map_location=None) -> dict:
     return ckpt
 
 
-def check_resumable(path: Path, config: dict) -> dict:
+def check_resumable(path: Path, config: dict, explicit: bool = False) -> dict:
     """The checkpoint if this run can continue from it, else a UserError that says which
-    setting differs."""
+    setting differs. Keys that change no curve (config.RESUME_FREE_KEYS: an added logger, an LR
+    monitor, ModelCheckpoint files, progress settings) may differ. `explicit`: the user gave it
+    (ckpt_path=), so the advice is about that file, not about this run directory."""
     ckpt = load(path)
     meta = ckpt["autograd_lab"]
     version = meta.get("format", 0)
@@ -99,20 +101,36 @@ def check_resumable(path: Path, config: dict) -> dict:
         raise UserError(f"checkpoint {path} has format={version}, newer than this "
                         f"autograd-lab reads (up to {CHECKPOINT_FORMAT}); upgrade autograd-lab "
                         f"or run with resume=false")
-    theirs, ours = comparable(meta["config"]), comparable(config)
+    theirs, ours = resume_comparable(meta["config"]), resume_comparable(config)
     diffs = _diff(theirs, ours)  # dotted keys; a key missing on one side counts as null
     if diffs:
         key = "model.name" if "model.name" in diffs else next(
             (k for k in diffs if k.startswith("model.")), diffs[0])
         what = "another model" if key.startswith("model.") else "another config"
+        others = [k for k in diffs if k != key]
+        also = (f"; also {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}"
+                if others else "")
+        if explicit:  # the file is the user's choice: nothing in this run directory is at stake
+            raise UserError(f"ckpt_path={path}: the checkpoint is from {what} ({key}="
+                            f"{flatten(theirs).get(key)!r}, this run has {key}="
+                            f"{flatten(ours).get(key)!r}{also}); continue it with its config "
+                            f"({key}={_typed(flatten(theirs).get(key))}), or give a checkpoint "
+                            f"this config wrote (ckpt_path=null: none)")
         if _completed(path):  # never advise a step that deletes a finished result
             advice = ("it is a completed run: give this one another run directory "
                       "(hydra.run.dir=...)")
         else:
             advice = "use another run directory, or resume=false to discard it and start over"
         raise UserError(f"checkpoint {path} is from {what} ({key}={flatten(theirs).get(key)!r}, "
-                        f"this run has {key}={flatten(ours).get(key)!r}); {advice}")
+                        f"this run has {key}={flatten(ours).get(key)!r}{also}); {advice}")
     return ckpt
+
+
+def _typed(value) -> str:
+    """A config value as it is typed on the command line (0.1, true, null, text)."""
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def numerics() -> dict:
@@ -229,8 +247,11 @@ class Checkpointer(Checkpoint):
             return
         if self.recorder.diverged_at is not None:
             return
-        if batch_idx + 1 >= trainer.num_training_batches:
-            self._at_epoch_end = True  # validation comes next: save after it, at epoch end
+        if batch_idx + 1 >= trainer.num_training_batches or at_max_steps(trainer):
+            # the epoch's last step, or max_steps (the module asks Lightning to stop, which
+            # validates here): validation comes next, then on_train_epoch_end; save there, so
+            # the checkpoint holds the validation and every callback's decision on it
+            self._at_epoch_end = True
             return
         self.save(trainer)
         if stop is not None:
@@ -249,6 +270,14 @@ class Checkpointer(Checkpoint):
     def on_train_end(self, trainer, pl_module):
         if self.recorder.diverged_at is None:
             self.save(trainer)
+
+    # a save still due at this epoch's end travels with a checkpoint written before it (one of
+    # ModelCheckpoint's, after validation), so a run continued from that file saves it too
+    def state_dict(self) -> dict:
+        return {"at_epoch_end": self._at_epoch_end}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._at_epoch_end = bool(state.get("at_epoch_end", False))
 
     def save(self, trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # the full training state

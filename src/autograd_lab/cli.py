@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import UserError, check_overrides
+from .config import UserError, check_overrides, refuse_code_flags
 
 COMMANDS = {
     "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
@@ -78,22 +78,32 @@ def _usage() -> str:
 
 def train(args: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in args)
-    if not any(a.split("=")[0] in _INFO_FLAGS for a in args):
-        overrides, skip = [], False
-        for a in args:  # flags with a separate value (-cn NAME) are Hydra's, not overrides
+    refuse_code_flags(args)  # --experimental-rerun unpickles a file
+    checked = not any(a.split("=")[0] in _INFO_FLAGS for a in args)
+    if checked:
+        overrides, skip, last = [], False, len(args) - 1
+        for i, a in enumerate(args):  # flags with a separate value (-cn NAME) are Hydra's
             if skip or a.startswith("-"):
                 skip = a in _VALUE_FLAGS
                 continue
             overrides.append(a)
+            last = i
         printing = any(a.split("=")[0] in _PRINT_FLAGS for a in args)
         plan = check_overrides(overrides, multirun, files=not printing)
         if not printing:
             _check_output_dir(args, multirun)
-        if multirun:  # directories (and TensorBoard runs) named by what differs
-            args = [*args, *plan.hydra_overrides(args)]
+        if multirun and printing:
+            args = _first_job_args(args, overrides, plan)
+        elif multirun:  # directories (and TensorBoard runs) named by what differs
+            # right after the user's overrides: Hydra's argparse takes the overrides as one run
+            # of words, so words after a flag (`-m a=1 --cfg hydra X`) would be unrecognized
+            args = [*args[:last + 1], *plan.hydra_overrides(args), *args[last + 1:]]
     from . import train as train_app
 
     sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else "autograd-lab", *args]
+    from . import config
+
+    config.CHECKED_BY_CLI = checked  # the app's own preflight need not compose it all again
     try:
         train_app.main()
     except SystemExit as e:  # Hydra and the app exit with a code: pass it on
@@ -102,7 +112,20 @@ def train(args: list[str]) -> int:
         from .config import _first_line
 
         raise UserError(_first_line(str(e))) from None
+    finally:
+        config.CHECKED_BY_CLI = False
     return 0
+
+
+def _first_job_args(args: list[str], overrides: list[str], plan) -> list[str]:
+    """`train -m ... --cfg job|hydra|all`: Hydra prints the config of one run and refuses -m
+    with --cfg, so print the sweep's first job (every swept key at its first value) with the
+    sweep folder and job names the sweep would use, and say so on stderr."""
+    flags = [a for a in args if a not in overrides and a not in ("-m", "--multirun")]
+    hydra = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
+    print(f"autograd-lab: -m with --cfg: the config of the sweep's first job "
+          f"({' '.join(plan.first_job) or 'no overrides'})", file=sys.stderr)
+    return [*flags, *plan.first_job, *hydra, *plan.hydra_overrides(overrides)]
 
 
 def _check_output_dir(args: list[str], multirun: bool) -> None:
@@ -129,9 +152,11 @@ def _check_output_dir(args: list[str], multirun: bool) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{shown}: cannot write to {probe}; choose a folder you can write to")
     if given is not None and not multirun:  # a run directory another process is writing
-        from .lock import check_free
+        from .lock import check_entries, check_free
 
         check_free(path)
+        check_entries(path)  # a symlink, FIFO, ... where a file of ours goes (sweep.OwnFiles-
+        # Callback checks every run and sweep folder again before Hydra writes)
 
 
 def demo(args: list[str]) -> int:
@@ -167,12 +192,10 @@ def _compose(overrides: list[str], defaults: list[str]):
     return cfg
 
 
-def _model_and_batch(cfg, seed_batch: bool = False):
-    """The configured model with its variants applied, and one batch (the seed's random
-    images with soft random targets when `seed_batch`)."""
+def _model(cfg):
+    """The configured model with its variants applied (freeze, detach_at)."""
     import torch
 
-    from .data import load_split_tensors, normalize
     from .models import build_model
     from .variants import detach_at, freeze
 
@@ -181,6 +204,17 @@ def _model_and_batch(cfg, seed_batch: bool = False):
     freeze(model, cfg.train.freeze)
     if cfg.train.detach_at:
         detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
+    return model
+
+
+def _model_and_batch(cfg, seed_batch: bool = False):
+    """The configured model with its variants applied, and one batch (the seed's random
+    images with soft random targets when `seed_batch`)."""
+    import torch
+
+    from .data import load_split_tensors, normalize
+
+    model = _model(cfg)
     if seed_batch:  # 64x64 as the seed's ResNet18 cell; SmallNet's Linear(588) needs 32x32
         side = 64 if cfg.model.name == "resnet18" else 32
         classes = model.eval()(torch.zeros(1, 3, side, side)).shape[1]
@@ -242,12 +276,15 @@ def graph(args: list[str]) -> int:
     cfg = _compose(overrides, ["data=synthetic"])
     import torch.nn.functional as F
 
-    from .graph import graph_def, module_scopes, render, saved_bytes_by_hooks, walk, write_graph
+    from .graph import (first_batch, graph_def, module_scopes, render, saved_bytes_by_hooks,
+                        walk, write_graph)
 
-    model, x, y = _model_and_batch(cfg)
+    model = _model(cfg)
     model.train()
     buffers = dict(model.named_buffers())
-    resident = [y]  # the labels are a view of the resident label array: alive anyway
+    # the batch a run's first step takes (a shuffled batch is a gather: its labels count) and
+    # the resident data set it comes from (never counted): run.json's figure, the same rule
+    x, y, resident = first_batch(cfg)
     scopes: dict = {}
 
     def forward():
@@ -280,7 +317,10 @@ def graph(args: list[str]) -> int:
         files.append(opts.tensorboard)
     print("written: " + ", ".join(str(f) for f in [*tables, *files]))
     if opts.tensorboard is not None:
-        print(f"see it in the Graphs tab: {command_path()} tensorboard {opts.tensorboard}")
+        import shlex
+
+        print(f"see it in the Graphs tab: {command_path()} tensorboard "
+              f"{shlex.quote(str(opts.tensorboard))}")
     if note:
         print(note)
     return 0 if hooked == g.saved_bytes else 1
@@ -349,14 +389,17 @@ def profile(args: list[str]) -> int:
 
 
 def command_path() -> str:
-    """How to call this console script again, pasteable as is (no activated venv needed)."""
+    """How to call this console script again, pasteable as is into a shell (no activated venv
+    needed; quoted where the path has spaces, quotes or non-ASCII characters)."""
+    import shlex
+
     exe = Path(sys.executable).parent / "autograd-lab"
     if not exe.exists():
         return "autograd-lab"
     try:
-        return str(exe.relative_to(Path.cwd()))
+        return shlex.quote(str(exe.relative_to(Path.cwd())))
     except ValueError:
-        return str(exe)
+        return shlex.quote(str(exe))
 
 
 # TensorBoard keeps 1,000 points a scalar tag unless told otherwise: every step is the point.
@@ -375,11 +418,52 @@ def _listening(port: int) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """Linux: this (child) process gets SIGTERM when its parent ends, even by SIGKILL, so a
+    TensorBoard never outlives the command that started it. (distributed.die_with_parent does
+    the same for DDP ranks; that module imports Lightning, which this command must not.)"""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP reached `autograd-lab tensorboard`: stop the server, as Ctrl-C does."""
+
+
+def _logdir_args(dirs: list[Path], links: Path) -> list[str]:
+    """TensorBoard's arguments for the folders: one folder is the logdir; several are symlinks
+    in `links` (a fresh temporary folder), one per folder, named by its last part, and `links`
+    is the logdir. Not --logdir_spec, which splits on commas and colons: a sweep's job folders
+    (`seed=0,train.zero_grad=true`) would show no runs at all."""
+    if len(dirs) == 1:
+        return ["--logdir", str(dirs[0])]
+    used: set[str] = set()
+    for d in dirs:
+        name = d.resolve().name or "root"
+        shown, n = name, 2
+        while shown in used:  # two folders of one name: the second is name-2
+            shown, n = f"{name}-{n}", n + 1
+        used.add(shown)
+        (links / shown).symlink_to(d.resolve(), target_is_directory=True)
+    return ["--logdir", str(links)]
+
+
 def tensorboard(args: list[str]) -> int:
     """`autograd-lab tensorboard [DIR ...] [--port N]`: this venv's TensorBoard on 127.0.0.1 with
-    every scalar kept, on a free port from N (6006) up; prints the URL; Ctrl-C stops it."""
+    every scalar kept, on a free port from N (6006) up; prints the URL. Ctrl-C, SIGTERM or
+    SIGHUP stops it, and so does the end of this process by any means (SIGKILL included): the
+    server never outlives the command."""
     import argparse
+    import shutil
+    import signal
     import subprocess
+    import tempfile
     import time
 
     parser = argparse.ArgumentParser(prog="autograd-lab tensorboard")
@@ -400,15 +484,19 @@ def tensorboard(args: list[str]) -> int:
                  if not _listening(p)), None)
     if port is None:
         raise UserError(f"--port {opts.port}: it and the next 99 ports are taken")
-    if len(dirs) == 1:
-        where = ["--logdir", str(dirs[0])]
-    else:  # one named group per folder
-        where = ["--logdir_spec", ",".join(f"{d.name or d}:{d}" for d in dirs)]
-    command = [sys.executable, "-m", "tensorboard.main", *where, "--host", "127.0.0.1",
-               "--port", str(port), "--samples_per_plugin", SAMPLES]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+
+    def stop(signum, frame):
+        raise _Stopped(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    links = Path(tempfile.mkdtemp(prefix="autograd-lab-tensorboard-")) if len(dirs) > 1 \
+        else None
+    server = None
     try:
+        command = [sys.executable, "-m", "tensorboard.main", *_logdir_args(dirs, links),
+                   "--host", "127.0.0.1", "--port", str(port), "--samples_per_plugin", SAMPLES]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, preexec_fn=_die_with_parent)
         deadline = time.time() + 60
         while not _listening(port):
             if server.poll() is not None:
@@ -422,16 +510,21 @@ def tensorboard(args: list[str]) -> int:
               f"kept). Ctrl-C stops it.", flush=True)
         server.wait()
         return server.returncode or 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped):
         print("TensorBoard stopped.", file=sys.stderr)
         return 0
     finally:
-        if server.poll() is None:
+        if server is not None and server.poll() is None:
             server.terminate()
             try:
                 server.wait(10)
             except subprocess.TimeoutExpired:
                 server.kill()
+                server.wait()
+        if links is not None:
+            shutil.rmtree(links, ignore_errors=True)  # the symlinks only, never their targets
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ HPARAM_METRICS = (
     ("whole_run/trainable_params", "trainable parameters"),
     ("whole_run/frozen_params", "frozen parameters"),
     ("whole_run/steps", "optimizer steps"),
+    ("whole_run/val_step", "step of the final val loss"),  # = steps unless it validated earlier
 )
 
 # The config groups whose choice names a run (HParams columns even when nobody typed them).
@@ -58,11 +59,14 @@ def _file_writer(writer):
 
 
 def _hparam_type(value):
+    """An HParams column's type. An integer (a seed, a size) is a string column: TensorBoard's
+    HParams table prints every number with 5 significant digits (seed 0 as 0.0000), and a
+    string as it is."""
     from tensorboard.plugins.hparams import api_pb2
 
     if isinstance(value, bool):
         return api_pb2.DATA_TYPE_BOOL
-    if isinstance(value, (int, float)):
+    if isinstance(value, float):
         return api_pb2.DATA_TYPE_FLOAT64
     return api_pb2.DATA_TYPE_STRING
 
@@ -101,8 +105,19 @@ def identifying_hparams(cfg, choices: dict, overrides: list[str]) -> dict:
             value = OmegaConf.to_container(value, resolve=True)
         if value is None:
             value = "null"
+        if isinstance(value, int) and not isinstance(value, bool) and not _integer_key(key):
+            value = float(value)  # `optim.lr=1` in a sweep with 0.5: one number column
         out[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return out
+
+
+def _integer_key(key: str) -> bool:
+    """Whether the schema's checks (config.CHECKS) take `key` as an integer (seed, sizes), or
+    do not know it; a number key (optim.lr) given as `1` is a number, not an integer."""
+    from .config import CHECKS
+
+    check = CHECKS.get(key)
+    return check is None or "integer" in check[1]
 
 
 def whole_run_metrics(recorder, extra: dict) -> dict:
@@ -113,6 +128,7 @@ def whole_run_metrics(recorder, extra: dict) -> dict:
               "whole_run/images_per_s": recorder.images_per_s or None,
               "whole_run/seconds_per_step": recorder.seconds_per_step,
               "whole_run/steps": steps,
+              "whole_run/val_step": final["val_step"],  # where the final val/loss was measured
               **{f"whole_run/{k}": v for k, v in recorder.memory.items()},
               **{f"whole_run/{k}": v for k, v in extra.items()}}
     return {k: float(v) for k, v in values.items()
@@ -149,7 +165,7 @@ def write_hparams(writer, hparams: dict, metrics: dict, step: int, status: str,
     for k, v in hparams.items():
         if isinstance(v, bool):  # before numbers: a bool is an int to Python
             start.hparams[k].bool_value = v
-        elif isinstance(v, (int, float)):
+        elif isinstance(v, float):  # an int is shown as typed: a string (_hparam_type)
             start.hparams[k].number_value = v
         else:
             start.hparams[k].string_value = str(v)
@@ -205,6 +221,11 @@ def write_layout(writer, layout_dict: dict) -> None:
     """A Custom Scalars layout: {category: {chart title: ("Multiline", [tag regexes]) or
     ("Margin", [(value tag, lower tag, upper tag), ...])}}, categories and charts in order; a
     category may be empty (it keeps its place when TensorBoard merges the runs' layouts)."""
+    _file_writer(writer).add_summary(layout_summary(layout_dict))
+
+
+def layout_summary(layout_dict: dict):
+    """write_layout's Summary proto (the custom_scalars plugin's layout)."""
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
     from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
@@ -224,8 +245,8 @@ def write_layout(writer, layout_dict: dict) -> None:
     tensor = TensorProto(dtype=DT_STRING, string_val=[proto.SerializeToString()],
                          tensor_shape=TensorShapeProto())
     meta = SummaryMetadata.FromString(metadata.create_summary_metadata().SerializeToString())
-    _file_writer(writer).add_summary(Summary(value=[Summary.Value(
-        tag=metadata.CONFIG_SUMMARY_TAG, metadata=meta, tensor=tensor)]))
+    return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, metadata=meta,
+                                        tensor=tensor)])
 
 
 # ---------------------------------------------------------------- the summary run
@@ -246,86 +267,179 @@ def band_frames(runs, curves, by: list[str]) -> dict:
     label is the group's keys as `key=value,...` ("all runs" when only the seed differs)."""
     import pandas as pd
 
+    from .summary import group_curves
+
     keys = [k for k in by if k != "seed"]
     done = runs[runs.status.isin(["completed", "diverged"])]
     out: dict = {}
-    groups = done.groupby([done[k].map(_text) for k in keys], sort=True) if keys \
-        else [((), done)]
-    for key, group in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        label = ",".join(f"{k}={v}" for k, v in zip(keys, key, strict=True)) or "all runs"
-        for metric in BAND_METRICS:
-            rows = curves[(curves.name == metric) & curves.run.isin(group.run)]
-            if rows.empty:
+    for metric in BAND_METRICS:
+        stats = group_curves(done, curves, keys, metric)
+        for column, key in stats.get("keys", {}).items():
+            if column not in stats["mean"]:
                 continue
-            per_run = rows.pivot_table(index="step", columns="run", values="value")
-            out.setdefault(label, {})[metric] = pd.DataFrame({
-                "mean": per_run.mean(axis=1), "min": per_run.min(axis=1),
-                "max": per_run.max(axis=1), "n": per_run.count(axis=1)})
-    return out
+            label = ",".join(f"{k}={v}" for k, v in zip(keys, key, strict=True)) or "all runs"
+            frame = pd.DataFrame({stat: stats[stat][column] for stat in ("mean", "min", "max",
+                                                                        "n")}).dropna()
+            if len(frame):
+                out.setdefault(label, {})[metric] = frame
+    return dict(sorted(out.items()))
+
+
+# The summary run's event files have one fixed name each: a new summary replaces the file by a
+# rename (never half-written), and no earlier summary's events stay beside it.
+EVENTS = "events.out.tfevents.0.autograd_lab_summary"
+
+
+class _Events:
+    """A TensorBoard event file built in memory (tensorboard's RecordWriter: the format every
+    TensorBoard reads) and written in one atomic rename: no writer thread, no partial file."""
+
+    def __init__(self):
+        import io
+        import time
+
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self._event, self._buffer, self._time = Event, io.BytesIO(), time.time()
+        self._records = RecordWriter(self._buffer)
+        self._records.write(Event(wall_time=self._time, file_version="brain.Event:2")
+                            .SerializeToString())
+
+    def add_summary(self, summary, step: int = 0) -> None:
+        self._records.write(self._event(wall_time=self._time, step=int(step), summary=summary)
+                            .SerializeToString())
+
+    def data(self) -> bytes:
+        return self._buffer.getvalue()
+
+
+def _scalars(values: dict):
+    """One Summary holding several scalars (tag -> value) of one step."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(value=[Summary.Value(tag=tag, simple_value=float(v))
+                          for tag, v in values.items()])
+
+
+def _png_summary(tag: str, png: bytes):
+    """A Summary holding an encoded PNG as an image (its size read from the PNG header: never
+    decoded, whatever its size)."""
+    import struct
+
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    width, height = struct.unpack(">II", png[16:24])
+    return Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+        height=height, width=width, colorspace=4 if png[25] == 6 else 3,
+        encoded_image_string=png))])
+
+
+def _put_run(folder: Path, data: bytes) -> None:
+    """folder/EVENTS holds `data`, replaced whole: a new folder appears complete (written as a
+    hidden `.tmp` folder, then renamed), an existing one gets its file replaced by a rename, and
+    the events files of earlier summaries in it are removed after."""
+    import os
+    import shutil
+    import tempfile
+
+    from .files import atomic_write_bytes
+
+    if folder.is_dir() and not folder.is_symlink():
+        atomic_write_bytes(folder / EVENTS, data)
+        for old in folder.glob("events.out.tfevents.*"):
+            if old.name != EVENTS:
+                old.unlink(missing_ok=True)
+        return
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name[:100]}.",
+                                    suffix=".tmp"))
+    try:
+        with open(staging / EVENTS, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(staging, 0o777 & ~_umask())
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> None:
     """folder (a sweep's summary/) as TensorBoard runs: `summary` (the layout and the summary
-    PNGs as images) and one `summary/<group>` run per group of runs that differ only in seed,
-    holding the per-step mean, min and max over the seeds (`seed_bands/<metric>/mean|min|max`):
-    TensorBoard colours a chart's lines by run, so each group gets its own colour and name.
-    Replaces what an earlier summary wrote there."""
-    import contextlib
+    PNGs as images) and one `summary/<group>` run per group of several seeds, holding the
+    per-step mean, min and max over the seeds (`seed_bands/<metric>/mean|min|max`):
+    TensorBoard colours a chart's lines by run, so each group gets its own colour and name. A
+    group of one run has no band (its run is the line). Each run's events file is written whole
+    and renamed into place, so a kill leaves the old summary run or the new one; the group
+    runs of an earlier summary that this one has not are removed after."""
+    import shutil
 
-    import numpy as np
-    from torch.utils.tensorboard import SummaryWriter
+    import pandas as pd
 
     from .config import path_safe
 
     folder = Path(folder)
-    for old in [*folder.glob("events.out.tfevents.*"), *folder.glob("*/events.out.tfevents.*")]:
-        old.unlink()
-        with contextlib.suppress(OSError):
-            old.parent.rmdir() if old.parent != folder else None
-    bands = band_frames(runs, curves, by)
+    keys = [k for k in by if k != "seed"]
+    done = runs[runs.status.isin(["completed", "diverged"])]
+    size = done.groupby([done[k].map(_text) for k in keys])["run"].transform("size") if keys \
+        else pd.Series(len(done), index=done.index)
+    bands = {label: metrics for label, metrics in band_frames(done[size > 1], curves,
+                                                              by).items()
+             if any(frame["n"].max() > 1 for frame in metrics.values())}
     # a loss that spans more than two decades (a run that blows up) is shown as log10: Custom
     # Scalars has no log axis, and on a linear one the blow-up flattens every other curve
     log_metrics = set()
     for metric in BAND_METRICS:
         frames = [m[metric] for m in bands.values() if metric in m]
-        values = [v for f in frames for v in (*f["min"], *f["max"]) if v > 0]
-        if metric.endswith("loss") and values and max(values) > 100 * min(values):
+        low = min((f["min"][f["min"] > 0].min() for f in frames), default=math.nan)
+        high = max((f["max"].max() for f in frames), default=math.nan)
+        if metric.endswith("loss") and high > 100 * low:
             log_metrics.add(metric)
+    written = set()
     for label, metrics in bands.items():
-        writer = SummaryWriter(str(folder / path_safe(label)), max_queue=100000,
-                               flush_secs=3600)
-        try:
+        events = _Events()
+        steps = sorted({int(s) for frame in metrics.values() for s in frame.index})
+        for step in steps:  # one event a step, every band value of that step in it
+            values = {}
             for metric, frame in metrics.items():
+                if step not in frame.index:
+                    continue
                 for stat in ("mean", "min", "max"):
-                    for step, value in frame[stat].items():
-                        writer.add_scalar(band_tag(metric, stat), float(value), int(step))
-                        if metric in log_metrics and value > 0:
-                            writer.add_scalar(band_tag(f"{metric}/log10", stat),
-                                              math.log10(value), int(step))
-        finally:
-            writer.close()
+                    value = float(frame.at[step, stat])
+                    values[band_tag(metric, stat)] = value
+                    if metric in log_metrics and value > 0:
+                        values[band_tag(f"{metric}/log10", stat)] = math.log10(value)
+            events.add_summary(_scalars(values), step)
+        name = path_safe(label)
+        _put_run(folder / name, events.data())
+        written.add(name)
     seeds = max((int(f.n.max()) for m in bands.values() for f in m.values()), default=0)
     present = [m for m in BAND_METRICS if any(m in metrics for metrics in bands.values())]
     charts = {}
     for metric in present:
         shown = f"{metric}/log10" if metric in log_metrics else metric
         title = (f"{metric}, log10 (it spans decades)" if metric in log_metrics else metric)
-        spread = (f"mean over seeds, band min-max (up to {seeds} seeds a group)" if seeds > 1
-                  else "one seed a group: no band")
+        spread = f"mean over seeds, band min-max (up to {seeds} seeds a group)"
         charts[f"{title}: {spread}"] = (
             "Margin", [tuple(band_tag(shown, s) for s in ("mean", "min", "max"))])
     # TensorBoard 2.21's Custom Scalars page lays a category's margin charts out in reverse
     # order (seen in headless Chromium): written reversed, they read train/loss first
     charts = dict(reversed(list(charts.items())))
-    writer = SummaryWriter(str(folder), max_queue=1000, flush_secs=3600)
-    try:
-        write_layout(writer, {BANDS: charts})
-        from PIL import Image
-
-        for png in pngs:
-            with Image.open(png) as image:
-                pixels = np.asarray(image.convert("RGB"))
-            writer.add_image(f"summary/{Path(png).stem}", pixels, 0, dataformats="HWC")
-    finally:
-        writer.close()
+    events = _Events()
+    events.add_summary(layout_summary({BANDS: charts}))
+    for png in pngs:
+        events.add_summary(_png_summary(f"summary/{Path(png).stem}", Path(png).read_bytes()))
+    _put_run(folder, events.data())
+    for old in folder.iterdir():  # group runs of an earlier summary (other groups, one seed)
+        if old.is_dir() and not old.is_symlink() and old.name not in written and \
+                any(old.glob("events.out.tfevents.*")) and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)

@@ -58,23 +58,52 @@ def _locate_cifar10(root: Path, download: bool) -> Path:
     if (root / CIFAR10.base_folder).is_dir():
         return root
     archive = root / ARCHIVE
+    if not archive.is_file() and download:
+        download_cifar10(root)
     if archive.is_file():
         if not tv_cifar.check_integrity(str(archive), CIFAR10.tgz_md5):
             raise UserError(f"data.root={root}: {ARCHIVE} is truncated or corrupted (md5 "
                             f"mismatch); replace it with a complete copy")
         extract_archive(str(archive), str(root))
         return root
-    if download:
-        try:
-            CIFAR10(str(root), train=True, download=True)
-            return root
-        except Exception as e:  # no network: say where the file goes
-            raise UserError(f"data.download=true: could not download CIFAR-10 ({e}); put "
-                            f"{ARCHIVE} in {root.resolve()} or use data=synthetic (offline)"
-                            ) from None
     raise UserError(f"data=cifar10: CIFAR-10 not found in data.root={root.resolve()}; put "
                     f"{ARCHIVE} (or its extracted {CIFAR10.base_folder}/) there, set "
                     f"data.download=true, or use data=synthetic (runs offline)")
+
+
+DOWNLOAD_TIMEOUT_S = 30.0  # a stalled connection fails after this long instead of hanging
+
+
+def download_cifar10(root: Path) -> None:
+    """Fetch cifar-10-python.tar.gz into `root` with torchvision's download utility, as the
+    seed's CIFAR10(download=True) does, bounded in time: the host is probed first (a few
+    seconds), sockets time out (torchvision's urlopen takes no timeout, so the default one is
+    set for the call), and the file is written under a temporary name and renamed when whole.
+    The caller then checks its md5, extracts it and reads it with the safe reader, as a copied
+    archive. Failing, one line: the URL, the folder, the reason."""
+    import socket
+
+    from torchvision.datasets.utils import download_url
+
+    from .config import cannot_download, cifar10_url, unreachable
+
+    url = cifar10_url()
+    why = unreachable(url)
+    if why is not None:
+        raise UserError(cannot_download(root, url, why))
+    part = root / f".{ARCHIVE}.part"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        part.unlink(missing_ok=True)  # download_url keeps a file that is already there
+        download_url(url, str(root), part.name)
+        os.replace(part, root / ARCHIVE)
+    except Exception as e:  # HTTP errors, time-outs, a full disk: one line, no traceback
+        part.unlink(missing_ok=True)
+        raise UserError(cannot_download(root, url, f"{type(e).__name__}: {e}")) from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _source_signature(folder: Path, dataset_cls) -> str:
@@ -221,8 +250,9 @@ def read_split(root: Path, dataset_cls, train: bool) -> tuple[np.ndarray, np.nda
 
 # ------------------------------------------------------------------ synthetic CIFAR-10
 def _synthetic_key(cfg) -> str:
-    text = f"{cfg.train_size}-{cfg.test_size}-{float(cfg.noise)}-{cfg.synthetic_seed}-v2"
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    from .config import synthetic_key  # one rule: the preflight's memory check finds it too
+
+    return synthetic_key(cfg)
 
 
 def make_synthetic(n: int, noise: float, seed: int, split_offset: int):

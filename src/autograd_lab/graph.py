@@ -6,10 +6,14 @@
 
 What backward keeps alive is counted per storage (a tensor saved twice, or as two views, keeps
 its storage alive once, and whole), leaving out the storages that outlive the graph anyway:
-parameters, buffers and the resident data set (a batch's labels are a view of the resident
-label array: saving them costs nothing). `saved_bytes_by_hooks(fn)` counts the same thing
-independently, with `torch.autograd.graph.saved_tensors_hooks` (the tensors backward unpacks),
-as the oracle.
+parameters, buffers and the resident data set (`outliving`). A batch that is a slice of the
+resident set shares its storage and costs nothing; a shuffled batch is a gather, its own storage,
+and counts (SmallNet at batch 32: 921,604 bytes, the labels' 256 among them). `SavedBytes` is
+that rule applied with `torch.autograd.graph.saved_tensors_hooks` (the tensors backward
+unpacks): the one counter behind run.json's `memory.saved_for_backward_bytes` (memory.py) and
+`autograd-lab graph`'s hook count (`saved_bytes_by_hooks`), the oracle for the walk's count.
+`first_batch` is a run's first training batch, built as the run builds it, so `graph` counts
+what a run counts.
 
 For TensorBoard's Graphs dashboard: `module_scopes` records which module's forward made each
 node, `graph_def` turns a walk into a GraphDef with '/' scopes by module, `write_graph` puts it
@@ -159,6 +163,49 @@ def _is_parameter(t: torch.Tensor) -> bool:
     return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
+def outliving(model: nn.Module | None = None, resident=()) -> set[int]:
+    """The storages that live as long as the run whatever the graph does: the model's
+    parameters and buffers and the resident data set's tensors. What they share is never
+    counted as saved for backward."""
+    state = [*model.parameters(), *model.buffers()] if model is not None else []
+    return {_key(t) for t in [*state, *resident] if isinstance(t, torch.Tensor)}
+
+
+class SavedBytes:
+    """The one rule for the bytes the autograd graph keeps alive, applied with
+    `saved_tensors_hooks`: every storage of a saved tensor once, whole, unless it is a
+    parameter's (or a view of one: told by type) or in `outlive` (see `outliving`).
+
+    `hooks()` is the context to run the step in. Training (`at_pack=False`): what backward
+    unpacks, while `counting` is true (a part of the graph a detach cut off is never unpacked
+    and is freed with it); validation (`at_pack=True`): what is packed, as no backward runs.
+    `total` is the count. Used by run.json's figure (memory.MemoryFigures) and by
+    `autograd-lab graph` (saved_bytes_by_hooks), so the two count alike."""
+
+    def __init__(self, outlive: set[int], at_pack: bool = False):
+        self.outlive, self.at_pack = outlive, at_pack
+        self.seen: dict[int, int] = {}  # storage address -> its size
+        self.counting = True
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        if self.counting and not _is_parameter(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self.outlive:
+                self.seen[storage.data_ptr()] = storage.nbytes()
+        return t  # handed back unchanged: the run's numbers are untouched
+
+    def hooks(self):
+        def same(t):
+            return t
+
+        pack, unpack = (self._keep, same) if self.at_pack else (same, self._keep)
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
 def saved_bytes_by_hooks(forward, exclude=()):
     """The oracle for what backward keeps alive, counted without walking the graph.
 
@@ -170,24 +217,15 @@ def saved_bytes_by_hooks(forward, exclude=()):
     so they do not count (they are freed with that part). Walk the graph before calling it:
     backward frees the saved tensors.
     """
-    seen: dict[int, int] = {}  # storage address -> its size, counted here on its own
-    outlive = {t.untyped_storage().data_ptr() for t in exclude}
-    in_backward = [False]
-
-    def unpack(t):
-        if in_backward[0] and not _is_parameter(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in outlive:
-                seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+    counter = SavedBytes(outliving(resident=exclude))
+    counter.counting = False  # a walk before backward unpacks too: only backward's count
+    with counter.hooks():
         loss = forward()
 
     def backward() -> int:
-        in_backward[0] = True
+        counter.counting = True
         loss.backward()
-        return sum(seen.values())
+        return counter.total
 
     return loss, backward
 
@@ -353,12 +391,27 @@ class TensorBoardGraph(L.Callback):
         self._remove_hooks()
 
 
-def resident_tensors(trainer) -> list[torch.Tensor]:
-    """The data set's resident tensors (batches are slices or gathers of them)."""
-    loader = trainer.train_dataloader
+def resident_tensors(trainer=None, loader=None, datamodule=None) -> list[torch.Tensor]:
+    """The data set's resident tensors (batches are slices or gathers of them): a trainer's,
+    or a train loader's and data module's."""
+    if trainer is not None:
+        loader, datamodule = trainer.train_dataloader, trainer.datamodule
     found = [getattr(loader, "x", None), getattr(loader, "y", None),
-             *(getattr(trainer.datamodule, "tensors", None) or {}).values()]
+             *(getattr(datamodule, "tensors", None) or {}).values()]
     return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+def first_batch(cfg) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(x, y, resident): a run's first training batch, taken and prepared as the run does it
+    (the data module's train loader: a gather when shuffled; normalised, augmented), and the
+    resident tensors it comes from."""
+    from .data import CIFARDataModule, _prepare, load_split_tensors
+
+    datamodule = CIFARDataModule(cfg.data, cfg.seed, tensors=load_split_tensors(cfg.data))
+    loader = datamodule.train_dataloader()
+    batch = next(iter(loader))
+    x = _prepare(batch[0], batch[2] if len(batch) == 3 else None)  # on_after_batch_transfer's
+    return x, batch[1], resident_tensors(loader=loader, datamodule=datamodule)
 
 
 def render(graph: Graph, out, fmt: str = "svg", title: str = "") -> tuple[list, str | None]:

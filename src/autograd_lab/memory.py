@@ -11,7 +11,8 @@ Measured on the run's first real training step and first validation step (no ext
                            (end of forward): the storages of the saved tensors that backward
                            unpacks, each once, leaving out parameters, buffers and the resident
                            data set, which outlive the graph anyway (`torch.autograd.graph.
-                           saved_tensors_hooks`; the same rule as `autograd-lab graph`)
+                           saved_tensors_hooks`; graph.SavedBytes, the counter `autograd-lab
+                           graph` uses too)
   val_saved_bytes          the same for one validation step under eval.grad_mode: the graph
                            `enabled` builds (nothing runs backward there, so every saved
                            storage counts); 0 under no_grad and inference_mode
@@ -38,13 +39,12 @@ def _storages(tensors) -> dict[int, int]:
     return out
 
 
-def _outliving(model: torch.nn.Module, trainer) -> set[int]:
-    """Storages that live as long as the run whatever the graph does: parameters, buffers and
-    the resident data set (a batch is a view or gather of it)."""
-    from .graph import resident_tensors
+def _counter(model: torch.nn.Module, trainer, at_pack: bool):
+    """graph.SavedBytes: the rule `autograd-lab graph` counts by, with this run's model and
+    resident data set left out."""
+    from .graph import SavedBytes, outliving, resident_tensors
 
-    return set(_storages([*model.parameters(), *model.buffers(),
-                          *resident_tensors(trainer)]))
+    return SavedBytes(outliving(model, resident_tensors(trainer)), at_pack=at_pack)
 
 
 class MemoryFigures(L.Callback):
@@ -54,37 +54,23 @@ class MemoryFigures(L.Callback):
 
     def __init__(self):
         self.figures: dict[str, int] = {}
-        self._train_seen: dict[int, int] | None = None
-        self._val_seen: dict[int, int] | None = None
-
-    @staticmethod
-    def _watcher(trainer, pl_module, seen: dict, count_at_pack: bool):
-        outlive = _outliving(pl_module.model, trainer)
-
-        def keep(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in outlive:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        # validation runs no backward: what is packed is what the graph holds; training: what
-        # backward unpacks (a part of the graph a detach cut off is freed during forward)
-        pack, unpack = (keep, lambda t: t) if count_at_pack else (lambda t: t, keep)
-        return lambda: torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        self._train = None  # graph.SavedBytes of the first training step, then of validation
+        self._val = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._train_seen is None and "saved_for_backward_bytes" not in self.figures:
-            self._train_seen = {}
-            pl_module.watch_step = self._watcher(trainer, pl_module, self._train_seen, False)
+        if self._train is None and "saved_for_backward_bytes" not in self.figures:
+            # training: what backward unpacks (a part a detach cut off is freed in forward)
+            self._train = _counter(pl_module.model, trainer, at_pack=False)
+            pl_module.watch_step = self._train.hooks
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._train_seen is None or "saved_for_backward_bytes" in self.figures:
+        if self._train is None or "saved_for_backward_bytes" in self.figures:
             return
         model = pl_module.model
         params = list(model.parameters())
         state = [t for s in trainer.optimizers[0].state.values() for t in s.values()]
         self.figures.update({
-            "saved_for_backward_bytes": sum(self._train_seen.values()),
+            "saved_for_backward_bytes": self._train.total,
             "param_bytes": sum(_storages(params).values()),
             "trainable_param_bytes": sum(_storages(p for p in params if p.requires_grad)
                                          .values()),
@@ -92,11 +78,12 @@ class MemoryFigures(L.Callback):
             "optimizer_state_bytes": sum(_storages(state).values())})
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if self._val_seen is None and not trainer.sanity_checking:
-            self._val_seen = {}
-            pl_module.watch_val_step = self._watcher(trainer, pl_module, self._val_seen, True)
+        if self._val is None and not trainer.sanity_checking:
+            # validation runs no backward: what is packed is what the graph holds
+            self._val = _counter(pl_module.model, trainer, at_pack=True)
+            pl_module.watch_val_step = self._val.hooks
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0):
-        if self._val_seen is not None and "val_saved_bytes" not in self.figures:
-            self.figures["val_saved_bytes"] = sum(self._val_seen.values())
+        if self._val is not None and "val_saved_bytes" not in self.figures:
+            self.figures["val_saved_bytes"] = self._val.total

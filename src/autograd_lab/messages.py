@@ -54,9 +54,13 @@ def shown(path: Path) -> str:
 
 
 def tensorboard_hint(run_dir: Path) -> str:
+    """The command that shows `run_dir` in TensorBoard, pasteable as is into a shell (the path
+    quoted where it has spaces, quotes or non-ASCII characters)."""
+    import shlex
+
     from .cli import command_path
 
-    return f"{command_path()} tensorboard {shown(run_dir)}"
+    return f"{command_path()} tensorboard {shlex.quote(shown(run_dir))}"
 
 
 def starting(run_dir: Path, resumed: dict | None) -> None:
@@ -65,6 +69,47 @@ def starting(run_dir: Path, resumed: dict | None) -> None:
                  f"(epoch {resumed['epoch']}, {shown(resumed['checkpoint'])})")
     else:
         log.info(f"autograd-lab: {shown(run_dir)}: starting")
+
+
+def machine_load() -> dict:
+    """The machine's load at a run's start: the 1-minute load average (the environment variable
+    AUTOGRAD_LAB_LOADAVG replaces it, for tests) and the number of cores."""
+    import os
+
+    faked = os.environ.get("AUTOGRAD_LAB_LOADAVG")
+    try:
+        load = float(faked) if faked else os.getloadavg()[0]
+    except (OSError, ValueError):  # no load average on this platform, or a bad knob
+        load = None
+    return {"loadavg_1min": load, "cores": os.cpu_count() or 1}
+
+
+def busy_note(load: float | None, cores: int, threads: int) -> str | None:
+    """What a machine whose load leaves fewer free cores than the run's torch threads costs, or
+    None. Each intra-op parallel region waits for its slowest thread, so one busy core stalls
+    every step (measured: SmallNet, 2 threads on 2 cores: 2x slower with one core busy, 50x
+    with both; threads=1 is not slowed that way)."""
+    if load is None or threads < 2:
+        return None
+    free = max(cores - load, 0.0)
+    if free >= threads:
+        return None
+    return (f"autograd-lab: note: this machine is busy (load {load:.1f} on {cores} cores: "
+            f"{free:.1f} free for {threads} torch threads): every step waits for its slowest "
+            f"thread, so steps can take 2 to 50 times longer and timings measure the load, "
+            f"not the code; threads=1 avoids it (the thread count changes the last bits of "
+            f"the curve)")
+
+
+def busy_machine(threads: int) -> dict:
+    """Say once, at a run's start, when the machine is too busy for its threads (busy_note);
+    the load figures for run.json."""
+    load = {**machine_load(), "threads": threads}
+    note = busy_note(load["loadavg_1min"], load["cores"], threads)
+    load["busy"] = note is not None
+    if note:
+        log.warning(note)
+    return load
 
 
 def skipped_line(run_dir: Path) -> str:
@@ -86,6 +131,8 @@ def ended(record: dict, run_dir: Path) -> None:
         error = str(record.get("error") or "interrupted")
         if "checkpoint" in error:
             log.warning(f"autograd-lab: {where}: {error}")
+        elif steps is None:  # before training started: nothing to continue from
+            log.warning(f"autograd-lab: {where}: {error}; the same command starts it again")
         else:
             log.warning(f"autograd-lab: {where}: {error} at step {steps}; the same command "
                         f"continues from the last checkpoint")
@@ -95,8 +142,7 @@ def ended(record: dict, run_dir: Path) -> None:
                   else f"autograd-lab: error: {record.get('error')}")
         return
     losses = (f"train loss {_n(final.get('train_loss'))} (best "
-              f"{_n(final.get('best_train_loss'))}), val loss {_n(final.get('val_loss'))}, "
-              f"val acc {_n(final.get('val_acc'))}")
+              f"{_n(final.get('best_train_loss'))}), {val_text(final)}")
     took = f"{steps:,} steps in {_duration(record.get('wall_seconds') or 0.0)}"
     if _in_sweep():  # one line a job: the sweep's end says where TensorBoard is
         log.info(f"autograd-lab: {where}: {status}, {took}, {losses}"
@@ -110,6 +156,14 @@ def ended(record: dict, run_dir: Path) -> None:
         lines.append(f"  {record.get('error')}: the curve is kept up to step {steps - 1}")
     lines += [f"  {losses}", f"  tensorboard: {tensorboard_hint(run_dir)}"]
     log.info("\n".join(lines))
+
+
+def val_text(final: dict) -> str:
+    """`val loss 2.29, val acc 0.133`, with the step it was measured at when that is not the
+    run's last (`val loss 2.32 at step 40, val acc 0.108`): a quoted validation says its step."""
+    at = final.get("val_step")
+    when = f" at step {at:,}" if at is not None and at != final.get("steps") else ""
+    return f"val loss {_n(final.get('val_loss'))}{when}, val acc {_n(final.get('val_acc'))}"
 
 
 class ProgressLines(L.Callback):

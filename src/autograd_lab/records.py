@@ -13,42 +13,17 @@ optimizer steps done when they were measured.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-# ------------------------------------------------------------------ atomic files
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`. A failed
-    write (a full disk) leaves the old file as it was and raises OSError naming `path`."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
+# the atomic file writes live in files.py (torch-free, for `summarize`); the run's writers
+# import them from here as before
+from .files import _UMASK, atomic_write_bytes, write_csv, write_json, write_parquet  # noqa: F401
 
 
 def load_tensor_file(path: Path, label: str, map_location="cpu", hint: str = "replace it"):
@@ -57,49 +32,93 @@ def load_tensor_file(path: Path, label: str, map_location="cpu", hint: str = "re
     unpickler never runs it); a truncated or corrupted file. `label` names the file."""
     import pickle
     import re
+    import warnings
 
     import torch
 
-    from .config import UserError
+    from .config import UserError, clip
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": the error below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{label}: no such file") from None
     except pickle.UnpicklingError as e:
         named = re.search(r"GLOBAL ([\w.]+)", str(e))  # weights_only refused a callable
-        if named:
+        # a pickle of protocol 4 or later (pickle.dumps, never torch.save): torch's reader stops
+        # at its first opcode; read its opcodes (never run them) for the callables it would call
+        callables = [named.group(1)] if named else \
+            pickle_callables(path) if _pickle_protocol(path) >= 4 else []
+        if callables:
             raise UserError(f"{label}: not a plain tensor file (it asks to run "
-                            f"{named.group(1)}): refusing to unpickle it; nothing in it was "
-                            f"run; {hint}") from None
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+                            f"{', '.join(callables[:3])}): refusing to unpickle it; nothing in "
+                            f"it was run; {hint}") from None
+        reason = clip(str(e), 120) or type(e).__name__
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        reason = clip(str(e), 120) or type(e).__name__
+    protocol = _pickle_protocol(path)
+    # torch.save's legacy format starts with a protocol-2 pickle of its magic number
+    if protocol >= 4 or (protocol and "magic number" in reason):
+        raise UserError(f"{label}: a plain pickle (protocol {protocol}), not a file torch.save "
+                        f"wrote; {hint}")
     raise UserError(f"{label}: truncated or corrupted ({reason}); {hint}")
 
 
-def _finite(obj):
-    """NaN/inf -> null: run.json stays strict JSON that any reader accepts."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+def _pickle_protocol(path: Path) -> int:
+    """The protocol (2 or later) of the pickle `path` starts with; 0 for any other file, a zip
+    archive (torch.save's format since 1.6) included."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if len(head) == 2 and head[0] == 0x80 and not zipfile.is_zipfile(path):
+            return head[1]
+    except OSError:
+        pass
+    return 0
 
 
-def write_json(path: Path, obj) -> None:
-    text = json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode())
+def pickle_callables(path: Path, most: int = 8) -> list[str]:
+    """The callables (module.name) the pickles at the start of `path` would import and call when
+    unpickled, read from their opcodes by pickletools without running any; [] for a file that is
+    not a plain pickle. Reads at most `most` pickles in sequence (torch's legacy format is
+    several)."""
+    import pickletools
 
-
-def write_parquet(path: Path, frame) -> None:
-    import io
-
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue())
+    if not _pickle_protocol(path):
+        return []
+    strings = ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+               "SHORT_BINUNICODE", "BINUNICODE8")
+    found: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for _ in range(most):
+                pushed: list = []  # what each opcode pushed: STACK_GLOBAL takes two strings
+                memo: dict = {}
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL":
+                        module, name = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+                        found.append(f"{module}.{name}" if isinstance(module, str)
+                                     and isinstance(name, str) else "a callable")
+                    if op.name == "MEMOIZE":
+                        memo[len(memo)] = pushed[-1] if pushed else None
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[arg] = pushed[-1] if pushed else None
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+                    elif op.name in strings:
+                        pushed.append(arg)
+                    elif op.name not in ("PROTO", "FRAME"):
+                        pushed.append(None)
+                if f.peek(1)[:1] != b"\x80":  # no further pickle follows
+                    break
+    except Exception:  # cut short, or no pickle past this point: what was read counts
+        pass
+    return list(dict.fromkeys(found))
 
 
 def reset_peak_rss() -> None:
@@ -110,10 +129,6 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
-
-
-def write_csv(path: Path, frame) -> None:
-    atomic_write_bytes(path, frame.to_csv(index=False).encode())
 
 
 def peak_rss_mib() -> float:
@@ -160,6 +175,7 @@ class RunRecorder(L.Callback):
         self.resumed_from = resumed_from  # loggers drop the killed attempt's rows from here
         self.log_lr_every_step = log_lr_every_step  # with a scheduler; else once an epoch
         self.lrs: list[float] = []  # the learning rate of each step not yet flushed
+        self._killed_csv: dict[int, list[dict]] = {}  # read_killed_csv: {id(logger): rows}
         self._next_flush = 0.0
         self._next_step = 0
         self._epoch_start = None
@@ -247,7 +263,9 @@ class RunRecorder(L.Callback):
         # Resumed: the rows restored from the checkpoint are the truth. TensorBoard purged the
         # killed attempt's events from the resumed step on (purge_step) and gets the restored
         # rows at or past it (the validation of an epoch-end checkpoint); a CSV file is
-        # rewritten from all of them; other loggers get the rows from the resumed step on.
+        # rewritten from all of them, with what other callbacks logged before the resumed step
+        # (LearningRateMonitor's rates) kept from the killed attempt's file; other loggers get
+        # the rows from the resumed step on.
         from lightning.pytorch.loggers import CSVLogger
 
         by_step: dict[int, dict] = {}
@@ -257,10 +275,47 @@ class RunRecorder(L.Callback):
         for logger in self.loggers:
             everything = isinstance(logger, CSVLogger)
             if everything:
+                others = self._others_logged_before(self._killed_csv.get(id(logger), []))
                 Path(logger.experiment.metrics_file_path).unlink(missing_ok=True)
+                for step, values in others:
+                    logger.log_metrics(values, step)
             for step, values in by_step.items():
                 if everything or step >= self.resumed_from:
                     logger.log_metrics(values, step)
+
+    def read_killed_csv(self, loggers) -> None:
+        """Keep the rows of each CSVLogger's file as the killed attempt left it, for a resume.
+        Called before the fit: Lightning's CSV writer deletes the file when the logger's
+        experiment is made, before any callback's setup."""
+        import csv
+
+        from lightning.pytorch.loggers import CSVLogger
+
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                try:
+                    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+                        self._killed_csv[id(logger)] = list(csv.DictReader(f))
+                except (OSError, csv.Error, UnicodeDecodeError):
+                    pass  # none, or unreadable: the recorder's own rows are still complete
+
+    def _others_logged_before(self, rows: list[dict]) -> list[tuple[int, dict]]:
+        """(step, values) of the killed attempt's CSV rows that other callbacks logged
+        (LearningRateMonitor, a user's own) before the resumed step: the recorder's own values
+        are rewritten from the checkpoint, the whole-run values at the end."""
+        ours = set(self.rows["name"])
+        out = []
+        for row in rows:
+            try:
+                step = int(row.pop("step", ""))
+            except ValueError:
+                continue
+            values = {k: float(v) for k, v in row.items()
+                      if k and v not in ("", None) and k not in ours
+                      and not k.startswith("whole_run/")}
+            if step < self.resumed_from and values:
+                out.append((step, values))
+        return out
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_start = time.perf_counter()
@@ -390,15 +445,19 @@ class RunRecorder(L.Callback):
 
     def final_metrics(self) -> dict:
         frame = self.frame()
-        out = {"train_loss": None, "best_train_loss": None, "val_loss": None, "val_acc": None}
+        out = {"train_loss": None, "best_train_loss": None, "val_loss": None, "val_acc": None,
+               "val_step": None}
         losses = frame[frame.name == "train/loss"].value
         if len(losses):
             out["train_loss"] = float(losses.iloc[-1])
             out["best_train_loss"] = float(losses.min())
         for key in ("val_loss", "val_acc"):
-            vals = frame[frame.name == key.replace("_", "/")].value
+            vals = frame[frame.name == key.replace("_", "/")]
             if len(vals):
-                out[key] = float(vals.iloc[-1])
+                out[key] = float(vals.value.iloc[-1])
+                # the steps done when it was measured: `steps` when the run validated at its
+                # end, earlier when it did not (check_val_every_n_epoch, a diverged run)
+                out["val_step"] = int(vals.step.iloc[-1])
         out["steps"] = len(losses)  # rows 0..n-1; a diverged run stops before the bad step
         return out
 

@@ -71,8 +71,11 @@ def squeue_states(job_ids) -> dict[str, str]:
 
 
 def read_marker(run_dir: Path) -> dict:
+    from .lock import open_own  # a FIFO there: one line (lock.ForeignEntry), never a hang
+
     try:
-        data = json.loads((Path(run_dir) / MARKER).read_text())
+        with os.fdopen(open_own(Path(run_dir) / MARKER), "rb") as f:
+            data = json.loads(f.read())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -13,6 +13,7 @@ of runs works: a sweep, several sweeps, single runs, a partial sweep.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +22,7 @@ from . import RUN_FORMAT_VERSION
 from .config import UserError, flatten, path_safe
 from .sweep import json_kind, metrics_problem, read_run_json
 
-METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "steps"]
+METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "val_step", "steps"]
 NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", "val_seconds",
            "val_peak_cuda_mib", "peak_cuda_mib",
            "process_peak_rss_mib"]  # process-wide (a sweep's earlier jobs too): never compared
@@ -34,20 +35,31 @@ LABELS = {"zero_grad_study": ("train.zero_grad", {True: "Zero gradients",
                                                   False: "No zero gradients"})}
 
 
+# folders a run writes inside itself, never holding another run: find_runs does not walk them
+RUN_INSIDE = {"summary", "checkpoints", "profiler", "csv", "__pycache__"}
+
+
 def find_runs(path) -> list[Path]:
+    """The run directories below `path` (itself included); [] for a sweep folder (Hydra's
+    multirun.yaml) whose jobs have not started; a UserError for a folder without runs."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such folder")
     # A Hydra job dir (.hydra/) without run.json is a run whose process was killed (SIGKILL,
     # power loss) before it could record anything: it is listed, as interrupted.
-    # A job submitted to SLURM and not yet started has only its slurm.json. One walk.
+    # A job submitted to SLURM and not yet started has only its slurm.json. One walk, which
+    # does not enter the folders a run writes inside itself (thousands of runs: a few seconds).
     found = set()
-    for p in path.rglob("*"):
-        if p.name in ("run.json", "slurm.json"):
-            found.add(p.parent)
-        elif p.name == "config.yaml" and p.parent.name == ".hydra":
-            found.add(p.parent.parent)
+    for folder, dirs, files in os.walk(path):
+        here = Path(folder)
+        if "run.json" in files or "slurm.json" in files:
+            found.add(here)
+        if here.name == ".hydra" and "config.yaml" in files:
+            found.add(here.parent)
+        dirs[:] = [d for d in dirs if d not in RUN_INSIDE and not d.endswith(".tmp")]
     runs = sorted(d for d in found if "summary" not in d.relative_to(path).parts)
+    if not runs and (path / "multirun.yaml").is_file():
+        return []  # a sweep whose first job has not made its folder yet: "no runs yet"
     if not runs:
         raise UserError(f"{path}: no runs found (no run.json below it); point at a run or "
                         f"sweep directory")
@@ -133,7 +145,7 @@ def load_runs(path) -> pd.DataFrame:
     """One row per run: swept keys and the whole config, status, metrics, time, memory.
     A run whose files do not parse has status `broken` and what is wrong as its error."""
     base = Path(path)
-    rows, results, configless = [], set(), []
+    rows, results, configless, identities = [], set(), [], []
     from .slurm import read_marker, slurm_job_states
 
     run_dirs = find_runs(base)
@@ -160,14 +172,51 @@ def load_runs(path) -> pd.DataFrame:
                     results.add(f"{section}.{k}")
         if not record.get("config"):
             configless.append(row["run"])
+        else:
+            identities.append((row, _identity(record["config"])))
         row.update(_flatten(record.get("config") or {}))
         row.update({f"{k}": v for k, v in (record.get("choices") or {}).items()})
         rows.append(row)
-    frame = pd.DataFrame(rows)
+    _mark_duplicates(identities)
+    frame = pd.DataFrame(rows, columns=None if rows else ["run", "status", "error", *METRICS])
     frame.attrs["results"] = sorted(results)  # measured, not configured: never swept keys
     frame.attrs["configless"] = configless  # no config known: they tell nothing about keys
-    frame.attrs["swept"] = swept_keys(frame)
+    counted = frame[frame.status != "duplicate"] if len(frame) else frame
+    counted.attrs.update(frame.attrs)
+    frame.attrs["swept"] = swept_keys(counted)
     return frame
+
+
+def _identity(config: dict) -> str:
+    """A configuration's identity: its result-relevant keys (config.comparable), as text."""
+    import json
+
+    from .config import comparable
+
+    return json.dumps(comparable(config), sort_keys=True, default=str)
+
+
+# which of several runs of one configuration is the one counted: a result first
+_PREFERRED = {"completed": 0, "diverged": 1, "interrupted": 2, "failed": 3}
+
+
+def _mark_duplicates(identities: list) -> None:
+    """Runs of one configuration (the same identity, whatever the override spelling that named
+    their folders: `train.zero_grad=true` and `seed=0,train.zero_grad=true`) are one run: the
+    completed one (else the furthest along) is counted, each other one gets the status
+    `duplicate` and names it, so no summary pools one configuration twice."""
+    by_identity: dict = {}
+    for row, identity in identities:
+        if row["status"] in _PREFERRED:  # broken or still with SLURM: listed on their own
+            by_identity.setdefault(identity, []).append(row)
+    for same in by_identity.values():
+        if len(same) < 2:
+            continue
+        same.sort(key=lambda r: (_PREFERRED[r["status"]], len(r["run"]), r["run"]))
+        for row in same[1:]:
+            row["error"] = (f"the same configuration as {same[0]['run']} ({row['status']}): "
+                            f"counted once, as that run")
+            row["status"] = "duplicate"
 
 
 def _name(run_dir: Path, base: Path) -> str:
@@ -199,31 +248,51 @@ def _same_partition(a: pd.Series, b: pd.Series) -> bool:
 
 
 def load_curves(path) -> pd.DataFrame:
-    """Every run's metrics.parquet, long format, with a `run` column. A file that does not
-    parse is left out, and named with what is wrong in `attrs["broken"]` ({run: problem})."""
+    """Every run's metrics.parquet, long format, with a `run` column (`run` and `name` are
+    categorical: thousands of runs stay small). A file that does not parse is left out, and
+    named with what is wrong in `attrs["broken"]` ({run: problem})."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     base = Path(path)
-    parts, broken = [], {}
+    tables, names, broken = [], [], {}
+    columns = ["step", "epoch", "name", "value"]
     for run_dir in find_runs(base):
         file, name = run_dir / "metrics.parquet", _name(run_dir, base)
         if not file.is_file():
             continue
         try:
-            curve = pd.read_parquet(file)
+            table = pq.read_table(file, read_dictionary=["name"])  # a tag's text once
         except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
             reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else \
                 type(e).__name__
             broken[name] = f"metrics.parquet does not parse (truncated?): {reason}"
             continue
-        missing = [c for c in ("step", "epoch", "name", "value") if c not in curve]
+        missing = [c for c in columns if c not in table.column_names]
         if missing:
             broken[name] = f"metrics.parquet lacks the columns {', '.join(missing)}"
             continue
-        curve.insert(0, "run", name)
-        parts.append(curve)
-    if not parts:
-        frame = pd.DataFrame(columns=["run", "step", "epoch", "name", "value"])
-    else:
-        frame = pd.concat(parts, ignore_index=True)
+        try:  # one schema for all: the harness's types
+            table = table.select(columns).replace_schema_metadata(None).cast(pa.schema([
+                ("step", pa.int64()), ("epoch", pa.int64()),
+                ("name", pa.dictionary(pa.int32(), pa.large_string())),
+                ("value", pa.float64())]))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+            broken[name] = f"metrics.parquet has columns of other types: {str(e)[:120]}"
+            continue
+        tables.append(table)
+        names.append(name)
+    if not tables:
+        frame = pd.DataFrame(columns=["run", *columns])
+        frame.attrs["broken"] = broken
+        return frame
+    rows = np.repeat(np.arange(len(names), dtype=np.int32), [len(t) for t in tables])
+    table = pa.concat_tables(tables)
+    del tables
+    frame = table.to_pandas()  # name: categorical, never a string a row
+    del table
+    frame.insert(0, "run", pd.Categorical.from_codes(rows, categories=pd.Index(names)))
     frame.attrs["broken"] = broken
     return frame
 
@@ -272,22 +341,27 @@ def _value_text(value) -> str:
 
 def group_table(runs: pd.DataFrame, by: list[str], columns=RESULTS + COST) -> pd.DataFrame:
     """Per group of runs (the keys in `by`, seeds pooled): n, and each column's mean, with
-    ± std where n > 1; completed runs only (the others are listed on their own)."""
+    ± std where n > 1; completed runs only (the others are listed on their own). One pandas
+    groupby for all groups: thousands of groups take a second."""
+    import numpy as np
+
     done = runs[runs.status == "completed"]
     cols = [(c, h, k) for c, h, k in columns if c in done and done[c].notna().any()]
     keys = [k for k in by if k != "seed"]
-    keyed = done.assign(**{k: done[k].map(_value_text) for k in keys})
-    groups = keyed.groupby(keys, sort=True) if keys else [((), keyed)]
+    values = pd.DataFrame({c: pd.to_numeric(done[c], errors="coerce").astype(float) * k
+                           for c, _, k in cols}, index=done.index)
+    grouped = values.groupby([done[k].map(_value_text) for k in keys] if keys
+                             else np.zeros(len(done), dtype=int), sort=True)
+    size, mean, std, count = grouped.size(), grouped.mean(), grouped.std(), grouped.count()
     rows = []
-    for key, group in groups:
+    for i, key in enumerate(size.index):
         key = key if isinstance(key, tuple) else (key,)
-        row = {_short(k, keys): v for k, v in zip(keys, key, strict=True)}
-        row["n"] = len(group)
-        for col, header, scale in cols:
-            values = group[col].astype(float) * scale
-            text = fmt_number(values.mean())
-            if len(values.dropna()) > 1 and values.std() > 0:  # a spread only where there is one
-                text += f" ± {fmt_number(values.std(), digits=2)}"
+        row = {_short(k, keys): v for k, v in zip(keys, key, strict=True)} if keys else {}
+        row["n"] = int(size.iloc[i])
+        for col, header, _ in cols:
+            text = fmt_number(mean[col].iloc[i])
+            if count[col].iloc[i] > 1 and std[col].iloc[i] > 0:  # a spread only where there is
+                text += f" ± {fmt_number(std[col].iloc[i], digits=2)}"
             row[header] = text
         rows.append(row)
     return pd.DataFrame(rows)
@@ -334,41 +408,95 @@ def pyplot():
     return plt
 
 
+# A figure stays readable at any sweep size: at most MAX_LEGEND named lines (a screenful of
+# legend); past that, a numeric swept key (a learning rate) is drawn as a colour scale, with the
+# last value of each line against it as an x-axis beside. At most MAX_BARS bars a cost panel;
+# past that, the same key is the x-axis.
+MAX_LEGEND = 12
+MAX_BARS = 40
+STYLES = ("-", "--", ":", "-.")  # the other keys' few values, when a colour scale draws one
+
+
+def _numeric_key(runs: pd.DataFrame, keys: list[str]) -> str | None:
+    """Of the swept keys, the numeric one (numbers, not true/false) with the most values, which a
+    figure of many groups draws as a colour scale or an x-axis; None when there is none."""
+    best, most = None, 1
+    for key in keys:
+        values = runs[key].dropna()
+        if len(values) and values.map(lambda v: isinstance(v, (int, float))
+                                      and not isinstance(v, bool)).all():
+            if values.nunique() > most:
+                best, most = key, values.nunique()
+    return best
+
+
+def _scale(values):
+    """A colour normalisation for `values`: log when they are positive and span two decades."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    low, high = float(min(values)), float(max(values))
+    if low > 0 and high >= 100 * low:
+        return LogNorm(low, high)
+    return Normalize(low, high if high > low else low + 1)
+
+
+def group_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], metric: str) -> dict:
+    """Per step, each group's mean, min, max and count over its runs for `metric`: {stat: frame
+    indexed by step, one column a group, in sorted order; "keys": {column: the tuple of the
+    group's keys' values}}. One pivot for all runs, one groupby for all groups."""
+    rows = curves[curves.name == metric]
+    if rows.empty or runs.empty:
+        return {}
+    texts = [runs[k].map(_value_text).tolist() for k in keys]
+    tuples = list(zip(*texts, strict=True)) if keys else [()] * len(runs)
+    ids = ["\x1f".join(t) for t in tuples]  # one plain label a group for pandas
+    group_of = pd.Series(ids, index=runs.run.astype(str).values)
+    key_of = dict(zip(ids, tuples, strict=True))
+    wide = rows.pivot_table(index="step", columns="run", values="value", observed=True)
+    wide.columns = wide.columns.astype(str)
+    wide = wide.loc[:, wide.columns.isin(group_of.index)]
+    if wide.empty:
+        return {}
+    grouped = wide.T.groupby(group_of.reindex(wide.columns).values, sort=True)
+    return {"mean": grouped.mean().T, "min": grouped.min().T, "max": grouped.max().T,
+            "n": grouped.count().T, "keys": key_of}
+
+
 def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], study: str,
                   metric: str = "train/loss"):
     """The study's `metric` per step, one line per group (mean over its seeds) with a min-max
-    band; a log axis when the curves span more than a decade; the legend outside the axes when
-    it is long. Returns a matplotlib Figure."""
+    band; a log axis when the curves span more than a decade. Up to MAX_LEGEND groups each line
+    is named in the legend; past that, a numeric swept key colours the lines (colour bar) and a
+    second panel draws each group's last value against it, so a 3,000-value learning-rate
+    sweep reads as one figure of normal size. Returns a matplotlib Figure."""
     plt = pyplot()
 
-    rows = curves[curves.name == metric]
     keys = [k for k in by if k != "seed"]
-    groups = runs.groupby([runs[k].map(_value_text) for k in keys], sort=True) if keys \
-        else [((), runs)]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    n_lines, low, high, seeds = 0, float("inf"), 0.0, 0
-    for key, group in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        per_run = rows[rows.run.isin(group.run)].pivot_table(index="step", columns="run",
-                                                             values="value")
-        if per_run.empty:
-            continue
-        mean = per_run.mean(axis=1)
-        line, = ax.plot(mean.index, mean.values, lw=1.0,
-                        marker="." if len(mean) < 10 else None,  # a few points: show each
-                        label=_label(study, dict(zip(keys, key, strict=True))))
-        if per_run.shape[1] > 1:
-            ax.fill_between(mean.index, per_run.min(axis=1), per_run.max(axis=1),
-                            color=line.get_color(), alpha=0.2, lw=0)
-        n_lines += 1
-        seeds = max(seeds, per_run.shape[1])
-        positive = per_run[per_run > 0]
-        low, high = min(low, positive.min().min()), max(high, per_run.max().max())
-    if n_lines and high > 10 * low:
-        ax.set_yscale("log")  # a run that blows up would flatten every other curve
+    stats = group_curves(runs, curves, keys, metric)
+    mean = stats.get("mean", pd.DataFrame())
+    n_lines = mean.shape[1]
+    seeds = int(stats["n"].max().max()) if n_lines else 0
+    values = pd.concat([stats["min"], stats["max"]]) if n_lines else pd.DataFrame()
+    positive = values[values > 0].min().min() if n_lines else float("nan")
+    log = bool(n_lines and values.max().max() > 10 * positive)
     band = f"mean over {seeds} seeds, band min-max" if seeds > 1 else "one run per line"
-    ax.set(xlabel="optimizer step", ylabel=metric.replace("/", " "),
-           title=f"{study} on {_data_name(runs)}: {metric} per step ({band})")
+    title = f"{study} on {_data_name(runs)}: {metric} per step ({band})"
+    if n_lines > MAX_LEGEND:
+        return _figure_many_curves(runs, keys, stats, metric, title, log)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in mean.columns:
+        line_data = mean[key].dropna()
+        line, = ax.plot(line_data.index, line_data.values, lw=1.0,
+                        marker="." if len(line_data) < 10 else None,  # a few points: show each
+                        label=_label(study, dict(zip(keys, stats["keys"][key],
+                                                     strict=True)))[:80])
+        if stats["n"][key].max() > 1:
+            ax.fill_between(line_data.index, stats["min"][key].dropna(),
+                            stats["max"][key].dropna(), color=line.get_color(), alpha=0.2,
+                            lw=0)
+    if log:
+        ax.set_yscale("log")  # a run that blows up would flatten every other curve
+    ax.set(xlabel="optimizer step", ylabel=metric.replace("/", " "), title=title)
     if n_lines > 6:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     elif n_lines:
@@ -377,11 +505,82 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], study
     return fig
 
 
+def _figure_many_curves(runs, keys: list[str], stats: dict, metric: str, title: str,
+                        log: bool):
+    """figure_curves past MAX_LEGEND groups: lines coloured by the numeric swept key (colour
+    bar), the other keys' values as line styles when they are few; beside it, each group's
+    last value against that key. Without a numeric key: thin grey lines, and summary.md has
+    the groups' numbers."""
+    import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import LogNorm
+
+    plt = pyplot()
+    mean = stats["mean"]
+    colour_key = _numeric_key(runs, keys)
+    fig, axes = plt.subplots(1, 2 if colour_key else 1, figsize=(13 if colour_key else 8, 4.5),
+                             squeeze=False, gridspec_kw={"width_ratios": [3, 2]}
+                             if colour_key else None)
+    ax = axes[0][0]
+    segments, groups = [], []
+    for key in mean.columns:
+        line = mean[key].dropna()
+        if len(line):
+            segments.append(np.column_stack([line.index.to_numpy(float), line.to_numpy()]))
+            groups.append(stats["keys"][key])
+    others = [k for k in keys if k != colour_key]
+    families = sorted({tuple(g[keys.index(k)] for k in others) for g in groups})
+    styled = colour_key is not None and 1 < len(families) <= len(STYLES)
+    if colour_key is None:
+        ax.add_collection(LineCollection(segments, colors="0.3", linewidths=0.6, alpha=0.3))
+        ax.set_title(f"{title}\n{len(groups):,} groups, too many to name: their numbers are in "
+                     f"summary.md", fontsize=9)
+    else:
+        index = keys.index(colour_key)
+        value = np.array([float(g[index]) for g in groups])
+        norm, cmap = _scale(value), plt.get_cmap("viridis")
+        family = [tuple(g[keys.index(k)] for k in others) for g in groups]
+        ax.add_collection(LineCollection(
+            segments, colors=cmap(norm(value)), linewidths=0.8, alpha=0.8,
+            linestyles=[STYLES[families.index(f)] for f in family] if styled else "solid"))
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=colour_key, pad=0.01)
+        if styled:  # the other keys: a legend of line styles, one entry a value
+            from matplotlib.lines import Line2D
+
+            ax.legend([Line2D([], [], color="k", ls=STYLES[i]) for i in range(len(families))],
+                      [_fmt(dict(zip(others, f, strict=True)))[:60] for f in families],
+                      fontsize=8)
+        ax.set_title(f"{title}\n{len(groups):,} groups, colour: {colour_key}"
+                     + ("" if styled or len(families) < 2 else
+                        f" (the other keys' {len(families)} values share each colour)"),
+                     fontsize=9)
+        last = np.array([seg[-1, 1] for seg in segments])
+        side = axes[0][1]
+        side.scatter(value, last, c=cmap(norm(value)), s=8)
+        if isinstance(norm, LogNorm):
+            side.set_xscale("log")
+        if log and (last > 0).all():
+            side.set_yscale("log")
+        side.set(xlabel=colour_key, ylabel=f"last {metric} (group mean)",
+                 title=f"last {metric} against {colour_key}")
+    ax.autoscale()
+    if log:
+        ax.set_yscale("log")  # a run that blows up would flatten every other curve
+    ax.set(xlabel="optimizer step", ylabel=metric.replace("/", " "))
+    fig.tight_layout()
+    return fig
+
+
 def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
     """The per-job time and memory figures side by side, a bar per group (mean over seeds, the
-    seeds as dots), or None when there is nothing to compare. These belong to each job,
-    whatever ran before it in the process; peak RSS does not, so it is never plotted."""
+    seeds as dots), or None when there is nothing to compare. Past MAX_BARS groups, each panel
+    draws the runs against the numeric swept key instead (or, without one, the spread of the
+    groups' means). These belong to each job, whatever ran before it in the process; peak RSS
+    does not, so it is never plotted."""
     plt = pyplot()
+
+    from matplotlib.colors import LogNorm
 
     done = runs[runs.status == "completed"]
     panels = [(c, h, k) for c, h, k in COST if c != "images_per_s" and c in done
@@ -390,20 +589,39 @@ def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
     keys = [k for k in by if k != "seed"]
     if not panels or not keys or len(done) < 2:
         return None
-    labels = done[keys].apply(lambda r: _fmt(dict(r.items())), axis=1)
+    labels = pd.Series([_fmt(dict(zip(keys, r, strict=True))) for r in
+                        zip(*[done[k] for k in keys], strict=True)], index=done.index)
     order = sorted(labels.unique())
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels) + 1.5,
-                                                      0.45 * len(order) + 1.6), squeeze=False)
+    many = len(order) > MAX_BARS
+    height = 3.6 if many else 0.45 * len(order) + 1.6
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels) + 1.5, height),
+                             squeeze=False)
+    x_key = _numeric_key(done, keys) if many else None
     for ax, (col, header, scale) in zip(axes[0], panels, strict=True):
-        values = [done[labels == g][col].astype(float) * scale for g in order]
-        ax.barh(range(len(order)), [v.mean() for v in values], color="tab:blue", alpha=0.6)
-        for i, v in enumerate(values):
-            ax.plot(v, [i] * len(v), "k.", ms=4)
-        ax.set_yticks(range(len(order)), order if ax is axes[0][0] else [""] * len(order))
+        values = pd.to_numeric(done[col], errors="coerce").astype(float) * scale
+        if many and x_key:
+            x = done[x_key].astype(float)
+            ax.plot(x, values, "k.", ms=2, alpha=0.5)
+            if isinstance(_scale(x), LogNorm):
+                ax.set_xscale("log")
+            ax.set_xlabel(x_key, fontsize=8)
+        elif many:
+            ax.hist(values.groupby(labels).mean().dropna(), bins=30, color="tab:blue",
+                    alpha=0.6)
+            ax.set_xlabel(f"mean over a group's seeds ({len(order):,} groups)", fontsize=8)
+        else:
+            per_group = [values[labels == g] for g in order]
+            ax.barh(range(len(order)), [v.mean() for v in per_group], color="tab:blue",
+                    alpha=0.6)
+            for i, v in enumerate(per_group):
+                ax.plot(v, [i] * len(v), "k.", ms=4)
+            ax.set_yticks(range(len(order)), [o[:60] for o in order] if ax is axes[0][0]
+                          else [""] * len(order))
+            ax.invert_yaxis()
         ax.set_title(header, fontsize=10)
-        ax.invert_yaxis()
-    fig.suptitle(f"{study} on {_data_name(done)}: per-job time and memory (bars: mean over "
-                 f"seeds, dots: runs)")
+    shown = ("dots: runs" if many and x_key else "groups' means" if many
+             else "bars: mean over seeds, dots: runs")
+    fig.suptitle(f"{study} on {_data_name(done)}: per-job time and memory ({shown})")
     fig.tight_layout()
     return fig
 
@@ -446,7 +664,7 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Pa
 
     import matplotlib.pyplot as plt
 
-    from .records import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     written = []
     for name, fig in _figures(runs, curves, by):
@@ -490,12 +708,24 @@ def summarize_runs(path, by: list[str] | None = None) -> tuple[Path, pd.DataFram
         return _write_summary(path, runs, by)
 
 
+def _remove_leftovers(out: Path) -> None:
+    """The temporary files and folders (`.NAME.tmp`) a killed summary left in `out`: never
+    read, removed before this summary writes its own."""
+    import shutil
+
+    for entry in out.glob(".*.tmp"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, disable_numparse=True)  # our numbers, as formatted
 
 
 def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
-    from .records import atomic_write_bytes, write_csv, write_parquet
+    from .files import atomic_write_bytes, write_csv, write_parquet
 
     curves = load_curves(path)
     for name, problem in curves.attrs.get("broken", {}).items():  # a footer that parsed, data
@@ -508,13 +738,19 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         raise UserError(f"--by {unknown[0]}: no such key in these runs; swept keys are: "
                         f"{', '.join(runs.attrs['swept']) or '(none)'}")
     running = runs[runs.status == "running"]  # SLURM still has them: no result yet
-    intact = runs[~runs.status.isin(["broken", "running"])]
+    intact = runs[~runs.status.isin(["broken", "running", "duplicate"])]
     broken = runs[runs.status == "broken"]
+    duplicate = runs[runs.status == "duplicate"]
     failed = intact[intact.status != "completed"]
-    text = [f"# Summary: {', '.join(sorted(_studies(runs).unique()))}", "", f"`{path}`", ""]
+    studies = ', '.join(sorted(_studies(runs).unique()))
+    text = [f"# Summary: {studies}" if studies else "# Summary", "", f"`{path}`", ""]
     counts = runs.status.value_counts()
-    text += [f"{len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in (
-        "completed", "running", "diverged", "failed", "interrupted", "broken") if s in counts)
+    if runs.empty:
+        text += ["No runs yet: the sweep has not started a job. Summarize again (or let the "
+                 "sweep end) when its jobs have run.", ""]
+    text += [] if runs.empty else [f"{len(runs)} runs: " + ", ".join(
+        f"{counts[s]} {s}" for s in ("completed", "running", "diverged", "failed",
+                                      "interrupted", "broken", "duplicate") if s in counts)
         + ". "
         f"Grouped by {', '.join(k for k in by if k != 'seed') or 'nothing (one group)'}"
         f"{'; seeds pooled (n runs a group)' if 'seed' in by else ''}. Every run's every "
@@ -522,7 +758,7 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
     results, cost = group_table(intact, by, RESULTS), group_table(intact, by, COST)
     if len(results) and any(h in results for _, h, _ in RESULTS):
         text += ["## Results (completed runs)", "", _markdown(results), ""]
-    else:
+    elif not runs.empty:
         text += ["No run completed: nothing to average.", ""]
     if len(cost) and any(h in cost for _, h, _ in COST):
         text += ["## Time and memory per job", "",
@@ -540,6 +776,12 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         text += ["## Runs still with SLURM", "",
                  "Not in the tables above yet: summarize again when they end.", "",
                  _markdown(running[["run", "error"]].rename(columns={"error": "state"})), ""]
+    if len(duplicate):
+        text += ["## Runs of a configuration already counted", "",
+                 "Each has the same result-relevant configuration as a run above (its folder "
+                 "was named by another spelling of the overrides): counted once, as that run.",
+                 "", _markdown(duplicate[["run", "error"]].rename(columns={"error": "same as"})),
+                 ""]
     if len(broken):
         text += ["## Broken runs", "",
                  "Their files do not parse, so they are not in the tables above. Re-running the "
@@ -549,12 +791,16 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
     out = path / "summary"
     try:
         out.mkdir(exist_ok=True)
+        _remove_leftovers(out)
         write_parquet(out / "runs.parquet", runs.astype({c: str for c in runs.columns
                                                          if runs[c].dtype == object}))
         write_csv(out / "runs.csv", runs)
         write_parquet(out / "curves.parquet", curves)
         atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
         pngs = plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
+        for old in out.glob("*.png"):  # an earlier summary's figure this one does not draw
+            if old not in pngs and old.is_file() and not old.is_symlink():
+                old.unlink()
         from .dashboard import write_summary_run
 
         # the TensorBoard run `summary`: seed bands and these PNGs

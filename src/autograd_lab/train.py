@@ -76,7 +76,8 @@ def main(cfg: DictConfig) -> dict | None:
                 print(f"autograd-lab: error: {line}", file=sys.stderr)
         if not multirun:
             sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
-        _record_failure(run_dir, cfg, str(e))
+        if not getattr(e, "leave_alone", False):  # another process's folder, or a planted file
+            _record_failure(run_dir, cfg, str(e))
     except Exception as e:  # in a sweep the job is recorded as failed and the sweep goes on
         if not multirun:
             raise
@@ -97,9 +98,13 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
 
     if not is_rank_zero():
         return
+    from .lock import ForeignEntry
     from .sweep import read_run_json
 
-    old, _ = read_run_json(run_dir)  # None for a missing or broken record
+    try:
+        old, _ = read_run_json(run_dir)  # None for a missing or broken record
+    except ForeignEntry:  # a symlink, FIFO, ... where a file of ours goes: leave it all alone
+        return
     if old is not None:
         version = old.get("format_version", 0)
         if old.get("ended") or (isinstance(version, int) and version > RUN_FORMAT_VERSION):
@@ -165,11 +170,14 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     write the record. An interrupted run exits 128 + the signal after writing its record.
     """
     _quiet_libraries()
+    from .config import check_targets
+
+    check_targets(cfg)  # every path (the API too): no _target_ but a class of its kind is made
     import torch
 
     if threads or cfg.threads:  # set, not hoped: parallel jobs must not fight for the cores
         torch.set_num_threads(threads or cfg.threads)
-    from .checkpoint import StopSignals
+    from .checkpoint import RunInterrupted, StopSignals
     from .distributed import is_rank_zero
     from .lock import RunLock
 
@@ -181,12 +189,16 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     with lock, StopSignals() as signals, _quiet_thread_write_errors():
         # decided before anything is written: a bad checkpoint or run dir loses nothing
         ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
+        if rank_zero:
+            _reserve_space(run_dir)  # so a full disk still gets run.json and metrics.parquet
         from . import messages
 
         if rank_zero:
             messages.starting(run_dir, resumed)
+        load = messages.busy_machine(torch.get_num_threads()) if rank_zero else None
         record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config,
+                        **({"load": load} if load else {}),
                         **({"resumed": resumed} if resumed else {}),
                         "overrides": _overrides(), "choices": _choices(),
                         "versions": _versions()}
@@ -195,6 +207,9 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
             parts = _build(cfg, run_dir, record, resumed, signals, callbacks, progress_bar,
                            loaded=(ckpt_path, ckpt) if ckpt else None)
             _fit(parts, ckpt_path, record)
+        except RunInterrupted as e:  # a stop signal before training (making the data, the
+            record.update(status="interrupted", error=str(e),  # model): nothing to save yet
+                          _exit_code=e.exit_code)
         except BaseException as e:  # building or fitting failed: the record says what it was, and
             record["error"] = error_text(e)  # so does the end line
             e.reported = rank_zero and not record.get("_write_failed")  # by messages.ended
@@ -290,6 +305,8 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
     recorder = RunRecorder(run_dir, cfg.log.flush_every_s, hparams=_hparams(cfg),
                            resumed_from=resumed["from_step"] if resumed else None,
                            log_lr_every_step=cfg.scheduler.name != "none")
+    if resumed:  # what other callbacks wrote to a CSV log before the kill (LearningRateMonitor)
+        recorder.read_killed_csv(loggers)
     recorder.whole_run = {"trainable_params": report.trainable_params,
                           "frozen_params": report.frozen_params}
     recorder.layout = _layout(cfg)
@@ -392,9 +409,9 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
         recorder = parts.recorder
         try:
             recorder.flush(parts.trainer, parts.module)  # losses still on the device are kept
-        except OSError as e:  # the loggers' files will not take it: metrics.parquet still may
-            if write_failure(e) is None:
-                raise
+        except Exception as e:  # the loggers' files will not take it (Lightning's TensorBoard
+            if write_failure(e) is None:  # logger re-raises an OSError as a ValueError):
+                raise  # metrics.parquet still may
         record.update(_results(recorder, t0))
         record["memory"] = dict(parts.memory.figures)
         if parts.profiler:
@@ -406,6 +423,7 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
             if parts.probes[0].gns_method_used:  # which noise-scale estimator ran
                 record["probes"]["gns_method"] = parts.probes[0].gns_method_used
         if rank_zero:
+            _release_space(run_dir)
             _write_or_say(write_parquet, run_dir / "metrics.parquet", recorder.frame(), record)
     record["wall_seconds"] = time.perf_counter() - t0
     # process-wide: in a sweep it includes earlier jobs of the same process (not per job)
@@ -415,8 +433,38 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
         record["peak_cuda_mib"] = max(torch.cuda.max_memory_allocated() / 2**20, module_peak)
     record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if rank_zero:
+        _release_space(run_dir)
         _write_or_say(write_json, run_dir / "run.json",
                       {k: v for k, v in record.items() if not k.startswith("_")}, record)
+
+
+RESERVE = ".autograd_lab.reserve"  # lock.OWN_FILES lists it too
+RESERVE_BYTES = 1 << 20  # a run.json and the metrics.parquet of a long run with probes=full
+
+
+def _reserve_space(run_dir: Path) -> None:
+    """Hold RESERVE_BYTES of the run directory's file system in RUN_DIR/.autograd_lab.reserve
+    while the run trains: when the disk fills up, _write_record frees it first, so run.json and
+    metrics.parquet are still written (a full disk ends `failed` with its record). Best effort:
+    a disk already too full for it simply has no reserve."""
+    from .lock import open_own
+
+    try:
+        fd = open_own(run_dir / RESERVE, os.O_RDWR | os.O_CREAT)
+    except OSError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _release_space(run_dir: Path) -> None:
+    """Give the reserve back to the file system, for the run's last writes."""
+    with contextlib.suppress(OSError):
+        (run_dir / RESERVE).unlink(missing_ok=True)
 
 
 def _write_or_say(write, path: Path, obj, record: dict) -> None:
@@ -540,7 +588,9 @@ def _resume_point(cfg, run_dir: Path, config: dict,
     from .sweep import check_run_dir
 
     check_run_dir(run_dir)
-    for leftover in [*run_dir.glob(".*.tmp"), *(run_dir / "checkpoints").glob(".*.tmp")]:
+    leftovers = [*run_dir.glob(".*.tmp"), *(run_dir / "checkpoints").glob(".*.tmp")]
+    _check_removable(leftovers)
+    for leftover in leftovers:
         leftover.unlink(missing_ok=True)  # a write killed half-way (we hold the lock: not live)
     path = run_dir / CHECKPOINT
     if cfg.get("ckpt_path"):  # an explicit checkpoint (e.g. one of ModelCheckpoint's files)
@@ -549,7 +599,7 @@ def _resume_point(cfg, run_dir: Path, config: dict,
             raise UserError(f"ckpt_path={cfg.ckpt_path}: no such file; give a checkpoint file "
                             f"(e.g. from {run_dir / 'checkpoints'}) or ckpt_path=null")
     if (cfg.resume or cfg.get("ckpt_path")) and path.is_file():
-        ckpt = check_resumable(path, config)
+        ckpt = check_resumable(path, config, explicit=bool(cfg.get("ckpt_path")))
         resumed = {"from_step": ckpt["global_step"], "epoch": ckpt["epoch"],
                    "checkpoint": str(path)}
         changed = numerics_changed(ckpt)
@@ -570,6 +620,7 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                  # the layout before events moved into the run directory itself
                  *(run_dir / "tb").glob("events.out.tfevents.*"),
                  *(run_dir / "tb").glob("*.pt.trace.json*"), run_dir / "tb" / "hparams.yaml"]
+        _check_removable(stale)  # a read-only csv/ (say) stops the run before anything goes
         for path in stale:
             path.unlink(missing_ok=True)
         for folder in (run_dir / "tb", run_dir / "csv", run_dir / "checkpoints",
@@ -577,6 +628,25 @@ def _resume_point(cfg, run_dir: Path, config: dict,
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if now empty
     return None, None, None
+
+
+def _check_removable(paths) -> None:
+    """WriteFailed (one line naming the folder, exit 1) if a folder holding one of `paths`
+    will not let it be removed (a read-only file system, no write permission), checked before
+    any is removed: the earlier run's checkpoint, run.json and metrics.parquet stay whole."""
+    for folder in dict.fromkeys(p.parent for p in paths if os.path.lexists(p)):
+        if os.access(folder, os.W_OK | os.X_OK):
+            continue
+        try:
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "Read-only file system" if read_only else "Permission denied"
+        error = WriteFailed(f"cannot write into {folder}: {why}: nothing of the earlier run "
+                            f"was removed (its checkpoint, run.json and metrics.parquet are "
+                            f"kept); make it writable and run the same command again")
+        error.leave_alone = True  # a sweep job writes no failed run.json over the kept one
+        raise error
 
 
 def _probes(cfg, recorder) -> list:
@@ -683,4 +753,11 @@ def _versions() -> dict:
 
 
 if __name__ == "__main__":
+    from .config import refuse_code_flags
+
+    try:  # before Hydra parses it: --experimental-rerun would unpickle a file
+        refuse_code_flags(sys.argv[1:])
+    except UserError as e:
+        print(f"autograd-lab: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     main()

@@ -1,0 +1,56 @@
+"""`make setup` installs the project without setuptools' "Package would be ignored" warnings:
+every conf/ subfolder is a declared package (pyproject.toml), checked by a real editable install
+into a fresh venv (offline, no dependencies: the dev venv's are put on its path)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from pathlib import Path
+
+from conftest import REPO
+
+
+def test_every_conf_folder_is_a_declared_package():
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]
+    folders = {"autograd_lab.conf." + ".".join(p.relative_to(REPO / "conf").parts)
+               for p in (REPO / "conf").rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= set(packages), sorted(folders - set(packages))
+
+
+def test_editable_install_prints_no_setuptools_warnings(tmp_path):
+    """`pip install -e .` of a copy of the project into a new venv: exit 0, no "Package would
+    be ignored" (15 multi-line warnings, about 600 lines, before), and the console script's
+    config folder is the copy's conf/."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("src", "conf"):
+        shutil.copytree(REPO / name, source / name, ignore=skip)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path("
+                                "'purelib'))"], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    (site / "_dev_venv.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--ignore-installed", "--disable-pip-version-check",
+                          "-e", str(source)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "would be ignored" not in text, text[:3000]
+    assert len(text.splitlines()) < 60, text[:3000]
+    where = subprocess.run([python, "-c", "from autograd_lab.config import CONF_DIR; "
+                            "print(CONF_DIR)"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert Path(where.stdout.strip()) == source / "conf", where.stderr
