@@ -79,7 +79,9 @@ def test_hparams_have_the_swept_keys_typed_and_run_json_numbers(sweep, server):
     experiment = server("/data/plugin/hparams/experiment", {"experimentName": ""})
     infos = {h["name"]: h for h in experiment["hparamInfos"]}
     assert infos["train.zero_grad"]["type"] == "DATA_TYPE_BOOL"
-    assert infos["seed"]["type"] == "DATA_TYPE_FLOAT64"
+    # an integer is a string column: TensorBoard prints a number with 5 significant digits (its
+    # prettyPrint: toPrecision(5)), which showed seed 0 as 0.0000
+    assert infos["seed"]["type"] == "DATA_TYPE_STRING"
     # the swept keys come first: TensorBoard's table shows the first five columns
     assert [h["name"] for h in experiment["hparamInfos"][:2]] == ["seed", "train.zero_grad"]
     assert {"model", "data", "optim", "variant", "probes", "data.train_size"} <= set(infos)
@@ -97,7 +99,7 @@ def test_hparams_have_the_swept_keys_typed_and_run_json_numbers(sweep, server):
         record = records[group["name"]]
         hp = group["hparams"]
         assert hp["train.zero_grad"] is record["config"]["train"]["zero_grad"]
-        assert hp["seed"] == record["config"]["seed"] and hp["status"] == "completed"
+        assert hp["seed"] == str(record["config"]["seed"]) and hp["status"] == "completed"
         values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         final = record["final"]
         assert values["train/loss"] == pytest.approx(final["train_loss"], rel=1e-6)

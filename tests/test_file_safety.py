@@ -114,6 +114,21 @@ def test_a_symlinked_summary_lock_is_refused_and_its_target_untouched(done_run, 
     assert victim.read_bytes() == content
 
 
+def test_a_symlinked_summary_folder_is_refused_and_its_target_untouched(done_run, tmp_path):
+    """DIR/summary that is a symlink to another folder: `summarize` refuses in one line, and
+    writes nothing into the folder it points to (today: the lock, tables and figures land
+    there, replacing files of the same names)."""
+    _copy(done_run, tmp_path / "sweep" / "seed=0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "runs.csv").write_text("the user's own table\n")
+    (tmp_path / "sweep" / "summary").symlink_to(elsewhere)
+    out = cli("summarize", str(tmp_path / "sweep"), cwd=tmp_path, timeout=TIMEOUT)
+    _one_line(out, str(tmp_path / "sweep" / "summary"), "symlink")
+    assert [p.name for p in elsewhere.iterdir()] == ["runs.csv"]
+    assert (elsewhere / "runs.csv").read_text() == "the user's own table\n"
+
+
 def test_a_sweep_job_folder_holding_a_symlink_is_refused_before_any_job_runs(tmp_path):
     """In a multirun, each existing job folder of the sweep is checked before Hydra writes into
     any of them: a job folder whose .hydra/config.yaml is a symlink stops the sweep in one line,

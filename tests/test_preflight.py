@@ -150,30 +150,39 @@ def test_a_thousand_job_sweep_is_checked_in_seconds(tmp_path):
 
 
 # ------------------------------------------------------------------ resume
-ADDED = {"csv logger": ["logger=[tensorboard,csv]"], "lr_monitor": ["callbacks=[lr_monitor]"]}
+CHANGED = {  # (the killed run's overrides, the resumed run's)
+    "csv logger added": ([], ["logger=[tensorboard,csv]"]),
+    "lr_monitor added": ([], ["callbacks=[lr_monitor]"]),
+    "model_checkpoint dropped": (["callbacks=[model_checkpoint]",
+                                  "callbacks.model_checkpoint.every_n_train_steps=2"], []),
+}
 
 
-@pytest.mark.parametrize("name", list(ADDED))
+@pytest.mark.parametrize("name", list(CHANGED))
 def test_resuming_with_an_added_logger_or_lr_monitor_continues(name, tmp_path, data_root,
-                                                                tmp_path_factory):
-    """A logger or an LR monitor changes no curve: a run killed at step 4 continues with one
-    added (before: refused, with advice to start over), and ends with the uninterrupted run's
-    curve, every value of it, bit for bit."""
+                                                                tmp_path_factory, recwarn):
+    """A logger, an LR monitor or ModelCheckpoint files change no curve: a run killed at step 4
+    continues with one added or dropped (before: refused, with advice to start over), quietly,
+    and ends with the uninterrupted run's curve, every value of it, bit for bit."""
     reference = _reference(tuple(OVERRIDES), data_root, tmp_path_factory)
     run_dir = tmp_path / "run"
     from autograd_lab.train import run
 
+    before, after = CHANGED[name]
     with pytest.raises(SystemExit):
-        run(make_cfg(*OVERRIDES, data_root=data_root), run_dir,
+        run(make_cfg(*OVERRIDES, *before, data_root=data_root), run_dir,
             callbacks=[SendSignal(4, "train", signal.SIGTERM)])
-    resumed = run(make_cfg(*OVERRIDES, *ADDED[name], data_root=data_root), run_dir)
+    recwarn.clear()
+    resumed = run(make_cfg(*OVERRIDES, *after, data_root=data_root), run_dir)
+    assert not [w for w in recwarn if "callbacks used to create the checkpoint" in str(
+        w.message)]  # Lightning's advice to add the dropped callback back: not needed
     assert resumed["status"] == "completed"
     assert resumed["resumed"]["from_step"] == 4
     assert losses(run_dir) == losses(reference)
     ours, theirs = _rows(run_dir), _rows(reference)
     ours = ours[ours.name.isin(set(theirs.name))].reset_index(drop=True)  # the LR monitor adds
     pd.testing.assert_frame_equal(ours, theirs, check_exact=True)
-    if name == "csv logger":  # the added logger has the whole curve, the restored part too
+    if name == "csv logger added":  # the added logger has the whole curve, the restored part too
         frame = pd.read_csv(run_dir / "csv" / "metrics.csv")
         curve = frame[frame["train/loss"].notna()].sort_values("step")
         assert curve.step.tolist() == list(range(len(losses(reference))))
@@ -201,3 +210,4 @@ def test_a_model_checkpoint_file_of_another_config_is_refused_naming_the_differe
     assert "optim.lr=0.001" in lines[0] and "optim.lr=0.5" in lines[0], lines[0]
     assert files[0].name in lines[0]
     assert "resume=false" not in out.stderr and "another run directory" not in out.stderr
+    assert not (tmp_path / "second").exists()  # refused before Hydra makes the run directory

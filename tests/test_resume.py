@@ -75,7 +75,7 @@ CASES = [  # (variant overrides, step, where, signal)
     # step): Lightning's own max_steps would restart its loops one epoch too far
     (["trainer.max_steps=1000", "data.val_batch_size=32"], 10, "validation", signal.SIGINT),
     (["trainer.max_steps=25"], 20, "train", signal.SIGTERM),
-    (["trainer.max_steps=14"], 14, "train", signal.SIGTERM),  # at max_steps: validates on resume
+    (["trainer.max_steps=14"], 14, "train", signal.SIGTERM),  # at max_steps: validates, then saves
     # a per-step LR schedule: its state (and the lr column) continues exactly
     (["scheduler=onecycle", "optim.lr=0.05"], 15, "train", signal.SIGTERM),
     (["scheduler=step", "data.val_batch_size=32"], 10, "validation", signal.SIGTERM),

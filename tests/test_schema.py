@@ -18,7 +18,11 @@ CANDIDATES = ["abc", "-1", "0", "1.5", "-0.5", "1099511627776", "inf", "nan", "[
 NEEDS = {"model.stem": ["model=resnet18"], "model.weights": ["model=resnet18"],
          "model.num_classes": ["model=resnet18"], "optim.betas": ["optim=adam"],
          "optim.momentum": ["optim=sgd"], "optim.nesterov": ["optim=sgd"],
-         "profiler.": ["profiler=torch"], "probes.": ["probes=full"]}
+         "profiler.": ["profiler=torch"], "probes.": ["probes=full"],
+         "scheduler.make.step_size": ["scheduler=step"], "scheduler.make.gamma": ["scheduler=step"],
+         "scheduler.make.eta_min": ["scheduler=cosine"],
+         "scheduler.make.max_lr": ["scheduler=onecycle"],
+         "scheduler.make.pct_start": ["scheduler=onecycle"]}
 
 
 def _needs(key: str) -> list[str]:

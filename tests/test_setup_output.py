@@ -9,15 +9,15 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 from conftest import REPO
 
 
 def test_every_conf_folder_is_a_declared_package():
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    packages = read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"]
     folders = {"autograd_lab.conf." + ".".join(p.relative_to(REPO / "conf").parts)
                for p in (REPO / "conf").rglob("*") if p.is_dir() and p.name != "__pycache__"}
     assert folders <= set(packages), sorted(folders - set(packages))

@@ -14,8 +14,10 @@ states (the recorder's rows, the probes' history), plus what the module adds in
 Lightning's ModelCheckpoint (`callbacks=[model_checkpoint]`) writes the same complete state, so a
 run can also continue from one of its files (`ckpt_path=...`). Files are written to a temporary
 file and renamed, and read with `weights_only=True`. A signal that arrives in an epoch's last step
-or during validation lets that pass finish (it changes no training state) and the checkpoint is
-taken at the epoch's end; a second Ctrl-C stops at once, keeping the last periodic checkpoint.
+(or at `max_steps`, where the run validates too) or during validation lets that pass finish (it
+changes no training state) and the checkpoint is taken at the epoch's end, after every callback
+has acted on that validation (EarlyStopping's decision to stop travels with the module's state);
+a second Ctrl-C stops at once, keeping the last periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -215,9 +217,11 @@ class Checkpointer(Checkpoint):
         self.every, self.signals, self.recorder = every_n_steps, signals, recorder
         self._at_epoch_end = False
         self._ddp = False
+        self._trainer = None
 
     def setup(self, trainer, pl_module, stage):
         self._ddp = trainer.world_size > 1  # read once, not in every step's hook
+        self._trainer = trainer
 
     def on_train_start(self, trainer, pl_module):
         self.signals.install()  # over Lightning's own SLURM handlers
@@ -226,6 +230,7 @@ class Checkpointer(Checkpoint):
 
     def teardown(self, trainer, pl_module, stage):
         self.signals.training = False
+        self._trainer = None
 
     def _agree(self, trainer) -> int | None:
         """The signal to stop on at this boundary. DDP: a signal that reached any rank stops
@@ -271,10 +276,15 @@ class Checkpointer(Checkpoint):
         if self.recorder.diverged_at is None:
             self.save(trainer)
 
-    # a save still due at this epoch's end travels with a checkpoint written before it (one of
-    # ModelCheckpoint's, after validation), so a run continued from that file saves it too
+    # a save still due at this epoch's end travels with a checkpoint written before the epoch's
+    # end hooks (one of ModelCheckpoint's, at validation's end), so a run continued from that
+    # file saves it too. One written in those hooks (ModelCheckpoint's epoch-end file, before
+    # ours) continues at the next epoch: the save is not due there. Lightning counts an epoch
+    # `processed` before its end hooks and `completed` after them.
     def state_dict(self) -> dict:
-        return {"at_epoch_end": self._at_epoch_end}
+        epochs = self._trainer.fit_loop.epoch_progress.current if self._trainer else None
+        in_end_hooks = epochs is not None and epochs.processed > epochs.completed
+        return {"at_epoch_end": self._at_epoch_end and not in_end_hooks}
 
     def load_state_dict(self, state: dict) -> None:
         self._at_epoch_end = bool(state.get("at_epoch_end", False))

@@ -92,6 +92,8 @@ def train(args: list[str]) -> int:
         plan = check_overrides(overrides, multirun, files=not printing)
         if not printing:
             _check_output_dir(args, multirun)
+            if not multirun:
+                _check_ckpt_path(overrides)
         if multirun and printing:
             args = _first_job_args(args, overrides, plan)
         elif multirun:  # directories (and TensorBoard runs) named by what differs
@@ -126,6 +128,25 @@ def _first_job_args(args: list[str], overrides: list[str], plan) -> list[str]:
     print(f"autograd-lab: -m with --cfg: the config of the sweep's first job "
           f"({' '.join(plan.first_job) or 'no overrides'})", file=sys.stderr)
     return [*flags, *plan.first_job, *hydra, *plan.hydra_overrides(overrides)]
+
+
+def _check_ckpt_path(overrides: list[str]) -> None:
+    """A checkpoint given as ckpt_path= must be one this config can continue from: refused in
+    one line naming the difference before Hydra makes the run directory (the run checks it
+    again as it loads it). Imports torch, only when ckpt_path= is given."""
+    if not any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
+        return
+    from omegaconf import OmegaConf
+
+    from .config import compose
+
+    cfg = compose(overrides)
+    if not cfg.get("ckpt_path") or not Path(cfg.ckpt_path).expanduser().is_file():
+        return  # none, or missing: the run says so in its own words
+    from .checkpoint import check_resumable
+
+    check_resumable(Path(cfg.ckpt_path).expanduser(), OmegaConf.to_container(cfg, resolve=True),
+                    explicit=True)
 
 
 def _check_output_dir(args: list[str], multirun: bool) -> None:
@@ -276,8 +297,8 @@ def graph(args: list[str]) -> int:
     cfg = _compose(overrides, ["data=synthetic"])
     import torch.nn.functional as F
 
-    from .graph import (first_batch, graph_def, module_scopes, render, saved_bytes_by_hooks,
-                        walk, write_graph)
+    from .graph import first_batch, graph_def, module_scopes, render, walk, write_graph
+    from .graph import saved_bytes_by_hooks as hook_count
 
     model = _model(cfg)
     model.train()
@@ -292,7 +313,7 @@ def graph(args: list[str]) -> int:
         scopes.update(found)
         return loss
 
-    loss, backward = saved_bytes_by_hooks(forward, exclude=[*buffers.values(), *resident])
+    loss, backward = hook_count(forward, exclude=[*buffers.values(), *resident])
     g = walk(loss, dict(model.named_parameters()), buffers, resident, scopes)
     hooked = backward()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
@@ -335,8 +356,10 @@ def summarize(args: list[str]) -> int:
     parser.add_argument("--by", nargs="+", default=None,
                         help="config keys to group by (default: the keys that differ)")
     opts = parser.parse_args(args)
+    from .lock import SWEEP_DIRS, check_entries
     from .summary import summarize as write_summary
 
+    check_entries(opts.dir, SWEEP_DIRS, ())  # summary/ a symlink: its files would go elsewhere
     out = write_summary(opts.dir, opts.by)
     print((out / "summary.md").read_text())
     print(f"written: {out}")

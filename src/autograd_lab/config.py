@@ -221,7 +221,8 @@ CHECKS: dict[str, tuple] = {
     "optim.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                     and all(_is_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     # the schedulers' arguments (conf/scheduler/*.yaml): torch checks some only at the first
-    # step (StepLR divides by step_size) and none of the ranges that make a learning rate > 0
+    # step (StepLR divides by step_size) and none of the ranges that make a learning rate > 0;
+    # any other argument's type is checked against the class's signature (check_arguments)
     "scheduler.make.step_size": (lambda v: _is_int(v) and v >= 1,
                                  "an integer >= 1 (epochs between two decays)"),
     "scheduler.make.gamma": (lambda v: _is_num(v) and v > 0,
@@ -231,10 +232,6 @@ CHECKS: dict[str, tuple] = {
     "scheduler.make.max_lr": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "scheduler.make.pct_start": (lambda v: _is_num(v) and 0 < v < 1,
                                  "a number in (0, 1): the fraction of the run spent warming up"),
-    "scheduler.make.div_factor": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
-    "scheduler.make.final_div_factor": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
-    "scheduler.make.anneal_strategy": (lambda v: v in ("cos", "linear"), "one of: cos, linear"),
-    "scheduler.make.three_phase": (lambda v: isinstance(v, bool), "true or false"),
     "train.zero_grad": (lambda v: isinstance(v, bool), "true or false"),
     "train.freeze": (lambda v: isinstance(v, str) or (isinstance(v, (list, tuple))
                      and all(isinstance(p, str) for p in v)),
@@ -433,10 +430,10 @@ def _shipped_targets() -> frozenset:
     import re
 
     found = set()
-    for group in TARGET_KINDS:
+    for group in TARGET_KINDS:  # (group, target): a shipped callback is no trusted logger
         for path in (CONF_DIR / group).glob("*.yaml"):
-            found.update(re.findall(r"^\s*_target_:\s*([\w.]+)\s*$", path.read_text(),
-                                    re.MULTILINE))
+            found.update((group, t) for t in re.findall(
+                r"^\s*_target_:\s*([\w.]+)\s*$", path.read_text(), re.MULTILINE))
     return frozenset(found)
 
 
@@ -487,7 +484,7 @@ def check_targets(cfg, trusted: frozenset | None = None) -> None:
         if nested:
             raise UserError(f"{nested}: a _target_ inside {where} is refused (Hydra would call "
                             f"it while making {where}); give plain values there")
-        if target in trusted:
+        if (group, target) in trusted:
             continue
         from hydra.utils import get_object
 
@@ -1080,7 +1077,7 @@ def duplicate_runs(jobs: list[dict], sweeps: dict) -> list[str]:
             return [f"{shown}: {', '.join(differ)} does not change a run's results "
                     f"(config.NON_RESULT_KEYS), so these jobs are one run and would share one "
                     f"folder; run each value as its own command, with its own hydra.sweep.dir"]
-        for name, override in sweeps.items():
+        for override in sweeps.values():
             values = [json.dumps(v, sort_keys=True, default=str)
                       for v in override.sweep_iterator()]
             if len(set(values)) < len(values):

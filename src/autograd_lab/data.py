@@ -34,7 +34,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets import cifar as tv_cifar
 from torchvision.datasets.utils import extract_archive
 
-from .config import UserError
+from .config import UserError, clip
 from .records import atomic_write_bytes
 
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -196,7 +196,7 @@ def read_batch_file(path: Path) -> dict:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
             AttributeError) as e:
         raise UserError(f"data file {path} cannot be read ({type(e).__name__}: "
-                        f"{str(e)[:80]}); it is truncated or corrupted: replace it") from None
+                        f"{clip(str(e), 80)}); it is truncated or corrupted: replace it") from None
     if not isinstance(entry, dict):
         raise UserError(f"data file {path} is not a CIFAR-10 batch file (holds a "
                         f"{type(entry).__name__}, not a dict); replace it")

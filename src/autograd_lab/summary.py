@@ -274,10 +274,7 @@ def load_curves(path) -> pd.DataFrame:
             broken[name] = f"metrics.parquet lacks the columns {', '.join(missing)}"
             continue
         try:  # one schema for all: the harness's types
-            table = table.select(columns).replace_schema_metadata(None).cast(pa.schema([
-                ("step", pa.int64()), ("epoch", pa.int64()),
-                ("name", pa.dictionary(pa.int32(), pa.large_string())),
-                ("value", pa.float64())]))
+            table = _harness_types(table.select(columns))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
             broken[name] = f"metrics.parquet has columns of other types: {str(e)[:120]}"
             continue
@@ -295,6 +292,26 @@ def load_curves(path) -> pd.DataFrame:
     frame.insert(0, "run", pd.Categorical.from_codes(rows, categories=pd.Index(names)))
     frame.attrs["broken"] = broken
     return frame
+
+
+def _harness_types(table):
+    """A metrics.parquet table with the harness's column types (step, epoch: int64; name: a
+    dictionary of strings; value: float64), whatever its writer made of them (an empty name
+    column is stored as numbers by pandas)."""
+    import pyarrow as pa
+
+    name = table.column("name")
+    if len(name) == 0:
+        name = pa.chunked_array([], pa.large_string())
+    elif pa.types.is_dictionary(name.type):
+        name = name.cast(pa.dictionary(pa.int32(), pa.large_string()))
+    else:
+        name = name.cast(pa.large_string())
+    name = name.cast(pa.large_string()).dictionary_encode() if not pa.types.is_dictionary(
+        name.type) else name
+    return pa.table({"step": table.column("step").cast(pa.int64()),
+                     "epoch": table.column("epoch").cast(pa.int64()), "name": name,
+                     "value": table.column("value").cast(pa.float64())})
 
 
 # The summary tables: (column, header, scale). Bytes are shown in MiB.

@@ -79,7 +79,9 @@ def metrics_problem(run_dir: Path, required: bool = True, steps=None) -> str | N
         names = meta.schema.names
         rows = meta.num_rows
     except Exception as e:  # pyarrow's ArrowInvalid, OSError, a folder of that name, ...
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        from .config import clip
+
+        reason = clip(str(e), 120) or type(e).__name__
         return f"metrics.parquet does not parse (truncated?): {reason}"
     missing = [c for c in METRICS_COLUMNS if c not in names]
     if missing:

@@ -150,6 +150,10 @@ def _quiet_libraries() -> None:
     # ModelCheckpoint under manual optimisation saves the state after the step: exactly the state
     # a resumed run continues from (tests/test_lightning.py resumes from such a file)
     warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization.*")
+    # a resumed run without a callback its checkpoint has state for: check_resumable lets only
+    # the ones that change no curve go missing (config.RESUME_FREE_KEYS: ModelCheckpoint)
+    warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to "
+                            "be provided.*")
     warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not "
                             "empty.*")  # a resumed run's csv/ folder: rewritten on resume
     for name in ("lightning.pytorch", "lightning.fabric", "lightning",
