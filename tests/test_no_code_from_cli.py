@@ -1,8 +1,8 @@
 """Nothing from the command line runs code: Hydra's --experimental-rerun (it unpickles a file) is
 refused; a pickle given as a checkpoint or weights file is named for what it asks to run and
-never run; a `_target_` that is not a class of its kind (a callback, a logger, an LR scheduler)
-is refused on every path before a run directory exists. Each case plants a marker command that
-must never run."""
+never run; a `_target_` that is not a class of its kind (a callback, a logger, an LR scheduler,
+one of Hydra's own callbacks) is refused on every path before a run directory exists. Each case
+plants a marker command that must never run."""
 
 from __future__ import annotations
 
@@ -134,6 +134,13 @@ def _targets(tmp_path):
                                        f"+callbacks.x.args=[touch,{marker}]"],
                                       ["callbacks.x._target_=subprocess.Popen",
                                        "not a Lightning Callback"]),
+        "hydra callback open": (["+hydra.callbacks.x._target_=builtins.open",
+                                 f"+hydra.callbacks.x.file={marker}", "+hydra.callbacks.x.mode=w"],
+                                ["hydra.callbacks.x._target_=builtins.open", "refused",
+                                 "function", "hydra.experimental.callback.Callback"]),
+        "hydra callback as a dict": ([f"+hydra.callbacks={{x:{{_target_:os.system,"
+                                      f"command:'touch {marker}'}}}}"],
+                                     ["_target_=os.system", "refused", "Hydra Callback"]),
         "nested target": (["callbacks=[early_stopping]",
                            "+callbacks.early_stopping.x._target_=builtins.open",
                            f"+callbacks.early_stopping.x.file={marker}",
@@ -143,7 +150,7 @@ def _targets(tmp_path):
 
 
 CASES = ["scheduler open", "callback os.system", "logger exec", "callback subprocess class",
-         "nested target"]
+         "hydra callback open", "hydra callback as a dict", "nested target"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -157,7 +164,8 @@ def test_a_target_that_is_no_class_of_its_kind_is_refused(case, tmp_path, data_r
     assert list(tmp_path.iterdir()) == []  # no file made, no run directory
 
 
-@pytest.mark.parametrize("case", ["scheduler open", "callback os.system", "logger exec"])
+@pytest.mark.parametrize("case", ["scheduler open", "callback os.system", "logger exec",
+                                  "hydra callback open"])
 def test_python_m_refuses_them_before_a_run_directory(case, tmp_path, data_root):
     overrides, needles = _targets(tmp_path)[case]
     out = _python_m([*TINY, f"data.root={data_root}", *overrides], tmp_path)

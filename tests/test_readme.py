@@ -310,7 +310,8 @@ RUNNER = """
 import json, os, sys
 from pathlib import Path
 from autograd_lab.cli import main
-jobs = json.loads(Path(sys.argv[1]).read_text())
+jobs_file, results_file = sys.argv[1:3]
+jobs = json.loads(Path(jobs_file).read_text())
 results = []
 for job in jobs:
     out = open(job["out"], "w")
@@ -335,7 +336,7 @@ for job in jobs:
             Path(written).parent.mkdir(parents=True, exist_ok=True)
             Path(written).symlink_to(os.path.relpath(made, Path(written).parent),
                                      target_is_directory=True)
-Path(sys.argv[2]).write_text(json.dumps(results))
+Path(results_file).write_text(json.dumps(results))
 """
 
 

@@ -109,6 +109,13 @@ def test_a_signal_at_an_epoch_end_resumes_to_the_same_run(callbacks, step, where
     if callbacks is CHECKPOINTS:
         assert _checkpoint_files(run_dir) == _checkpoint_files(reference)
         assert _model_checkpoint_state(run_dir) == _model_checkpoint_state(reference)
+        # its files are written in the epoch's end hooks, before the Checkpointer's save there
+        # (the signal's): a run continued from one starts the next epoch, with no save due
+        # (the Checkpointer tells by Lightning's epoch progress: processed, not yet completed)
+        for name in _checkpoint_files(run_dir):
+            if name != "last.ckpt":
+                ckpt = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+                assert ckpt["callbacks"]["Checkpointer"] == {"at_epoch_end": False}, name
     if callbacks is LR_MONITOR:  # what LearningRateMonitor logged: every step's rate, once
         ours, theirs = _csv_rows(run_dir), _csv_rows(reference)
         assert (theirs.variable == "lr-SGD").sum() == expected["final"]["steps"]

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import UserError, check_overrides, refuse_code_flags
+from .config import UserError, check_overrides, refuse_running_code
 
 COMMANDS = {
     "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
@@ -78,7 +78,7 @@ def _usage() -> str:
 
 def train(args: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in args)
-    refuse_code_flags(args)  # --experimental-rerun unpickles a file
+    refuse_running_code(args)  # --experimental-rerun; a _target_ of Hydra's own
     checked = not any(a.split("=")[0] in _INFO_FLAGS for a in args)
     if checked:
         overrides, skip, last = [], False, len(args) - 1

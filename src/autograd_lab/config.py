@@ -116,9 +116,23 @@ class UserError(Exception):
 CHECKED_BY_CLI = False
 
 
-def refuse_code_flags(args: list[str]) -> None:
-    """Hydra's `--experimental-rerun FILE` unpickles FILE, which can run any code: refused (also
-    abbreviated, as argparse would accept it). The harness's resume replaces it."""
+# Hydra's own nodes that it makes from a `_target_` as it starts (before any check of ours): the
+# class each must subclass, and an example
+HYDRA_TARGETS = {
+    "hydra.callbacks": ("hydra.experimental.callback.Callback", "Hydra Callback",
+                        "autograd_lab.sweep.SummaryCallback"),
+    "hydra.launcher": ("hydra.plugins.launcher.Launcher", "Hydra Launcher",
+                       "hydra/launcher=joblib"),
+    "hydra.sweeper": ("hydra.plugins.sweeper.Sweeper", "Hydra Sweeper",
+                      "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"),
+}
+
+
+def refuse_running_code(args: list[str]) -> None:
+    """What on a command line would run code before the harness checks anything: Hydra's
+    `--experimental-rerun FILE`, which unpickles FILE (refused, also abbreviated, as argparse
+    would take it; the harness's resume replaces it), and a `_target_` typed for one of Hydra's
+    own nodes (HYDRA_TARGETS), which must be a class of its kind."""
     flag = "--experimental-rerun"
     for a in args:
         name = a.split("=", 1)[0]
@@ -126,6 +140,29 @@ def refuse_code_flags(args: list[str]) -> None:
             raise UserError(f"{a}: refused: it unpickles a file, which can run any code; to "
                             f"continue an interrupted run, run the same command again (resume="
                             f"true, the default, continues from its checkpoint)")
+        key = name.lstrip("+~")
+        node = next((n for n in HYDRA_TARGETS if key == n or key.startswith(n + ".")), None)
+        if node is None or a.startswith("-") or "_target_" not in a:
+            continue
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        try:
+            value = OverridesParser.create().parse_override(a).value()
+        except Exception:  # not an override Hydra parses: Hydra says so
+            continue
+        where = key if key.endswith("._target_") else f"{key}: _target_"
+        for target in [value] if key.endswith("._target_") else _targets_in(value):
+            check_class(where, target, *HYDRA_TARGETS[node])
+
+
+def _targets_in(value) -> list:
+    """Every `_target_` value inside a parsed override value (dicts and lists)."""
+    if isinstance(value, dict):
+        found = [value["_target_"]] if "_target_" in value else []
+        return found + [t for k, v in value.items() if k != "_target_" for t in _targets_in(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _targets_in(v)]
+    return []
 
 
 def error_text(e: BaseException) -> str:
@@ -484,31 +521,35 @@ def check_targets(cfg, trusted: frozenset | None = None) -> None:
         if nested:
             raise UserError(f"{nested}: a _target_ inside {where} is refused (Hydra would call "
                             f"it while making {where}); give plain values there")
-        if (group, target) in trusted:
-            continue
-        from hydra.utils import get_object
+        if (group, target) not in trusted:
+            check_class(f"{where}._target_", target, base_path, kind, example)
 
-        hydra_log = logging.getLogger("hydra.utils")  # get_object logs its own error first
-        level, hydra_log.level = hydra_log.level, logging.CRITICAL
-        try:
-            obj = get_object(str(target))  # imports the module, calls nothing in it
-        except Exception:
-            module, _, name = str(target).rpartition(".")
-            raise UserError(f"{where}._target_={target}: cannot be imported (no class {name!r} "
-                            f"in {module or 'any module'}); give a full class path such as "
-                            f"{example}") from None
-        finally:
-            hydra_log.level = level
-        module, _, name = base_path.rpartition(".")
-        base = getattr(importlib.import_module(module), name)
-        if not isinstance(obj, type):
-            what = "function" if callable(obj) else type(obj).__name__
-            raise UserError(f"{where}._target_={target}: refused: a {what}, not a {kind} class "
-                            f"(only a subclass of {base_path} is made from the config, e.g. "
-                            f"{example})")
-        if not issubclass(obj, base):
-            raise UserError(f"{where}._target_={target}: not a {kind} (a subclass of "
-                            f"{base_path} is needed, e.g. {example})")
+
+def check_class(where: str, target, base_path: str, kind: str, example: str) -> None:
+    """`target` (a `_target_` value) names a class that subclasses `base_path`: found by
+    importing its module, calling nothing; else one line (a function, another class, nothing)."""
+    from hydra.utils import get_object
+
+    hydra_log = logging.getLogger("hydra.utils")  # get_object logs its own error first
+    level, hydra_log.level = hydra_log.level, logging.CRITICAL
+    try:
+        obj = get_object(str(target))  # imports the module, calls nothing in it
+    except Exception:
+        module, _, name = str(target).rpartition(".")
+        raise UserError(f"{where}={target}: cannot be imported (no class {name!r} in "
+                        f"{module or 'any module'}); give a full class path such as "
+                        f"{example}") from None
+    finally:
+        hydra_log.level = level
+    module, _, name = base_path.rpartition(".")
+    base = getattr(importlib.import_module(module), name)
+    if not isinstance(obj, type):
+        what = "function" if callable(obj) else type(obj).__name__
+        raise UserError(f"{where}={target}: refused: a {what}, not a {kind} class (only a "
+                        f"subclass of {base_path} is made from the config, e.g. {example})")
+    if not issubclass(obj, base):
+        raise UserError(f"{where}={target}: not a {kind} (a subclass of {base_path} is "
+                        f"needed, e.g. {example})")
 
 
 # Values the shipped Lightning callbacks need beyond their type annotations. Lightning checks

@@ -265,6 +265,7 @@ def band_frames(runs, curves, by: list[str]) -> dict:
     """{group label: {metric: frame indexed by step with mean, min, max, n}} over the runs of
     each group (the runs that differ only in seed), completed or diverged runs only. The
     label is the group's keys as `key=value,...` ("all runs" when only the seed differs)."""
+    import numpy as np
     import pandas as pd
 
     from .summary import group_curves
@@ -272,16 +273,22 @@ def band_frames(runs, curves, by: list[str]) -> dict:
     keys = [k for k in by if k != "seed"]
     done = runs[runs.status.isin(["completed", "diverged"])]
     out: dict = {}
+    stats_names = ("mean", "min", "max", "n")
     for metric in BAND_METRICS:
         stats = group_curves(done, curves, keys, metric)
-        for column, key in stats.get("keys", {}).items():
-            if column not in stats["mean"]:
+        if not stats:
+            continue
+        steps = stats["mean"].index.to_numpy()
+        arrays = [stats[stat].to_numpy(dtype=float) for stat in stats_names]
+        for j, column in enumerate(stats["mean"].columns):  # numpy: thousands of groups
+            block = np.column_stack([a[:, j] for a in arrays])
+            keep = ~np.isnan(block[:, 0])
+            if not keep.any():
                 continue
+            key = stats["keys"][column]
             label = ",".join(f"{k}={v}" for k, v in zip(keys, key, strict=True)) or "all runs"
-            frame = pd.DataFrame({stat: stats[stat][column] for stat in ("mean", "min", "max",
-                                                                        "n")}).dropna()
-            if len(frame):
-                out.setdefault(label, {})[metric] = frame
+            out.setdefault(label, {})[metric] = pd.DataFrame(
+                block[keep], index=pd.Index(steps[keep], name="step"), columns=stats_names)
     return dict(sorted(out.items()))
 
 
@@ -290,28 +297,105 @@ def band_frames(runs, curves, by: list[str]) -> dict:
 EVENTS = "events.out.tfevents.0.autograd_lab_summary"
 
 
+def _crc32c_table():
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78): the checksum of TensorBoard's
+    records, one entry a byte value."""
+    import numpy as np
+
+    table = np.zeros(256, dtype=np.uint32)
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table[byte] = crc
+    return table
+
+
+_CRC_TABLE = None
+
+
+def masked_crc32c_many(chunks: list[bytes]) -> list[int]:
+    """TensorBoard's masked CRC-32C of each chunk, as tensorboard's own masked_crc32c (pure
+    Python, byte by byte) computes it, but for many chunks at once: chunks of one length go
+    through numpy together, byte position by byte position (a summary's thousands of records
+    take milliseconds, not a minute). Long chunks (an image) use tensorboard's function."""
+    import numpy as np
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    global _CRC_TABLE
+    if _CRC_TABLE is None:
+        _CRC_TABLE = _crc32c_table()
+    out = [0] * len(chunks)
+    by_length: dict = {}
+    for i, chunk in enumerate(chunks):
+        if len(chunk) > 4096:
+            out[i] = masked_crc32c(chunk)
+        else:
+            by_length.setdefault(len(chunk), []).append(i)
+    for length, where in by_length.items():
+        data = np.frombuffer(b"".join(chunks[i] for i in where), dtype=np.uint8)
+        data = data.reshape(len(where), length)
+        crc = np.full(len(where), 0xFFFFFFFF, dtype=np.uint32)
+        for column in range(length):
+            crc = _CRC_TABLE[(crc ^ data[:, column]) & 0xFF] ^ (crc >> np.uint32(8))
+        crc ^= np.uint32(0xFFFFFFFF)
+        masked = ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(0xA282EAD8)
+        for i, value in zip(where, masked.tolist(), strict=True):
+            out[i] = value
+    return out
+
+
 class _Events:
-    """A TensorBoard event file built in memory (tensorboard's RecordWriter: the format every
-    TensorBoard reads) and written in one atomic rename: no writer thread, no partial file."""
+    """A TensorBoard events file built in memory, in the record format every TensorBoard reads
+    (tensorboard's RecordWriter: length, its masked CRC-32C, the Event proto, its masked CRC),
+    and written in one atomic rename: no writer thread, no partial file."""
 
     def __init__(self):
-        import io
         import time
 
         from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.summary.writer.record_writer import RecordWriter
 
-        self._event, self._buffer, self._time = Event, io.BytesIO(), time.time()
-        self._records = RecordWriter(self._buffer)
-        self._records.write(Event(wall_time=self._time, file_version="brain.Event:2")
-                            .SerializeToString())
+        self._event, self._time = Event, time.time()
+        self._bodies = [Event(wall_time=self._time, file_version="brain.Event:2")
+                        .SerializeToString()]
 
     def add_summary(self, summary, step: int = 0) -> None:
-        self._records.write(self._event(wall_time=self._time, step=int(step), summary=summary)
+        self._bodies.append(self._event(wall_time=self._time, step=int(step), summary=summary)
                             .SerializeToString())
 
     def data(self) -> bytes:
-        return self._buffer.getvalue()
+        return _Events.data_many([self])[0]
+
+    @staticmethod
+    def data_many(files: list) -> list[bytes]:
+        """The bytes of several events files, their records checksummed in one batch."""
+        import struct
+
+        bodies = [body for events in files for body in events._bodies]
+        headers = [struct.pack("<Q", len(body)) for body in bodies]
+        crcs = iter(masked_crc32c_many(headers + bodies))
+        header_crcs = [next(crcs) for _ in headers]
+        records = iter([header + struct.pack("<I", crc) + body + struct.pack("<I", next(crcs))
+                        for header, crc, body in zip(headers, header_crcs, bodies,
+                                                     strict=True)])
+        return [b"".join(next(records) for _ in events._bodies) for events in files]
+
+
+def _band_events(metrics: dict, log_metrics: set) -> _Events:
+    """One group's seed-band run: one event a step, every band value of that step in it."""
+    events = _Events()
+    at_step: dict = {}  # step -> {tag: value}
+    for metric, frame in metrics.items():
+        for stat in ("mean", "min", "max"):
+            tag, log_tag = band_tag(metric, stat), band_tag(f"{metric}/log10", stat)
+            for step, value in zip(frame.index.tolist(), frame[stat].tolist(), strict=True):
+                values = at_step.setdefault(int(step), {})
+                values[tag] = value
+                if metric in log_metrics and value > 0:
+                    values[log_tag] = math.log10(value)
+    for step in sorted(at_step):
+        events.add_summary(_scalars(at_step[step]), step)
+    return events
 
 
 def _scalars(values: dict):
@@ -335,31 +419,41 @@ def _png_summary(tag: str, png: bytes):
         encoded_image_string=png))])
 
 
-def _put_run(folder: Path, data: bytes) -> None:
-    """folder/EVENTS holds `data`, replaced whole: a new folder appears complete (written as a
-    hidden `.tmp` folder, then renamed), an existing one gets its file replaced by a rename, and
-    the events files of earlier summaries in it are removed after."""
+def _put_run(folder: Path, data: bytes, durable: bool = True) -> None:
+    """folder/EVENTS holds `data`, replaced whole: the file is written in a hidden `.tmp`
+    folder beside, which becomes `folder` by a rename when there is none yet (a folder appears
+    complete), or whose file replaces folder/EVENTS by a rename; the events files of earlier
+    summaries in it are removed after. A kill leaves the old run or the new one (and at worst a
+    `.tmp` folder, removed by the next summary). `durable`: fsync first (the seed-band runs,
+    derived from metrics.parquet and written by the thousand, skip it: a kill cannot tear them
+    either way)."""
     import os
     import shutil
     import tempfile
 
-    from .files import atomic_write_bytes
+    from .lock import foreign
 
-    if folder.is_dir() and not folder.is_symlink():
-        atomic_write_bytes(folder / EVENTS, data)
-        for old in folder.glob("events.out.tfevents.*"):
-            if old.name != EVENTS:
-                old.unlink(missing_ok=True)
-        return
+    refused = foreign(folder, folder=True) or foreign(folder / EVENTS)
+    if refused is not None:  # a symlink or FIFO where our run goes: never written through
+        raise refused
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name[:100]}.",
                                     suffix=".tmp"))
     try:
         with open(staging / EVENTS, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(staging, 0o777 & ~_umask())
-        os.rename(staging, folder)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(staging / EVENTS, 0o666 & ~_umask())
+        if folder.is_dir():
+            os.replace(staging / EVENTS, folder / EVENTS)
+            staging.rmdir()
+            for old in folder.glob("events.out.tfevents.*"):
+                if old.name != EVENTS:
+                    old.unlink(missing_ok=True)
+        else:
+            os.chmod(staging, 0o777 & ~_umask())
+            os.rename(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -405,23 +499,14 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
         if metric.endswith("loss") and high > 100 * low:
             log_metrics.add(metric)
     written = set()
-    for label, metrics in bands.items():
-        events = _Events()
-        steps = sorted({int(s) for frame in metrics.values() for s in frame.index})
-        for step in steps:  # one event a step, every band value of that step in it
-            values = {}
-            for metric, frame in metrics.items():
-                if step not in frame.index:
-                    continue
-                for stat in ("mean", "min", "max"):
-                    value = float(frame.at[step, stat])
-                    values[band_tag(metric, stat)] = value
-                    if metric in log_metrics and value > 0:
-                        values[band_tag(f"{metric}/log10", stat)] = math.log10(value)
-            events.add_summary(_scalars(values), step)
-        name = path_safe(label)
-        _put_run(folder / name, events.data())
-        written.add(name)
+    labels = list(bands)
+    for first in range(0, len(labels), 100):  # 100 runs' records checksummed together
+        batch = {}
+        for label in labels[first:first + 100]:
+            batch[path_safe(label)] = _band_events(bands[label], log_metrics)
+        for name, data in zip(batch, _Events.data_many(list(batch.values())), strict=True):
+            _put_run(folder / name, data, durable=False)
+            written.add(name)
     seeds = max((int(f.n.max()) for m in bands.values() for f in m.values()), default=0)
     present = [m for m in BAND_METRICS if any(m in metrics for metrics in bands.values())]
     charts = {}
@@ -438,7 +523,12 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     events.add_summary(layout_summary({BANDS: charts}))
     for png in pngs:
         events.add_summary(_png_summary(f"summary/{Path(png).stem}", Path(png).read_bytes()))
-    _put_run(folder, events.data())
+    from .files import atomic_write_bytes
+
+    atomic_write_bytes(folder / EVENTS, events.data())  # the `summary` run, replaced whole
+    for old in folder.glob("events.out.tfevents.*"):  # an earlier summary's, other names
+        if old.name != EVENTS:
+            old.unlink(missing_ok=True)
     for old in folder.iterdir():  # group runs of an earlier summary (other groups, one seed)
         if old.is_dir() and not old.is_symlink() and old.name not in written and \
                 any(old.glob("events.out.tfevents.*")) and not old.name.startswith("."):

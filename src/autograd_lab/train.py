@@ -174,9 +174,10 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     write the record. An interrupted run exits 128 + the signal after writing its record.
     """
     _quiet_libraries()
-    from .config import check_targets
+    from .config import check_arguments, check_targets
 
     check_targets(cfg)  # every path (the API too): no _target_ but a class of its kind is made
+    check_arguments(cfg)  # and its arguments fit its signature, before anything is written
     import torch
 
     if threads or cfg.threads:  # set, not hoped: parallel jobs must not fight for the cores
@@ -757,10 +758,10 @@ def _versions() -> dict:
 
 
 if __name__ == "__main__":
-    from .config import refuse_code_flags
+    from .config import refuse_running_code
 
-    try:  # before Hydra parses it: --experimental-rerun would unpickle a file
-        refuse_code_flags(sys.argv[1:])
+    try:  # before Hydra parses it (--experimental-rerun) or makes its callbacks
+        refuse_running_code(sys.argv[1:])
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
