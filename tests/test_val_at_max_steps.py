@@ -101,3 +101,20 @@ def test_a_validation_before_the_last_step_says_its_step(tmp_path):
 
     runs = load_runs(tmp_path / "run")
     assert runs.val_step.tolist() == [40]  # summaries carry where it was measured
+
+
+def test_sweep_table_says_the_step_of_an_earlier_validation():
+    """The end-of-sweep table quotes a validation that is not at the run's last step with its
+    step, and one at the last step without."""
+    import pandas as pd
+
+    from autograd_lab.messages import sweep_table
+
+    runs = pd.DataFrame([
+        {"run": "a", "status": "completed", "train_loss": 1.5, "val_loss": 2.3171, "val_acc": 0.1,
+         "val_step": 40, "steps": 50, "wall_seconds": 3.0},
+        {"run": "b", "status": "completed", "train_loss": 1.5, "val_loss": 2.25, "val_acc": 0.1,
+         "val_step": 50, "steps": 50, "wall_seconds": 3.0}])
+    lines = sweep_table(runs, []).splitlines()
+    assert "2.32 @40" in lines[1]
+    assert "@" not in lines[2] and "2.25" in lines[2]

@@ -448,7 +448,8 @@ def check_devices(cfg) -> None:
                         f"trainer.devices <= {have}")
 
 
-# What a `_target_` the run instantiates must be: (group, the class it must subclass, an example).
+# What a `_target_` the run instantiates must be: group -> (the class it must subclass, its name
+# in messages, an example).
 # Hydra's instantiate calls whatever a `_target_` names (a function as readily as a class): only
 # a class of the expected kind is let through, resolved without calling anything.
 TARGET_KINDS = {

@@ -363,6 +363,14 @@ class _Events:
         self._bodies.append(self._event(wall_time=self._time, step=int(step), summary=summary)
                             .SerializeToString())
 
+    def add_serialized_summary(self, summary: bytes, step: int) -> None:
+        """add_summary for a Summary already serialised: Event{wall_time = 1 (double), step = 2
+        (varint), summary = 5 (message)} in protobuf's wire format."""
+        import struct
+
+        self._bodies.append(b"\x09" + struct.pack("<d", self._time) + b"\x10" + _varint(step)
+                            + b"\x2a" + _varint(len(summary)) + summary)
+
     def data(self) -> bytes:
         return _Events.data_many([self])[0]
 
@@ -381,20 +389,45 @@ class _Events:
         return [b"".join(next(records) for _ in events._bodies) for events in files]
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _scalar_value_prefix(tag: str) -> bytes:
+    """The start of a Summary.Value{tag, simple_value} in protobuf's wire format (field 1, the
+    tag, a string; then field 2's key, simple_value, a 32-bit float that follows)."""
+    raw = tag.encode()
+    return b"\x0a" + _varint(len(raw)) + raw + b"\x15"
+
+
 def _band_events(metrics: dict, log_metrics: set) -> _Events:
-    """One group's seed-band run: one event a step, every band value of that step in it."""
+    """One group's seed-band run: one event a step, every band value of that step in it. The
+    Summary protos are serialised here directly (Summary{repeated Value value = 1}, Value{tag =
+    1, simple_value = 2}: protobuf's wire format, what Summary(...).SerializeToString() gives):
+    hundreds of thousands of protobuf objects would take most of a summary's time.
+    test_summary_scale reads the values back with TensorBoard's EventAccumulator."""
+    import struct
+
     events = _Events()
-    at_step: dict = {}  # step -> {tag: value}
+    at_step: dict = {}  # step -> [serialised Summary.Value, ...]
     for metric, frame in metrics.items():
         for stat in ("mean", "min", "max"):
-            tag, log_tag = band_tag(metric, stat), band_tag(f"{metric}/log10", stat)
+            prefix = _scalar_value_prefix(band_tag(metric, stat))
+            log_prefix = _scalar_value_prefix(band_tag(f"{metric}/log10", stat))
             for step, value in zip(frame.index.tolist(), frame[stat].tolist(), strict=True):
-                values = at_step.setdefault(int(step), {})
-                values[tag] = value
+                values = at_step.setdefault(int(step), [])
+                value_bytes = prefix + struct.pack("<f", value)
+                values.append(b"\x0a" + _varint(len(value_bytes)) + value_bytes)
                 if metric in log_metrics and value > 0:
-                    values[log_tag] = math.log10(value)
+                    value_bytes = log_prefix + struct.pack("<f", math.log10(value))
+                    values.append(b"\x0a" + _varint(len(value_bytes)) + value_bytes)
     for step in sorted(at_step):
-        events.add_summary(_scalars(at_step[step]), step)
+        events.add_serialized_summary(b"".join(at_step[step]), step)
     return events
 
 
@@ -477,6 +510,7 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     runs of an earlier summary that this one has not are removed after."""
     import shutil
 
+    import numpy as np
     import pandas as pd
 
     from .config import path_safe
@@ -494,9 +528,11 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     log_metrics = set()
     for metric in BAND_METRICS:
         frames = [m[metric] for m in bands.values() if metric in m]
-        low = min((f["min"][f["min"] > 0].min() for f in frames), default=math.nan)
-        high = max((f["max"].max() for f in frames), default=math.nan)
-        if metric.endswith("loss") and high > 100 * low:
+        if not frames or not metric.endswith("loss"):
+            continue
+        lows = np.concatenate([f["min"].to_numpy() for f in frames])
+        highs = np.concatenate([f["max"].to_numpy() for f in frames])
+        if (lows > 0).any() and highs.max() > 100 * lows[lows > 0].min():
             log_metrics.add(metric)
     written = set()
     labels = list(bands)

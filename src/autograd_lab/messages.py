@@ -207,13 +207,21 @@ def sweep_table(runs, by: list[str]) -> str:
     rows = []
     for _, r in runs.sort_values("run").iterrows():
         rows.append({"run": r.run, "status": r.status,
-                     "train loss": _n(r.get("train_loss")), "val loss": _n(r.get("val_loss")),
+                     "train loss": _n(r.get("train_loss")), "val loss": _val_at(r),
                      "val acc": _n(r.get("val_acc")),
                      "time": _duration(r["wall_seconds"]) if _finite(r.get("wall_seconds"))
                      else "-"})
     import pandas as pd
 
     return pd.DataFrame(rows).to_string(index=False)
+
+
+def _val_at(r) -> str:
+    """The sweep table's val loss, with its step when it is not the run's last (`2.32 @40`)."""
+    at, steps = r.get("val_step"), r.get("steps")
+    if _finite(r.get("val_loss")) and _finite(at) and _finite(steps) and int(at) != int(steps):
+        return f"{_n(r.get('val_loss'))} @{int(at):,}"
+    return _n(r.get("val_loss"))
 
 
 def _finite(x) -> bool:
