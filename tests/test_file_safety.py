@@ -73,7 +73,7 @@ def test_a_symlink_where_a_run_writes_is_refused_and_its_target_untouched(name, 
     (run_dir / name).symlink_to(victim)
     out = cli("train", *TINY, f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
               cwd=tmp_path, timeout=TIMEOUT)
-    _one_line(out, str(run_dir / name), "symlink")
+    _one_line(out, str(run_dir / name), ": a symlink")
     assert victim.read_bytes() == content
     assert (run_dir / name).is_symlink() and os.readlink(run_dir / name) == str(victim)
     assert not (run_dir / "run.json").exists() or name == "run.json"
@@ -92,12 +92,12 @@ def test_the_run_folder_the_overrides_name_is_checked_before_hydra_writes(tmp_pa
     (run_dir / "train.log").symlink_to(victim)
     again = cli("train", *TINY, f"data.root={tmp_path / 'data'}", "resume=false", cwd=tmp_path,
                 timeout=TIMEOUT)
-    _one_line(again, "train.log", "symlink")
+    _one_line(again, "train.log", ": a symlink")
     module = subprocess.run([sys.executable, "-m", "autograd_lab.train", *TINY,
                              f"data.root={tmp_path / 'data'}", "resume=false"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=TIMEOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _one_line(module, "train.log", "symlink")
+    _one_line(module, "train.log", ": a symlink")
     assert victim.read_bytes() == content
     assert sorted(p.name for p in run_dir.iterdir()) == ["train.log"]  # no .hydra/, no lock
 
@@ -110,7 +110,7 @@ def test_a_symlinked_summary_lock_is_refused_and_its_target_untouched(done_run, 
     (tmp_path / "sweep" / "summary").mkdir()
     (tmp_path / "sweep" / "summary" / LOCK_NAME).symlink_to(victim)
     out = cli("summarize", str(tmp_path / "sweep"), cwd=tmp_path, timeout=TIMEOUT)
-    _one_line(out, LOCK_NAME, "symlink")
+    _one_line(out, LOCK_NAME, ": a symlink")
     assert victim.read_bytes() == content
 
 
@@ -124,7 +124,7 @@ def test_a_symlinked_summary_folder_is_refused_and_its_target_untouched(done_run
     (elsewhere / "runs.csv").write_text("the user's own table\n")
     (tmp_path / "sweep" / "summary").symlink_to(elsewhere)
     out = cli("summarize", str(tmp_path / "sweep"), cwd=tmp_path, timeout=TIMEOUT)
-    _one_line(out, str(tmp_path / "sweep" / "summary"), "symlink")
+    _one_line(out, str(tmp_path / "sweep" / "summary"), ": a symlink")
     assert [p.name for p in elsewhere.iterdir()] == ["runs.csv"]
     assert (elsewhere / "runs.csv").read_text() == "the user's own table\n"
 
@@ -139,7 +139,7 @@ def test_a_sweep_job_folder_holding_a_symlink_is_refused_before_any_job_runs(tmp
     (sweep / "seed=1" / ".hydra" / "config.yaml").symlink_to(victim)
     out = cli("train", "-m", *TINY, f"data.root={tmp_path / 'data'}", "seed=0,1",
               f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=TIMEOUT)
-    _one_line(out, str(sweep / "seed=1" / ".hydra" / "config.yaml"), "symlink")
+    _one_line(out, str(sweep / "seed=1" / ".hydra" / "config.yaml"), ": a symlink")
     assert victim.read_bytes() == content
     assert sorted(p.name for p in sweep.iterdir()) == ["seed=1"]  # no job ran, no multirun.yaml
 
@@ -155,7 +155,7 @@ def test_a_fifo_in_a_run_folder_is_refused_without_hanging(name, tmp_path):
     os.mkfifo(run_dir / name)
     out = cli("train", *TINY, f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
               cwd=tmp_path, timeout=TIMEOUT)
-    _one_line(out, str(run_dir / name), "FIFO")
+    _one_line(out, str(run_dir / name), ": a FIFO")
     assert stat.S_ISFIFO(os.lstat(run_dir / name).st_mode)
     assert sorted(p.name for p in run_dir.iterdir()) == [name]
 
@@ -169,7 +169,7 @@ def test_summarize_refuses_a_fifo_in_a_run_without_hanging(name, done_run, tmp_p
     (run_dir / name).unlink()
     os.mkfifo(run_dir / name)
     out = cli("summarize", str(tmp_path / "sweep"), cwd=tmp_path, timeout=TIMEOUT)
-    _one_line(out, str(run_dir / name), "FIFO")
+    _one_line(out, str(run_dir / name), ": a FIFO")
     assert stat.S_ISFIFO(os.lstat(run_dir / name).st_mode)
     assert not (tmp_path / "sweep" / "summary").exists()
 
@@ -202,7 +202,7 @@ def test_the_wrong_kind_of_entry_is_refused_and_left_as_it_is(name, make, what, 
             if p.is_file()}
     out = cli("train", *TINY, f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
               "resume=false", cwd=tmp_path, timeout=TIMEOUT)
-    _one_line(out, str(target), what)
+    _one_line(out, f"{target}: {what}")
     if make == "dir":
         assert (target / "notes.txt").read_text() == "mine"
     else:

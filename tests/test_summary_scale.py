@@ -200,3 +200,29 @@ def test_a_summary_killed_at_any_moment_leaves_whole_files(tmp_path):
     out = cli("summarize", str(folder), cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(_check_summary(folder / "summary")["groups"]) == 60
+
+
+def test_band_events_are_what_protobuf_itself_serialises():
+    """The seed-band runs' events are serialised by hand (speed): byte for byte what the
+    Summary and Event protos give, and their records' checksums are tensorboard's own."""
+    import numpy as np
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from autograd_lab.dashboard import _band_events, masked_crc32c_many
+
+    frame = pd.DataFrame({"mean": [1.5, 2.0], "min": [1.0, 0.5], "max": [2.0, 300.0],
+                          "n": [2.0, 2.0]}, index=[0, 200])
+    events = _band_events({"train/loss": frame}, {"train/loss"})
+    for body, step in zip(events._bodies[1:], (0, 200), strict=True):
+        values = []
+        for stat in ("mean", "min", "max"):
+            value = float(frame.at[step, stat])
+            values += [Summary.Value(tag=f"seed_bands/train/loss/{stat}", simple_value=value),
+                       Summary.Value(tag=f"seed_bands/train/loss/log10/{stat}",
+                                     simple_value=float(np.log10(value)))]
+        want = Event(wall_time=events._time, step=step, summary=Summary(value=values))
+        assert body == want.SerializeToString()
+    chunks = [bytes(range(n % 256)) * (n // 256 + 1) for n in (0, 1, 7, 8, 300, 5000)]
+    assert masked_crc32c_many(chunks) == [masked_crc32c(c) for c in chunks]

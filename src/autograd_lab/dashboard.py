@@ -368,7 +368,8 @@ class _Events:
         (varint), summary = 5 (message)} in protobuf's wire format."""
         import struct
 
-        self._bodies.append(b"\x09" + struct.pack("<d", self._time) + b"\x10" + _varint(step)
+        step_field = b"\x10" + _varint(step) if step else b""  # proto3 leaves out a 0
+        self._bodies.append(b"\x09" + struct.pack("<d", self._time) + step_field
                             + b"\x2a" + _varint(len(summary)) + summary)
 
     def data(self) -> bytes:
