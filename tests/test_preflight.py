@@ -11,6 +11,7 @@ the difference.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -216,3 +217,13 @@ def test_a_model_checkpoint_file_of_another_config_is_refused_naming_the_differe
     assert files[0].name in lines[0]
     assert "resume=false" not in out.stderr and "another run directory" not in out.stderr
     assert not (tmp_path / "second").exists()  # refused before Hydra makes the run directory
+    # the Hydra app itself (python -m autograd_lab.train) refuses it before making a directory
+    out = subprocess.run([sys.executable, "-m", "autograd_lab.train", *base, "optim.lr=0.5",
+                          f"ckpt_path='{files[0]}'", f"hydra.run.dir={tmp_path / 'third'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("autograd-lab: error:")]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "optim.lr=0.001" in lines[0] and "optim.lr=0.5" in lines[0], lines[0]
+    assert not (tmp_path / "third").exists()

@@ -291,3 +291,18 @@ class Checkpointer(Checkpoint):
 
     def save(self, trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
+
+
+def check_ckpt_path_override(overrides: list[str]) -> None:
+    """A checkpoint given as ckpt_path= must be one this config can continue from: refused in
+    one line naming the difference before Hydra makes the run directory (the CLI and the Hydra
+    app's preflight call it; the run checks it again as it loads it)."""
+    from omegaconf import OmegaConf
+
+    from .config import compose
+
+    cfg = compose(overrides)
+    if not cfg.get("ckpt_path") or not Path(cfg.ckpt_path).expanduser().is_file():
+        return  # none, or missing: the run says so in its own words
+    check_resumable(Path(cfg.ckpt_path).expanduser(), OmegaConf.to_container(cfg, resolve=True),
+                    explicit=True)

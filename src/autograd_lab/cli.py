@@ -132,21 +132,11 @@ def _first_job_args(args: list[str], overrides: list[str], plan) -> list[str]:
 
 def _check_ckpt_path(overrides: list[str]) -> None:
     """A checkpoint given as ckpt_path= must be one this config can continue from: refused in
-    one line naming the difference before Hydra makes the run directory (the run checks it
-    again as it loads it). Imports torch, only when ckpt_path= is given."""
-    if not any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
-        return
-    from omegaconf import OmegaConf
+    one line before Hydra makes the run directory. Imports torch only when ckpt_path= is given."""
+    if any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
+        from .checkpoint import check_ckpt_path_override
 
-    from .config import compose
-
-    cfg = compose(overrides)
-    if not cfg.get("ckpt_path") or not Path(cfg.ckpt_path).expanduser().is_file():
-        return  # none, or missing: the run says so in its own words
-    from .checkpoint import check_resumable
-
-    check_resumable(Path(cfg.ckpt_path).expanduser(), OmegaConf.to_container(cfg, resolve=True),
-                    explicit=True)
+        check_ckpt_path_override(overrides)
 
 
 def _check_output_dir(args: list[str], multirun: bool) -> None:

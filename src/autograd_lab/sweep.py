@@ -261,7 +261,12 @@ class PreflightCallback(Callback):
             return
         state = Singleton.get_state()  # check_overrides composes with Hydra's own compose API
         try:
-            checks.check_overrides(list(config.hydra.overrides.task), multirun)
+            overrides = list(config.hydra.overrides.task)
+            checks.check_overrides(overrides, multirun)
+            if not multirun and any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
+                from .checkpoint import check_ckpt_path_override  # torch: only for ckpt_path=
+
+                check_ckpt_path_override(overrides)
         except checks.UserError as e:
             for line in str(e).splitlines() or [""]:
                 print(f"autograd-lab: error: {line}", file=sys.stderr)
