@@ -23,6 +23,11 @@ from conftest import cli
                                  "no such module (did you mean conv?); modules are: "),
     (["train.freeze=[convv.*]"], "autograd-lab: error: train.freeze='convv.*': matches no "
                                  "parameter of smallnet (did you mean conv or conv.bias?); "),
+    (["eval.grad_mode=nograd"], "autograd-lab: error: eval.grad_mode='nograd': must be one of: "
+                                "inference, no_grad, enabled (did you mean no_grad?)"),
+    (["callbacks=[early_stopping]", "callbacks.early_stopping.monitor=val/los"],
+     "autograd-lab: error: callbacks.early_stopping.monitor='val/los': no such metric (did you "
+     "mean val/loss?); the run logs: val/loss, val/acc"),
 ])
 def test_every_mistyped_name_gets_the_same_suggestion(tmp_path, args, line):
     out = cli("train", "data=synthetic", *args, cwd=tmp_path)

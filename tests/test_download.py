@@ -21,6 +21,8 @@ from test_data import write_fake_cifar10
 from autograd_lab.config import unreachable
 from autograd_lab.data import load_split_tensors
 
+NO_PROXY = "127.0.0.1,localhost"  # a proxy in the environment must not take the local server's
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -56,6 +58,7 @@ def test_missing_cifar10_is_downloaded_md5_checked_and_read(served, tmp_path, mo
     by the safe reader: the arrays are the ones served."""
     url, written, paths = served
     monkeypatch.setenv("AUTOGRAD_LAB_CIFAR10_URL", url)
+    monkeypatch.setenv("no_proxy", NO_PROXY)
     root = tmp_path / "data"
     cfg = make_cfg("data=cifar10", f"data.root={root}", small=False).data
     assert cfg.download is True  # the default, as the seed's CIFAR10(download=True)
@@ -82,8 +85,10 @@ def test_the_preflight_lets_a_reachable_download_through(served, tmp_path):
     the archive (which then fails torchvision's md5 check: it is not the real CIFAR-10)."""
     url, _, paths = served
     out = cli("train", "data=cifar10", "trainer.max_steps=1", "trainer.progress_bar=false",
-              cwd=tmp_path, env={"AUTOGRAD_LAB_CIFAR10_URL": url})
+              cwd=tmp_path, env={"AUTOGRAD_LAB_CIFAR10_URL": url, "no_proxy": NO_PROXY})
     assert ("GET", "/cifar-10-python.tar.gz") in paths, out.stderr
+    assert (f"autograd-lab: CIFAR-10 is not in data.root={(tmp_path / 'data').resolve()}: "
+            f"downloading {url} (170 MB; data.download=false turns this off)") in out.stderr
     assert (tmp_path / "data" / "cifar-10-python.tar.gz").is_file()
     assert "md5 mismatch" in out.stderr and "Traceback" not in out.stderr
     assert out.returncode != 0
@@ -96,7 +101,8 @@ def test_offline_is_one_line_with_the_url_and_the_folder(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
-    out = cli("train", cwd=tmp_path, env={"AUTOGRAD_LAB_CIFAR10_URL": url}, timeout=60)
+    out = cli("train", cwd=tmp_path, env={"AUTOGRAD_LAB_CIFAR10_URL": url, "no_proxy": NO_PROXY},
+              timeout=60)
     assert out.returncode == 2, out.stderr
     assert out.stderr.splitlines() == [
         f"autograd-lab: error: data=cifar10: CIFAR-10 is not in data.root="
@@ -106,13 +112,14 @@ def test_offline_is_one_line_with_the_url_and_the_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_host_that_never_answers_is_given_up_on_in_seconds():
+def test_a_host_that_never_answers_is_given_up_on_in_seconds(monkeypatch):
     """A server that accepts the connection and never answers: the probe gives up after its
     timeout (not the minutes a socket without one would wait)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)  # the kernel completes the handshake; nobody ever reads or answers
         url = f"http://127.0.0.1:{s.getsockname()[1]}/cifar-10-python.tar.gz"
+        monkeypatch.setenv("no_proxy", NO_PROXY)
         start = time.monotonic()
         why = unreachable(url, timeout=1.0)
         waited = time.monotonic() - start

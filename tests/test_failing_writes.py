@@ -117,6 +117,38 @@ def test_a_read_only_csv_folder_stops_a_fresh_start_in_one_line_and_keeps_the_re
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
+def test_a_read_only_csv_folder_on_a_fresh_run_fails_in_one_line_with_its_record(tmp_path,
+                                                                               data_root):
+    """A new run directory whose (empty) csv/ folder is on a read-only mount, logger=
+    [tensorboard,csv]: today the clean-up at start dies with an EROFS traceback (a read-only
+    folder refuses even the unlink of an absent file) and writes no run.json. Now: the start
+    line and one line naming csv/metrics.csv and why, exit 1, and run.json (failed, with that
+    reason) and metrics.parquet written beside it."""
+    import pandas as pd
+
+    run_dir = tmp_path / "run"
+    csv = run_dir / "csv"
+    csv.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(csv), str(csv)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(csv)], check=True)
+        out = cli("train", "data=synthetic", f"data.root={data_root}", "data.train_size=64",
+                  "data.test_size=32", "trainer.max_steps=2", "probes=off",
+                  "logger=[tensorboard,csv]", "trainer.progress_bar=false",
+                  f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(csv)], check=False)
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines[0].endswith(": starting") and len(lines) == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert lines[1].startswith(f"autograd-lab: error: cannot write {csv / 'metrics.csv'}: "
+                               f"Read-only file system; make it writable"), lines[1]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "Read-only file system" in record["error"]
+    assert set(pd.read_parquet(run_dir / "metrics.parquet").columns) >= {"step", "name", "value"}
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_while_synthetic_data_is_written_is_an_interruption(signum, tmp_path):
     """SIGINT or SIGTERM while the synthetic data set is being made (a fresh data.root, a size

@@ -357,8 +357,9 @@ def validate(cfg) -> None:
     for name, node in (cfg.get("callbacks") or {}).items():
         monitor = node.get("monitor") if hasattr(node, "get") else None
         if monitor is not None and monitor not in LOGGED_METRICS:
-            raise UserError(f"callbacks.{name}.monitor={_show(monitor)}: no such metric; the "
-                            f"run logs: {', '.join(LOGGED_METRICS)}")
+            raise UserError(f"callbacks.{name}.monitor={_show(monitor)}: no such metric"
+                            f"{did_you_mean(monitor, LOGGED_METRICS)}; the run logs: "
+                            f"{', '.join(LOGGED_METRICS)}")
     probes = cfg.get("probes") or {}
     model = (cfg.get("model") or {}).get("name")
     if probes.get("gns_method") == "per_example" and model == "resnet18":
@@ -604,7 +605,6 @@ def _freeze(value):
 
 @functools.lru_cache(maxsize=4096)  # a sweep of 1,000 jobs checks each distinct node once
 def _check_node_arguments(where: str, target: str, frozen: tuple, supplied: tuple) -> None:
-    import difflib
     import inspect
     import typing
 
@@ -633,9 +633,8 @@ def _check_node_arguments(where: str, target: str, frozen: tuple, supplied: tupl
         if key not in params:
             if takes_any:
                 continue
-            close = difflib.get_close_matches(key, named, n=1)
             raise UserError(f"{where}.{key}: {name} takes no argument {key!r}"
-                            + (f" (did you mean {close[0]}?)" if close else "")
+                            + did_you_mean(key, named)
                             + f"; it takes: {', '.join(p for p in named if p not in supplied)}")
         value = _thaw(value)
         hint = hints.get(key)
@@ -738,7 +737,10 @@ def _validate_keys(cfg) -> None:
 
             value = OmegaConf.to_container(value)
         if not ok(value):
-            raise UserError(f"{key}={_show(value)}: must be {valid}")
+            options = valid.split("one of", 1)[1].lstrip(": ").split(", ") \
+                if isinstance(value, str) and "one of" in valid else []
+            raise UserError(f"{key}={_show(value)}: must be {valid}"
+                            + did_you_mean(value, options))
 
 
 def _show(value) -> str:

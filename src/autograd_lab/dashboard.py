@@ -4,7 +4,8 @@ layout that puts the curves first, and the `summary` run with seed bands.
 Each run writes, into its own TensorBoard run (its directory):
 - HParams (TensorBoard's hparams plugin protos, written directly: torch's `add_hparams` makes a
   sub-run per call and stores booleans as numbers): the keys that identify the run (its config
-  group choices, the keys typed or swept on the command line) with their real types, and
+  group choices, the keys typed or swept on the command line) with their real types (an
+  integer as text: TensorBoard prints numbers with 5 significant digits, seed 0 as 0.0000), and
   metrics read from the run's own scalars: `train/loss`, `val/loss`, `val/acc` (their last
   values: the final ones) and the whole-run values under `whole_run/` (best loss, images/s,
   seconds per step, memory, parameter counts, steps). Those sort after `train/` and `val/` in
@@ -13,10 +14,11 @@ Each run writes, into its own TensorBoard run (its directory):
   statistic with every layer group in it, then time and the profiler.
 
 When a sweep ends (and on `autograd-lab summarize DIR`) `write_summary_run` writes DIR/summary/
-as a TensorBoard run of its own: for each group of runs that differ only in `seed`, the
-per-step mean of train/loss, val/loss and val/acc with its min and max over the seeds, as
+as a TensorBoard run of its own: for each group of several runs that differ only in `seed`,
+the per-step mean of train/loss, val/loss and val/acc with its min and max over the seeds, as
 Custom Scalars margin charts (TensorBoard itself cannot band across runs), and the summary
-PNGs as images.
+PNGs as images. Those events files are built in memory (thousands of groups: seconds) and
+renamed into place whole.
 """
 
 from __future__ import annotations

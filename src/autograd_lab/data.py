@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def download_cifar10(root: Path) -> None:
     if why is not None:
         raise UserError(cannot_download(root, url, why))
     part = root / f".{ARCHIVE}.part"
+    print(f"autograd-lab: CIFAR-10 is not in data.root={root.resolve()}: downloading {url} "
+          f"(170 MB; data.download=false turns this off)", file=sys.stderr, flush=True)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:

@@ -250,7 +250,9 @@ def figure_stability(runs, curves):
         ax.set_yscale("log")
     ax.set(xlabel="optimizer step", ylabel="top Hessian eigenvalue",
            title="Sharpness against the stability limit (dashed: 2/lr, (2+2β)/lr with momentum)")
-    if ax.get_legend_handles_labels()[0]:
+    from .summary import MAX_LEGEND
+
+    if 0 < len(ax.get_legend_handles_labels()[0]) <= MAX_LEGEND:  # a screenful at most
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import RUN_FORMAT_VERSION
-from .config import UserError, flatten, path_safe
+from .config import UserError, clip, flatten, path_safe
 from .sweep import json_kind, metrics_problem, read_run_json
 
 METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "val_step", "steps"]
@@ -143,7 +143,9 @@ def _read_record(run_dir: Path) -> dict:
 
 def load_runs(path) -> pd.DataFrame:
     """One row per run: swept keys and the whole config, status, metrics, time, memory.
-    A run whose files do not parse has status `broken` and what is wrong as its error."""
+    A run whose files do not parse has status `broken` and what is wrong as its error; a run
+    whose configuration another run has too is `duplicate` (_mark_duplicates). A sweep folder
+    without job folders yet gives no rows."""
     base = Path(path)
     rows, results, configless, identities = [], set(), [], []
     from .slurm import read_marker, slurm_job_states
@@ -498,15 +500,16 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], study
     log = bool(n_lines and values.max().max() > 10 * positive)
     band = f"mean over {seeds} seeds, band min-max" if seeds > 1 else "one run per line"
     title = f"{study} on {_data_name(runs)}: {metric} per step ({band})"
-    if n_lines > MAX_LEGEND:
-        return _figure_many_curves(runs, keys, stats, metric, title, log)
+    if n_lines > MAX_LEGEND:  # too many lines for bands: each line is its group's mean
+        return _figure_many_curves(runs, keys, stats, metric,
+                                   title.replace(", band min-max", ""), log)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key in mean.columns:
         line_data = mean[key].dropna()
         line, = ax.plot(line_data.index, line_data.values, lw=1.0,
                         marker="." if len(line_data) < 10 else None,  # a few points: show each
-                        label=_label(study, dict(zip(keys, stats["keys"][key],
-                                                     strict=True)))[:80])
+                        label=clip(_label(study, dict(zip(keys, stats["keys"][key],
+                                                          strict=True))), 80))
         if stats["n"][key].max() > 1:
             ax.fill_between(line_data.index, stats["min"][key].dropna(),
                             stats["max"][key].dropna(), color=line.get_color(), alpha=0.2,
@@ -566,7 +569,7 @@ def _figure_many_curves(runs, keys: list[str], stats: dict, metric: str, title: 
             from matplotlib.lines import Line2D
 
             ax.legend([Line2D([], [], color="k", ls=STYLES[i]) for i in range(len(families))],
-                      [_fmt(dict(zip(others, f, strict=True)))[:60] for f in families],
+                      [clip(_fmt(dict(zip(others, f, strict=True))), 60) for f in families],
                       fontsize=8)
         ax.set_title(f"{title}\n{len(groups):,} groups, colour: {colour_key}"
                      + ("" if styled or len(families) < 2 else
@@ -632,7 +635,7 @@ def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
                     alpha=0.6)
             for i, v in enumerate(per_group):
                 ax.plot(v, [i] * len(v), "k.", ms=4)
-            ax.set_yticks(range(len(order)), [o[:60] for o in order] if ax is axes[0][0]
+            ax.set_yticks(range(len(order)), [clip(o, 60) for o in order] if ax is axes[0][0]
                           else [""] * len(order))
             ax.invert_yaxis()
         ax.set_title(header, fontsize=10)

@@ -220,11 +220,16 @@ class OwnFilesCallback(Callback):
 
 
 def _refuse(check) -> None:
-    """Run a check; its UserError is one line and exit 2 (Hydra would print a traceback)."""
+    """Run a check; its UserError is one line and exit 2 (Hydra would print a traceback). A
+    folder name that does not resolve is left to Hydra, which reports it."""
+    from omegaconf.errors import OmegaConfBaseException
+
     from .config import UserError
 
     try:
         check()
+    except OmegaConfBaseException:
+        return
     except UserError as e:
         print(f"autograd-lab: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -192,8 +192,13 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     config = OmegaConf.to_container(cfg, resolve=True)
     lock = RunLock(run_dir) if rank_zero else contextlib.nullcontext()  # DDP: rank 0 writes
     with lock, StopSignals() as signals, _quiet_thread_write_errors():
-        # decided before anything is written: a bad checkpoint or run dir loses nothing
-        ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
+        try:  # decided before anything is written: a bad checkpoint or run dir loses nothing
+            ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
+        except RunInterrupted as e:  # a stop signal while a checkpoint is read: no record yet
+            from .messages import log, shown
+
+            log.warning(f"autograd-lab: {shown(run_dir)}: {e}; run the same command again")
+            raise SystemExit(e.exit_code) from None
         if rank_zero:
             _reserve_space(run_dir)  # so a full disk still gets run.json and metrics.parquet
         from . import messages
@@ -372,8 +377,14 @@ def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
             return
         refused = write_failure(e, parts.run_dir)
         if refused is not None:  # a full disk: the last checkpoint and run.json stay as they were
-            record["error"] = (f"{refused}; the last checkpoint is kept: free space and run the "
-                               f"same command again to continue")
+            from .checkpoint import CHECKPOINT
+
+            kept = ("the last checkpoint is kept: " if (parts.run_dir / CHECKPOINT).is_file()
+                    else "")
+            fix = ("make it writable" if "Read-only" in refused or "Permission" in refused
+                   else "check the disk" if "Input/output" in refused else "free space")
+            record["error"] = (f"{refused}; {kept}{fix} and run the same command again to "
+                               f"continue")
             record["_write_failed"] = True
             return
         raise  # run() records what it was
@@ -627,7 +638,8 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                  *(run_dir / "tb").glob("*.pt.trace.json*"), run_dir / "tb" / "hparams.yaml"]
         _check_removable(stale)  # a read-only csv/ (say) stops the run before anything goes
         for path in stale:
-            path.unlink(missing_ok=True)
+            if os.path.lexists(path):  # a read-only folder refuses even an absent file's unlink
+                path.unlink(missing_ok=True)
         for folder in (run_dir / "tb", run_dir / "csv", run_dir / "checkpoints",
                        run_dir / "profiler"):
             with contextlib.suppress(OSError):
