@@ -504,16 +504,21 @@ def tensorboard(args: list[str]) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     links = Path(tempfile.mkdtemp(prefix="autograd-lab-tensorboard-")) if len(dirs) > 1 \
         else None
-    server = None
+    server = errors = None
     try:
         command = [sys.executable, "-m", "tensorboard.main", *_logdir_args(dirs, links),
                    "--host", "127.0.0.1", "--port", str(port), "--samples_per_plugin", SAMPLES]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # its stderr goes to a file, not a pipe: a pipe nobody reads once it serves would fill
+        # up and block it, and once this process is gone (SIGKILL) its "caught SIGTERM" line
+        # would meet a closed pipe and could keep it from exiting
+        errors = tempfile.TemporaryFile(mode="w+")
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors,
                                   text=True, preexec_fn=_die_with_parent)
         deadline = time.time() + 60
         while not _listening(port):
             if server.poll() is not None:
-                error = (server.stderr.read() or "").strip().splitlines()
+                errors.seek(0)
+                error = errors.read().strip().splitlines()
                 raise UserError(f"tensorboard did not start: "
                                 f"{error[-1] if error else f'exit {server.returncode}'}")
             if time.time() > deadline:
@@ -534,6 +539,8 @@ def tensorboard(args: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+        if errors is not None:
+            errors.close()  # an unlinked temporary file: gone with it
         if links is not None:
             shutil.rmtree(links, ignore_errors=True)  # the symlinks only, never their targets
         for sig, handler in previous.items():
