@@ -35,7 +35,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets import cifar as tv_cifar
 from torchvision.datasets.utils import extract_archive
 
-from .config import UserError, clip
+from .config import UserError, cannot_download, cifar10_url, clip, unreachable
 from .records import atomic_write_bytes
 
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -59,10 +59,17 @@ def _locate_cifar10(root: Path, download: bool) -> Path:
     if (root / CIFAR10.base_folder).is_dir():
         return root
     archive = root / ARCHIVE
-    if not archive.is_file() and download:
+    downloaded = not archive.is_file() and download
+    if downloaded:
         download_cifar10(root)
     if archive.is_file():
         if not tv_cifar.check_integrity(str(archive), CIFAR10.tgz_md5):
+            if downloaded:  # not kept: the next run would take it for the user's copy
+                archive.unlink()
+                raise UserError(f"data=cifar10: the archive downloaded from {cifar10_url()} "
+                                f"does not match torchvision's md5 (a damaged transfer, or a "
+                                f"mirror serving another file): removed; run again, or put "
+                                f"{ARCHIVE} in {root.resolve()}, or use data=synthetic")
             raise UserError(f"data.root={root}: {ARCHIVE} is truncated or corrupted (md5 "
                             f"mismatch); replace it with a complete copy")
         extract_archive(str(archive), str(root))
@@ -85,8 +92,6 @@ def download_cifar10(root: Path) -> None:
     import socket
 
     from torchvision.datasets.utils import download_url
-
-    from .config import cannot_download, cifar10_url, unreachable
 
     url = cifar10_url()
     why = unreachable(url)
