@@ -10,6 +10,7 @@ each SLURM job has one CPU): metrics.parquet rows equal, not close (wall-clock t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -71,6 +72,20 @@ def slurm(tmp_path_factory):
     yield cluster
     subprocess.run(["bash", str(REPO / "scripts" / "slurm_local.sh"), "stop", str(folder)],
                    capture_output=True, text=True, timeout=120)
+
+
+@contextlib.contextmanager
+def _held(cluster: Cluster):
+    """The node drained (it starts no job; submitted jobs stay pending) for the block's length."""
+    node = cluster.run("sinfo", "-h", "-o", "%N").stdout.strip()
+    out = cluster.run("scontrol", "update", f"NodeName={node}", "State=DRAIN",
+                      "Reason=held by a test")
+    assert out.returncode == 0, out.stderr
+    try:
+        yield
+    finally:
+        out = cluster.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
+        assert out.returncode == 0, out.stderr
 
 
 def _rows(run_dir: Path) -> pd.DataFrame:
@@ -175,30 +190,29 @@ def test_fire_and_forget_and_a_rerun_submits_only_what_failed(slurm, data_root, 
     command = ["train", "-m", "hydra/launcher=slurm", "hydra.launcher.wait=false", *TINY,
                f"data.root={data_root}", f"model.weights_path=null,{missing}",
                f"hydra.sweep.dir={sweep}"]
-    started = time.monotonic()
-    out = cli(*command, cwd=tmp_path, env=slurm.env)
-    took = time.monotonic() - started
-    assert out.returncode == 0, out.stderr
-    assert took < 10, f"the submit took {took:.1f} s"
-    assert out.stdout.count("submitted ") == 2 and f"sweep: {sweep}" in out.stdout
-    jobs = [d for d in sweep.iterdir() if (d / "slurm.json").is_file()]
-    assert len(jobs) == 2
-    good = next(d for d in jobs if d.name.endswith("=null"))
-    bad = next(d for d in jobs if d != good)
-    # SLURM has them (pending or running): what `autograd-lab summarize` lists as running
-    assert {slurm_job_state(d) for d in jobs} <= {"pending", "configuring", "running",
-                                                  "completing"}
-    assert None not in {slurm_job_state(d) for d in jobs}
-    listed = load_runs(sweep).set_index("run")  # what `autograd-lab summarize` reads
-    still = {d.name for d in jobs if slurm_job_state(d) is not None}  # so also while listed
-    assert still, "both jobs ended before they could be listed"
-    for name in still:
-        assert listed.loc[name, "status"] == "running", listed.loc[name].to_dict()
-        assert listed.loc[name, "error"].startswith("SLURM job ")
+    with _held(slurm):  # the node starts no job until both commands ran: no race
+        # returns although no job can start: it does not wait for them (no timing assertion)
+        out = cli(*command, cwd=tmp_path, env=slurm.env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("submitted ") == 2 and f"sweep: {sweep}" in out.stdout
+        jobs = [d for d in sweep.iterdir() if (d / "slurm.json").is_file()]
+        assert len(jobs) == 2
+        good = next(d for d in jobs if d.name.endswith("=null"))
+        bad = next(d for d in jobs if d != good)
+        # SLURM has them (pending or running): what `autograd-lab summarize` lists as running
+        assert {slurm_job_state(d) for d in jobs} <= {"pending", "configuring", "running",
+                                                      "completing"}
+        assert None not in {slurm_job_state(d) for d in jobs}
+        listed = load_runs(sweep).set_index("run")  # what `autograd-lab summarize` reads
+        still = {d.name for d in jobs if slurm_job_state(d) is not None}  # so also while listed
+        assert still, "both jobs ended before they could be listed"
+        for name in still:
+            assert listed.loc[name, "status"] == "running", listed.loc[name].to_dict()
+            assert listed.loc[name, "error"].startswith("SLURM job ")
 
-    again = cli(*command, cwd=tmp_path, env=slurm.env)  # while they run: left alone
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.count("left alone ") == 2 and "submitted " not in again.stdout
+        again = cli(*command, cwd=tmp_path, env=slurm.env)  # while SLURM has them: left alone
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.count("left alone ") == 2 and "submitted " not in again.stdout
 
     slurm.wait_idle()  # the jobs, then the summary job that waited for them
     assert {slurm_job_state(d) for d in jobs} == {None}

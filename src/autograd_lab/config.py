@@ -1020,6 +1020,35 @@ def _data_problems(cfg) -> list[str]:
             f"data.download=true, or use data=synthetic (runs offline)"]
 
 
+# Config nodes whose keys the harness reads by name: a key added to one with `+` would be read by
+# nothing (`+trainer.max_epoch=3` trained the default epochs). `+` stays open for the nodes
+# that are class arguments: callbacks, logger and scheduler.make.
+CLOSED_NODES = ("train", "trainer", "data", "optim", "model", "eval", "log", "checkpoint",
+                "probes", "profiler", "scheduler")
+OPEN_NODES = ("scheduler.make",)
+
+
+def _refuse_added_keys(compose, parsed, base: list[str]) -> None:
+    """`+key=value` under a node whose keys are fixed: one line naming the key, the closest
+    existing one and the keys there are."""
+    added = [o for o in parsed if o.is_add() and "." in o.key_or_group
+             and o.key_or_group.split(".")[0] in CLOSED_NODES
+             and not any(o.key_or_group.startswith(n + ".") for n in OPEN_NODES)]
+    if not added:
+        return
+    cfg = _compose(compose, [b for b, o in zip(base, parsed, strict=True) if o not in added],
+                   return_hydra=False)
+    for o in added:
+        parent, _, leaf = o.key_or_group.rpartition(".")
+        node = _get(cfg, parent)
+        if node is _MISSING or not hasattr(node, "keys"):
+            continue  # a node that does not exist: Hydra's own message says so
+        keys = sorted(str(k) for k in node.keys())
+        raise UserError(f"+{o.key_or_group}: {parent} has no key {leaf!r}"
+                        + did_you_mean(leaf, keys)
+                        + f"; nothing would read it: keys in {parent} are: {', '.join(keys)}")
+
+
 def check_overrides(overrides: list[str], multirun: bool, files: bool = True) -> SweepPlan:
     """Compose the config for every job the overrides describe and validate each (`files`:
     also check the data and weight files a run would read; not for `--cfg`, which runs nothing).
@@ -1045,6 +1074,7 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="check"):
         base = [_first_choice(o) for o in parsed]
+        _refuse_added_keys(compose, parsed, base)
         cfg = _compose(compose, base, return_hydra=True)
         sweeps = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}
         preset_fixed: list = []

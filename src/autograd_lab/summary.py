@@ -267,8 +267,7 @@ def load_curves(path) -> pd.DataFrame:
         try:
             table = pq.read_table(file, read_dictionary=["name"])  # a tag's text once
         except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
-            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else \
-                type(e).__name__
+            reason = clip(str(e), 120) or type(e).__name__
             broken[name] = f"metrics.parquet does not parse (truncated?): {reason}"
             continue
         missing = [c for c in columns if c not in table.column_names]
@@ -278,7 +277,7 @@ def load_curves(path) -> pd.DataFrame:
         try:  # one schema for all: the harness's types
             table = _harness_types(table.select(columns))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
-            broken[name] = f"metrics.parquet has columns of other types: {str(e)[:120]}"
+            broken[name] = f"metrics.parquet has columns of other types: {clip(str(e), 120)}"
             continue
         tables.append(table)
         names.append(name)
@@ -787,7 +786,7 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
                  _markdown(cost), ""]
     if len(failed):
         shown = failed.assign(error=failed.error.fillna("").astype(str).map(
-            lambda e: e if len(e) <= 110 else e[:107] + "..."))
+            lambda e: clip(e, 110)))
         text += ["## Runs that did not complete", "",
                  "Not in the tables above. Re-running the same command continues an interrupted "
                  "run from its checkpoint.", "",
