@@ -100,7 +100,7 @@ class Run:
         series, e.g. "train/loss" or "probes/grad_norm/all"."""
         from .summary import load_curves
 
-        frame = load_curves(self.run_dir)
+        frame = _plain(load_curves(self.run_dir))
         return frame if name is None else frame[frame.name == name].reset_index(drop=True)
 
     def loss(self):
@@ -185,7 +185,7 @@ class Sweep:
         """Every job's metrics.parquet, long format, with a `run` column (summary.load_curves)."""
         from .summary import load_curves
 
-        frame = load_curves(self.sweep_dir)
+        frame = _plain(load_curves(self.sweep_dir))
         return frame if name is None else frame[frame.name == name].reset_index(drop=True)
 
     def figures(self, by: list[str] | None = None) -> list:
@@ -311,3 +311,10 @@ def show(fig) -> str:
     shown = SVG(data=data) if mime == "image/svg+xml" else Image(data=data, format="png")
     display(shown, metadata={mime: {"title": title}})
     return title
+
+
+def _plain(frame):
+    """load_curves keeps `run` and `name` categorical (thousands of runs fit in memory); a
+    notebook gets them as strings, as metrics.parquet holds them (no unobserved categories in
+    a groupby, comparisons as with any column of text)."""
+    return frame.astype({c: "string" for c in ("run", "name") if c in frame.columns})

@@ -506,8 +506,8 @@ def tensorboard(args: list[str]) -> int:
         else None
     server = errors = None
     try:
-        command = [sys.executable, "-m", "tensorboard.main", *_logdir_args(dirs, links),
-                   "--host", "127.0.0.1", "--port", str(port), "--samples_per_plugin", SAMPLES]
+        command = [sys.executable, "-m", "tensorboard.main", "--host", "127.0.0.1",
+                   *_logdir_args(dirs, links), "--port", str(port), "--samples_per_plugin", SAMPLES]
         # its stderr goes to a file, not a pipe: a pipe nobody reads once it serves would fill
         # up and block it, and once this process is gone (SIGKILL) its "caught SIGTERM" line
         # would meet a closed pipe and could keep it from exiting

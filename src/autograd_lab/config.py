@@ -476,6 +476,27 @@ def _shipped_targets() -> frozenset:
     return frozenset(found)
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_nodes() -> frozenset:
+    """Every `_target_` node of the shipped callbacks, logger and scheduler configs, as written
+    there (frozen): tested with these arguments, so check_arguments need not import their
+    classes (and torch) for a command that leaves them as they are."""
+    import yaml
+
+    def nodes(value):
+        if isinstance(value, dict):
+            if "_target_" in value:
+                yield value
+            for v in value.values():
+                yield from nodes(v)
+
+    found = set()
+    for group in TARGET_KINDS:
+        for path in (CONF_DIR / group).glob("*.yaml"):
+            found.update(_freeze(n) for n in nodes(yaml.safe_load(path.read_text())))
+    return frozenset(found)
+
+
 def target_nodes(cfg) -> list[tuple[str, object, str]]:
     """(where, node, group) for every node the run instantiates: each callback, each logger, and
     the scheduler's `make`."""
@@ -543,8 +564,7 @@ def check_class(where: str, target, base_path: str, kind: str, example: str) -> 
                         f"{example}") from None
     finally:
         hydra_log.level = level
-    module, _, name = base_path.rpartition(".")
-    base = getattr(importlib.import_module(module), name)
+    base = get_object(base_path)  # one of the harness's own base classes (Lightning, torch)
     if not isinstance(obj, type):
         what = "function" if callable(obj) else type(obj).__name__
         raise UserError(f"{where}={target}: refused: a {what}, not a {kind} class (only a "
@@ -589,6 +609,8 @@ def check_arguments(cfg) -> None:
     for where, node, group in target_nodes(cfg):
         if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
             continue  # check_targets reports these
+        if _freeze(node) in _shipped_nodes():  # as shipped (and tested): no import needed
+            continue
         supplied = (*SUPPLIED_ARGUMENTS.get(group, ()), *([horizon] if group == "scheduler"
                                                          and horizon else []))
         _check_node_arguments(where, node["_target_"], _freeze(node), tuple(supplied))
@@ -666,10 +688,10 @@ def _thaw(value):
 
 
 def _is_subclass(cls, path: str) -> bool:
-    module, _, name = path.rpartition(".")
+    from hydra.utils import get_object
+
     try:
-        return isinstance(cls, type) and issubclass(cls, getattr(
-            importlib.import_module(module), name))
+        return isinstance(cls, type) and issubclass(cls, get_object(path))
     except (ImportError, AttributeError):
         return False
 
