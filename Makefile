@@ -26,7 +26,7 @@ demo: setup
 # two threads slows many times over when another holds a core. A test file runs in one process
 # (its module fixtures are made once; the local SLURM cluster is started once).
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 bench: setup
 	$(BIN)/python scripts/bench_throughput.py --threads 1

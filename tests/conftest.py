@@ -66,3 +66,19 @@ def losses(run_dir: Path) -> list[float]:
     curve = frame[frame.name == "train/loss"].sort_values("step")
     assert list(curve.step) == list(range(len(curve))), "every step, in order, no gaps"
     return curve.value.tolist()
+
+
+# The longest test files first: `make test` runs two processes that take whole files in
+# collection order (pytest-xdist's --dist loadfile with --no-loadscope-reorder: its default
+# orders files by their number of tests), so starting the long ones first keeps one
+# process from running a long file alone at the end. Order only: every test still runs.
+LONGEST_FIRST = ("test_slurm.py", "test_cli.py", "test_ddp.py", "test_sweep.py",
+                 "test_notebooks.py", "test_faults.py", "test_readme.py", "test_reliability.py",
+                 "test_failing_writes.py", "test_resume.py", "test_file_safety.py",
+                 "test_preflight.py", "test_schema.py", "test_bad_input.py",
+                 "test_summary_scale.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep

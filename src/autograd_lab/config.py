@@ -355,6 +355,7 @@ def validate(cfg) -> None:
         raise UserError("profiler=torch with trainer=ddp: profile a single-device run "
                         "(profiler=torch trainer=default); choices here: profiler=off")
     for name, node in (cfg.get("callbacks") or {}).items():
+        _check_known_callback(f"callbacks.{name}", node)
         monitor = node.get("monitor") if hasattr(node, "get") else None
         if monitor is not None and monitor not in LOGGED_METRICS:
             raise UserError(f"callbacks.{name}.monitor={_show(monitor)}: no such metric"
@@ -594,6 +595,19 @@ CALLBACK_CHECKS = {
                        "an integer >= -1 (-1: keep every file)"),
     },
 }
+
+
+def _check_known_callback(where: str, node) -> None:
+    """The ranges of CALLBACK_CHECKS for a callback whose `_target_` names one of those classes,
+    torch-free (validate calls it; check_arguments covers subclasses and other spellings)."""
+    target = node.get("_target_") if hasattr(node, "get") else None
+    rules = CALLBACK_CHECKS.get(target) if isinstance(target, str) else None
+    for key, (ok, valid) in (rules or {}).items():
+        if key in node and not ok(node[key]):
+            raise UserError(f"{where}.{key}={_show(node[key])}: {target.rpartition('.')[2]}'s "
+                            f"{key} must be {valid}")
+
+
 # Arguments the harness passes itself (train.py), so a node need not give them.
 SUPPLIED_ARGUMENTS = {"logger": ("save_dir", "purge_step"), "scheduler": ("optimizer",)}
 

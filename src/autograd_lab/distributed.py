@@ -23,12 +23,6 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 
-def is_rank_zero() -> bool:
-    """True in the process that owns the run's files (before Lightning knows the rank, too)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK",
-                                                       "SLURM_PROCID"))
-
-
 def child_command(local_rank: int) -> tuple[list[str], str]:
     """Rank `local_rank`'s command: this job's own overrides, in this job's run directory."""
     from hydra.core.hydra_config import HydraConfig

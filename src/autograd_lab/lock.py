@@ -25,6 +25,13 @@ from pathlib import Path
 
 from .config import UserError
 
+
+def is_rank_zero() -> bool:
+    """True in the process that owns the run's files (before Lightning knows the rank, too):
+    the other ranks of a DDP job write none of them."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK",
+                                                       "SLURM_PROCID"))
+
 LOCK_NAME = ".autograd_lab.lock"
 
 # What autograd-lab, its loggers and Hydra write in a run directory (a job folder of a sweep

@@ -252,7 +252,7 @@ class PreflightCallback(Callback):
         from hydra.core.singleton import Singleton
 
         from . import config as checks
-        from .distributed import is_rank_zero
+        from .lock import is_rank_zero  # torch-free: this runs before the job imports torch
 
         if checks.CHECKED_BY_CLI or not is_rank_zero():
             return

@@ -93,7 +93,7 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
     """A sweep job that failed before run() could record it (a bad value, an incompatible
     checkpoint) still gets a run.json, so the summary says failed, not killed. A record that
     run() wrote, or one a newer version wrote, is left as it is."""
-    from .distributed import is_rank_zero
+    from .lock import is_rank_zero
     from .records import write_json
 
     if not is_rank_zero():
@@ -183,8 +183,7 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     if threads or cfg.threads:  # set, not hoped: parallel jobs must not fight for the cores
         torch.set_num_threads(threads or cfg.threads)
     from .checkpoint import RunInterrupted, StopSignals
-    from .distributed import is_rank_zero
-    from .lock import RunLock
+    from .lock import RunLock, is_rank_zero
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
