@@ -24,9 +24,10 @@ demo: setup
 
 # Two test processes (one per core of a 2-core machine), one torch thread each: a process with
 # two threads slows many times over when another holds a core. A test file runs in one process
-# (its module fixtures are made once; the local SLURM cluster is started once).
+# (its module fixtures are made once; the local SLURM cluster is started once). Files start in
+# collection order, the longest first (tests/conftest.py), so both processes end together.
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: setup
 	$(BIN)/python scripts/bench_throughput.py --threads 1

@@ -68,6 +68,62 @@ def losses(run_dir: Path) -> list[float]:
     return curve.value.tolist()
 
 
+def in_process(args, cwd, monkeypatch, capsys):
+    """Run `autograd-lab ARGS` through its entry point (cli.main) in this process: exit code and
+    output as a process's, without a second torch import."""
+    from types import SimpleNamespace
+
+    from autograd_lab.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB file system (tmpfs; the tests run as root, as CI does)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill_disk_once(disk: Path, appears: Path, proc, timeout: float) -> None:
+    """When `appears` exists (or `proc` ended, or `timeout` s passed), take every byte left on
+    the file system `disk` (a small_disk) with one filler file."""
+    import time
+
+    deadline = time.time() + timeout
+    while not appears.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+
+
+def project_copy(source: Path) -> Path:
+    """The project's sources (pyproject.toml, README.md, src/, conf/) copied into `source`: pip
+    builds a local folder in place, which would leave build/ and egg-info in the repo."""
+    import shutil
+
+    source.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("src", "conf"):
+        shutil.copytree(REPO / name, source / name, ignore=skip)
+    return source
+
+
 # The longest test files first: `make test` runs two processes that take whole files in
 # collection order (pytest-xdist's --dist loadfile with --no-loadscope-reorder: its default
 # orders files by their number of tests), so starting the long ones first keeps one

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, make_cfg
+from conftest import cli, in_process, make_cfg
 
 SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1",
          "probes=off"]
@@ -319,19 +319,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _in_process(args, cwd, monkeypatch, capsys):
-    """Run `autograd-lab ARGS` through its entry point; exit code and output as a process's."""
-    from types import SimpleNamespace
-
-    from autograd_lab.cli import main
-
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, request,
                                                  monkeypatch, capsys):
@@ -343,7 +330,7 @@ def test_bad_input_is_one_line_and_loses_nothing(case, tmp_path, data_root, requ
     listing = sorted(p.name for p in tmp_path.iterdir())
     args = [a.replace("{tmp}", str(tmp_path)).replace("{data}", str(data_root))
             for a in case.args]
-    out = _in_process(args, tmp_path, monkeypatch, capsys)
+    out = in_process(args, tmp_path, monkeypatch, capsys)
 
     assert out.returncode not in (0, None), out.stderr
     assert "Traceback" not in out.stderr + out.stdout

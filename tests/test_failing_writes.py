@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import cli, fill_disk_once
 
 EXE = Path(sys.executable).parent / "autograd-lab"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -25,18 +25,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 8 MiB file system (tmpfs)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_full_disk_under_full_probes_ends_in_one_line_with_its_record(small_disk, tmp_path,
@@ -56,15 +44,7 @@ def test_a_full_disk_under_full_probes_ends_in_one_line_with_its_record(small_di
     proc = subprocess.Popen([str(EXE), *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             env=ENV)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    with open(small_disk / "filler", "wb") as f:  # take every byte that is left
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass
+    fill_disk_once(small_disk, ckpt, proc, timeout=300)
     try:
         err = proc.communicate(timeout=600)[1]
     finally:

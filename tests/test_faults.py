@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, cli, losses, make_cfg
+from conftest import SMALL, cli, fill_disk_once, losses, make_cfg
 
 from autograd_lab.lock import LOCK_NAME, RunLock
 
@@ -125,18 +125,6 @@ def test_every_stop_signal_saves_at_a_step_and_resumes_exactly(signum, tmp_path,
     assert losses(run_dir) == losses(reference)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 8 MiB file system (tmpfs; the tests run as root, as CI does)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
         small_disk, tmp_path, data_root):
     """The run directory's file system fills up after the first periodic checkpoint: the run
@@ -153,15 +141,7 @@ def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
     proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     ckpt = small_disk / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    with open(small_disk / "filler", "wb") as f:  # take every byte that is left
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass
+    fill_disk_once(small_disk, ckpt, proc, timeout=120)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 1, err
     lines = [ln for ln in err.splitlines() if ln.strip()]

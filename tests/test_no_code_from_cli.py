@@ -10,9 +10,9 @@ import os
 import pickle
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
+from conftest import in_process
 
 from autograd_lab.config import clip
 
@@ -36,16 +36,6 @@ def _evil(tmp_path):
     return path
 
 
-def _in_process(args, cwd, monkeypatch, capsys):
-    from autograd_lab.cli import main
-
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-
 def _python_m(args, cwd):
     return subprocess.run([sys.executable, "-m", "autograd_lab.train", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300,
@@ -66,7 +56,7 @@ def _one_line(out, *needles) -> str:
 def test_experimental_rerun_is_refused(flag, tmp_path, monkeypatch, capsys):
     evil = _evil(tmp_path)
     args = [f"{flag}{evil}"] if flag.endswith("=") else [flag, str(evil)]
-    out = _in_process(["train", *args], tmp_path, monkeypatch, capsys)
+    out = in_process(["train", *args], tmp_path, monkeypatch, capsys)
     assert out.returncode == 2
     _one_line(out, "refused", "unpickles", "run the same command again")
     assert not (tmp_path / "ran").exists()
@@ -86,7 +76,7 @@ def test_experimental_rerun_is_refused_by_python_m(tmp_path):
 def test_a_raw_pickle_is_named_for_what_it_would_run(key, tmp_path, data_root, monkeypatch,
                                                      capsys):
     evil = _evil(tmp_path)
-    out = _in_process(["train", *TINY, f"data.root={data_root}", f"{key}={evil}",
+    out = in_process(["train", *TINY, f"data.root={data_root}", f"{key}={evil}",
                        f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
     assert out.returncode == 2, out.stderr  # a bad checkpoint or weights file: the user's
     line = _one_line(out, "evil.pkl", "asks to run posix.system", "nothing in it was run")
@@ -97,7 +87,7 @@ def test_a_raw_pickle_is_named_for_what_it_would_run(key, tmp_path, data_root, m
 def test_a_plain_pickle_without_code_is_called_so(tmp_path, data_root, monkeypatch, capsys):
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps({"fc.weight": [1.0, 2.0]}))
-    out = _in_process(["train", *TINY, f"data.root={data_root}", f"model.weights_path={plain}",
+    out = in_process(["train", *TINY, f"data.root={data_root}", f"model.weights_path={plain}",
                        f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
     assert out.returncode == 2, out.stderr
     line = _one_line(out, "plain.pkl", "a plain pickle", "not a file torch.save wrote")
@@ -157,7 +147,7 @@ CASES = ["scheduler open", "callback os.system", "logger exec", "callback subpro
 def test_a_target_that_is_no_class_of_its_kind_is_refused(case, tmp_path, data_root,
                                                           monkeypatch, capsys):
     overrides, needles = _targets(tmp_path)[case]
-    out = _in_process(["train", *TINY, f"data.root={data_root}", *overrides], tmp_path,
+    out = in_process(["train", *TINY, f"data.root={data_root}", *overrides], tmp_path,
                       monkeypatch, capsys)
     assert out.returncode == 2, out.stderr
     _one_line(out, *needles)

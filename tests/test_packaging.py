@@ -5,7 +5,6 @@ wheel built offline and installed into a fresh venv that reuses the dev venv's d
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cli
+from conftest import REPO, cli, project_copy
 
 CONF = REPO / "conf"
 WHERE = ("import autograd_lab; from autograd_lab.config import CONF_DIR; "
@@ -63,13 +62,7 @@ def wheel_venv(tmp_path_factory):
     The wheel is built from a copy of the sources: pip builds a local directory in place, which
     would leave build/ and egg-info behind in the repo."""
     root = tmp_path_factory.mktemp("packaging")
-    source = root / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, source / name)
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("src", "conf"):
-        shutil.copytree(REPO / name, source / name, ignore=skip)
+    source = project_copy(root / "source")
 
     built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                 "--no-index", "--disable-pip-version-check", "-w", root / "dist", source,

@@ -6,13 +6,12 @@ notebooks` runs its kernel without the kernel's own log lines in the output."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, project_copy
 
 
 def test_every_conf_folder_is_a_declared_package():
@@ -28,13 +27,7 @@ def test_editable_install_prints_no_setuptools_warnings(tmp_path):
     """`pip install -e .` of a copy of the project into a new venv: exit 0, no "Package would
     be ignored" (15 multi-line warnings, about 600 lines, before), and the console script's
     config folder is the copy's conf/."""
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, source / name)
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("src", "conf"):
-        shutil.copytree(REPO / name, source / name, ignore=skip)
+    source = project_copy(tmp_path / "source")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"

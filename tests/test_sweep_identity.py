@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from conftest import cli
+from conftest import cli, in_process
 
 from autograd_lab.config import compose, identity_key
 
@@ -89,25 +89,13 @@ def test_a_hard_killed_job_is_found_by_its_hydra_config(tmp_path):
     assert job_folder("seed=1,train.zero_grad=false", other) == "seed=1,train.zero_grad=false"
 
 
-def _in_process(args, cwd, monkeypatch, capsys):
-    from types import SimpleNamespace
-
-    from autograd_lab.cli import main
-
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-
 def test_jobs_of_one_command_that_are_one_run_are_refused(tmp_path, data_root, monkeypatch,
                                                          capsys):
     cases = {"threads=1,2": "threads does not change a run's results",
              "resume=true,false": "resume does not change a run's results",
              "seed=0,0": "a value given twice"}
     for swept, why in cases.items():
-        out = _in_process(["train", "-m", "data=synthetic", *TINY, f"data.root={data_root}",
+        out = in_process(["train", "-m", "data=synthetic", *TINY, f"data.root={data_root}",
                            swept], tmp_path, monkeypatch, capsys)
         assert out.returncode == 2, out.stderr
         assert "Traceback" not in out.stderr
