@@ -71,21 +71,56 @@ def starting(run_dir: Path, resumed: dict | None) -> None:
         log.info(f"autograd-lab: {shown(run_dir)}: starting")
 
 
-def machine_load() -> dict:
-    """The machine's load at a run's start: the 1-minute load average (the environment variable
-    AUTOGRAD_LAB_LOADAVG replaces it, for tests) and the number of cores."""
+def machine_load(threads: int = 2, window_s: float = 0.2) -> dict:
+    """How busy the other processes keep the machine at a run's start: `busy_cores`, the cores
+    in use over `window_s` seconds while this process sleeps (from /proc/stat, so this process's
+    own earlier work, e.g. the previous job of a sweep, does not count, as it would in the load
+    average), and the 1-minute load average for the record. Measured only where it can matter
+    (2 threads or more). The environment variable AUTOGRAD_LAB_LOADAVG replaces busy_cores, for
+    tests."""
     import os
 
-    faked = os.environ.get("AUTOGRAD_LAB_LOADAVG")
+    cores = os.cpu_count() or 1
     try:
-        load = float(faked) if faked else os.getloadavg()[0]
-    except (OSError, ValueError):  # no load average on this platform, or a bad knob
-        load = None
-    return {"loadavg_1min": load, "cores": os.cpu_count() or 1}
+        loadavg = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        loadavg = None
+    faked = os.environ.get("AUTOGRAD_LAB_LOADAVG")
+    busy = None
+    if faked:
+        try:
+            busy = float(faked)
+        except ValueError:
+            busy = None
+    elif threads >= 2:
+        busy = _busy_cores(window_s, cores)
+    return {"busy_cores": busy, "loadavg_1min": loadavg, "cores": cores}
+
+
+def _busy_cores(window_s: float, cores: int) -> float | None:
+    """Cores kept busy by every process over `window_s` seconds (this one sleeps meanwhile):
+    the share of non-idle time in /proc/stat's `cpu` line, times the cores; None off Linux."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return cores * (1.0 - (idle1 - idle0) / (total1 - total0))
 
 
 def busy_note(load: float | None, cores: int, threads: int) -> str | None:
-    """What a machine whose load leaves fewer free cores than the run's torch threads costs, or
+    """What a machine whose other processes (`load`: busy cores) leave fewer free cores than the
+    run's torch threads costs, or
     None. Each intra-op parallel region waits for its slowest thread, so one busy core stalls
     every step (measured: SmallNet, 2 threads on 2 cores: 2x slower with one core busy, 50x
     with both; threads=1 is not slowed that way)."""
@@ -94,7 +129,8 @@ def busy_note(load: float | None, cores: int, threads: int) -> str | None:
     free = max(cores - load, 0.0)
     if free >= threads:
         return None
-    return (f"autograd-lab: note: this machine is busy (load {load:.1f} on {cores} cores: "
+    return (f"autograd-lab: note: this machine is busy (other processes use {load:.1f} of "
+            f"{cores} cores: "
             f"{free:.1f} free for {threads} torch threads): every step waits for its slowest "
             f"thread, so steps can take 2 to 50 times longer and timings measure the load, "
             f"not the code; threads=1 avoids it (the thread count changes the last bits of "
@@ -104,8 +140,8 @@ def busy_note(load: float | None, cores: int, threads: int) -> str | None:
 def busy_machine(threads: int) -> dict:
     """Say once, at a run's start, when the machine is too busy for its threads (busy_note);
     the load figures for run.json."""
-    load = {**machine_load(), "threads": threads}
-    note = busy_note(load["loadavg_1min"], load["cores"], threads)
+    load = {**machine_load(threads), "threads": threads}
+    note = busy_note(load["busy_cores"], load["cores"], threads)
     load["busy"] = note is not None
     if note:
         log.warning(note)
