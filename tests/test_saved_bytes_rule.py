@@ -15,7 +15,7 @@ import json
 import re
 
 import pytest
-from conftest import cli
+from conftest import in_process
 
 from autograd_lab.config import compose
 from autograd_lab.train import run
@@ -31,11 +31,11 @@ SMALL = ["data=synthetic", "data.train_size=64", "data.test_size=32", "model=sma
     ([], CONV_IN + RELU_OUT + POOL_IDX + HEAD),
     (["train.detach_at=pool"], HEAD),
 ])
-def test_graph_prints_what_run_json_records(variant, expected, tmp_path):
+def test_graph_prints_what_run_json_records(variant, expected, tmp_path, monkeypatch, capsys):
     assert CONV_IN + RELU_OUT + POOL_IDX + HEAD == 921_604  # the README's figure
     data = f"data.root={tmp_path / 'data'}"
-    out = cli("graph", *SMALL, data, *variant, "--out", str(tmp_path / "g"), "--format", "dot",
-              cwd=tmp_path)
+    out = in_process(["graph", *SMALL, data, *variant, "--out", str(tmp_path / "g"), "--format",
+                      "dot"], tmp_path, monkeypatch, capsys)  # the console script's own main
     assert out.returncode == 0, out.stderr
     printed = re.search(r"saved for backward: (\d+) bytes .* saved_tensors_hooks count (\d+) "
                         r"bytes: agree", out.stdout)

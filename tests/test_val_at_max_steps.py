@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import cli
+from conftest import in_process
 
 from autograd_lab.summary import fmt_number
 
@@ -53,9 +53,11 @@ def _val_loss_at_final_weights(run_dir: Path, data_root: Path) -> float:
         return F.cross_entropy(net.eval()(x), y).item()
 
 
-def _train(tmp_path: Path, *overrides: str):
+def _train(tmp_path: Path, monkeypatch, capsys, *overrides: str):
+    """`autograd-lab train` through its entry point in this process (one torch import less)."""
     data_root = tmp_path / "data"
-    out = cli(*BASE, f"data.root={data_root}", "hydra.run.dir=run", *overrides, cwd=tmp_path)
+    out = in_process([*BASE, f"data.root={data_root}", "hydra.run.dir=run", *overrides],
+                     tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     run_dir = tmp_path / "run"
     frame = pd.read_parquet(run_dir / "metrics.parquet")
@@ -64,8 +66,9 @@ def _train(tmp_path: Path, *overrides: str):
     return record, val, out.stderr.splitlines(), run_dir, data_root
 
 
-def test_a_run_stopped_mid_epoch_validates_at_max_steps(tmp_path):
-    record, val, said, run_dir, data_root = _train(tmp_path, "trainer.max_steps=50")
+def test_a_run_stopped_mid_epoch_validates_at_max_steps(tmp_path, monkeypatch, capsys):
+    record, val, said, run_dir, data_root = _train(tmp_path, monkeypatch, capsys,
+                                                   "trainer.max_steps=50")
     assert val.step.tolist() == [20, 40, 50]  # the epochs' ends, and max_steps, once each
     oracle = _val_loss_at_final_weights(run_dir, data_root)
     assert val.value.iloc[-1] == pytest.approx(oracle, rel=1e-5, abs=1e-6)
@@ -78,17 +81,18 @@ def test_a_run_stopped_mid_epoch_validates_at_max_steps(tmp_path):
     assert " at step " not in said[-2]
 
 
-def test_max_steps_on_an_epoch_end_validates_once(tmp_path):
-    record, val, _, run_dir, data_root = _train(tmp_path, "trainer.max_steps=40")
+def test_max_steps_on_an_epoch_end_validates_once(tmp_path, monkeypatch, capsys):
+    record, val, _, run_dir, data_root = _train(tmp_path, monkeypatch, capsys,
+                                                "trainer.max_steps=40")
     assert val.step.tolist() == [20, 40]
     assert record["final"]["val_step"] == 40
     assert val.value.iloc[-1] == pytest.approx(_val_loss_at_final_weights(run_dir, data_root),
                                                rel=1e-5, abs=1e-6)
 
 
-def test_a_validation_before_the_last_step_says_its_step(tmp_path):
+def test_a_validation_before_the_last_step_says_its_step(tmp_path, monkeypatch, capsys):
     """check_val_every_n_epoch=2 over 3 epochs: the last validation is at step 40 of 60."""
-    record, val, said, _, _ = _train(tmp_path, "trainer.max_epochs=3",
+    record, val, said, _, _ = _train(tmp_path, monkeypatch, capsys, "trainer.max_epochs=3",
                                      "trainer.check_val_every_n_epoch=2")
     assert val.step.tolist() == [40]
     final = record["final"]
