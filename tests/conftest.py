@@ -4,6 +4,7 @@ once per session in the CIFAR-10 on-disk format, and helpers to run the harness 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 # The suite runs offline on any machine: data.download's CIFAR-10 URL is a closed local port, so
 # a test that asks for missing CIFAR-10 gets the "cannot be downloaded" line, networked or not.
 os.environ.setdefault("AUTOGRAD_LAB_CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+# Tests that press Ctrl-C on a child (`autograd-lab tensorboard`, a training run) need the child
+# to start with SIGINT at its default, as a terminal's foreground job does. A shell that starts
+# `make test` in the background (`make test &`, a CI runner's job) starts it with SIGINT ignored,
+# and an ignored signal stays ignored through fork and exec: the child would never see the Ctrl-C.
+# A handled signal is reset to its default on exec, so the workers handle it as Python does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 SMALL = ["data=synthetic", "data.train_size=512", "data.test_size=256",
          "trainer.max_epochs=1", "trainer.progress_bar=false"]
 
