@@ -39,9 +39,9 @@ def main() -> None:
     p.add_argument("--data-root", default=tempfile.mkdtemp(prefix="bench_dashboard_"))
     args = p.parse_args()
 
-    from autograd_lab import dashboard
-    from autograd_lab.config import compose
-    from autograd_lab.graph import TensorBoardGraph
+    import autograd_lab.run.board as dashboard
+    from autograd_lab.config.compose import compose
+    from autograd_lab.observe.graph_view import TensorBoardGraph
     from autograd_lab.train import run
 
     work = Path(tempfile.mkdtemp(prefix="bench_dashboard_runs_"))

@@ -30,7 +30,7 @@ FULL = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/probes/full.y
 
 
 def overhead(repeats: int, threads: list[int], steps: int) -> None:
-    from autograd_lab.config import compose
+    from autograd_lab.config.compose import compose
     from autograd_lab.train import run
 
     tmp = Path(tempfile.mkdtemp())
@@ -77,13 +77,13 @@ def cost(models: list[str], device: torch.device, resnet_examples: int) -> None:
 
 
 def _cost_one(name: str, device: torch.device, resnet_examples: int) -> None:
-    from autograd_lab.dynamics import (
+    from autograd_lab.model.networks import SmallNet, resnet18
+    from autograd_lab.observe.dynamics import (
         has_train_batchnorm,
         per_example_noise,
         sharpness,
         two_batch_noise,
     )
-    from autograd_lab.models import SmallNet, resnet18
 
     g = torch.Generator().manual_seed(0)
     n_sharp, iters = FULL["sharpness_examples"], FULL["sharpness_iters"]

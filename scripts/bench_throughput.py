@@ -66,7 +66,7 @@ def _cpu_clock() -> tuple[float, float, float]:
 
 def compose_cfg(a: dict, extra: tuple[str, ...] = ()):
     """The harness config every variant shares (model, data location, sizes, optimiser)."""
-    from autograd_lab.config import compose
+    from autograd_lab.config.compose import compose
 
     overrides = [*MODELS[a["model"]]["overrides"], "optim=sgd", f"optim.lr={LR}",
                  f"optim.momentum={MOMENTUM}", "data=synthetic", f"data.root={a['data_root']}",
@@ -79,10 +79,10 @@ def compose_cfg(a: dict, extra: tuple[str, ...] = ()):
 
 def _model(a: dict):
     """The harness's model with the harness's initial weights (it seeds with cfg.seed, then
-    builds through autograd_lab.models.build_model on the same composed config)."""
+    builds through autograd_lab.model.networks.build_model on the same composed config)."""
     import torch
 
-    from autograd_lab.models import build_model
+    from autograd_lab.model.networks import build_model
 
     cfg = compose_cfg(a)
     torch.manual_seed(cfg.seed)
@@ -101,7 +101,7 @@ def prepare(a: dict) -> dict:
     """Write the synthetic files and the uint8 cache once, outside any measured process."""
     import torch
 
-    from autograd_lab.data import load_split_tensors
+    from autograd_lab.data.loader import load_split_tensors
 
     n = len(load_split_tensors(compose_cfg(a).data)["train_x"])
     return {"train_images": n, "default_threads": torch.get_num_threads()}
@@ -112,7 +112,7 @@ def seed_loop(a: dict) -> dict:
     import torch.nn as nn
     import torchvision.transforms as transforms
 
-    from autograd_lab.data import _synthetic_key, write_synthetic
+    from autograd_lab.data.synthetic import _synthetic_key, write_synthetic
 
     cfg = compose_cfg(a).data
     folder, dataset_cls = write_synthetic(
@@ -143,7 +143,7 @@ def plain_loop(a: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from autograd_lab.data import load_split_tensors, normalize
+    from autograd_lab.data.loader import load_split_tensors, normalize
 
     t = load_split_tensors(compose_cfg(a).data)
     x, y = t["train_x"], t["train_y"]
@@ -173,7 +173,7 @@ def lightning_loop(a: dict) -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader, TensorDataset
 
-    from autograd_lab.data import load_split_tensors, normalize
+    from autograd_lab.data.loader import load_split_tensors, normalize
 
     class LitClassifier(L.LightningModule):
         def __init__(self, model):

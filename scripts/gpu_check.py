@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def cfg_of(*overrides, data_root):
-    from autograd_lab.config import compose
+    from autograd_lab.config.compose import compose
 
     return compose(["data=synthetic", f"data.root={data_root}", "trainer.progress_bar=false",
                     "probes=off", "log.flush_every_s=1000", *overrides])
@@ -44,9 +44,9 @@ def plain_loop(cfg, steps: int):
     import torch
     import torch.nn.functional as F
 
-    from autograd_lab.data import load_split_tensors, normalize
-    from autograd_lab.models import build_model
-    from autograd_lab.module import build_optimizer
+    from autograd_lab.data.loader import load_split_tensors, normalize
+    from autograd_lab.model.module import build_optimizer
+    from autograd_lab.model.networks import build_model
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).cuda().train()
@@ -138,9 +138,9 @@ def main() -> None:
     import pandas as pd
     import torch.nn.functional as F
 
-    from autograd_lab.data import load_split_tensors, normalize
-    from autograd_lab.models import build_model
-    from autograd_lab.module import build_optimizer
+    from autograd_lab.data.loader import load_split_tensors, normalize
+    from autograd_lab.model.module import build_optimizer
+    from autograd_lab.model.networks import build_model
 
     frame = pd.read_parquet(work / "exact" / "metrics.parquet")
     harness = frame[frame.name == "train/loss"].sort_values("step").value.to_numpy()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from autograd_lab.config import compose
+from autograd_lab.config.compose import compose
 
 REPO = Path(__file__).resolve().parents[1]
 # The suite runs offline on any machine: data.download's CIFAR-10 URL is a closed local port, so

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 import torchvision
 from conftest import cli, make_cfg
 
-from autograd_lab.checks import step_check, verify_chain_rule
-from autograd_lab.graph import saved_bytes_by_hooks, walk
-from autograd_lab.models import SmallNet
-from autograd_lab.module import build_optimizer
-from autograd_lab.variants import detach_at, freeze
+from autograd_lab.model.module import build_optimizer
+from autograd_lab.model.networks import SmallNet
+from autograd_lab.model.variants import detach_at, freeze
+from autograd_lab.observe.graph import saved_bytes_by_hooks, walk
+from autograd_lab.observe.step_check import step_check, verify_chain_rule
 
 
 @pytest.mark.parametrize("optim", [

@@ -16,8 +16,10 @@ import pytest
 from conftest import cli, losses, make_cfg
 from omegaconf import OmegaConf
 
-from autograd_lab.summary import fmt_number, load_curves, load_runs, summarize
-from autograd_lab.sweep import SummaryCallback, check_run_dir, finished_record
+from autograd_lab.run.rundir import check_run_dir, finished_record
+from autograd_lab.sweep.runs import load_curves, load_runs
+from autograd_lab.sweep.summary import SummaryCallback, summarize
+from autograd_lab.text import fmt_number
 
 SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1",
          "probes=off"]

@@ -170,7 +170,7 @@ def test_a_loss_that_spans_decades_gets_log10_bands(tmp_path):
     """Custom Scalars has no log axis: a group whose loss blows up is banded as log10 too."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from autograd_lab.dashboard import write_summary_run
+    from autograd_lab.sweep.board import write_summary_run
 
     runs = pd.DataFrame({"run": ["a", "b", "c", "d"], "status": ["completed"] * 4,
                          "seed": [0, 1, 0, 1], "train.zero_grad": [True, True, False, False]})

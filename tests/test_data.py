@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from autograd_lab.config import UserError
-from autograd_lab.data import CACHE_NAME, ResidentBatches, flip_crop, load_split_tensors
+from autograd_lab.data.cifar import CACHE_NAME
+from autograd_lab.data.loader import ResidentBatches, flip_crop, load_split_tensors
+from autograd_lab.errors import UserError
 
 
 def write_fake_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> dict:
@@ -57,7 +58,8 @@ def test_real_cifar10_format_is_decoded_once_into_the_cache(tmp_path, no_md5):
     assert tensors["train_x"].shape == (100, 3, 32, 32) and tensors["train_x"].dtype == torch.uint8
     assert tensors["test_x"].shape == (20, 3, 32, 32)
     assert (tmp_path / "cifar-10-batches-py" / CACHE_NAME).is_file()
-    with mock.patch("autograd_lab.data.read_split", side_effect=AssertionError("decoded again")):
+    decoded_again = AssertionError("decoded again")
+    with mock.patch("autograd_lab.data.cifar.read_split", side_effect=decoded_again):
         again = load_split_tensors(_data_cfg(tmp_path))
     assert torch.equal(again["train_x"], tensors["train_x"])
 
@@ -176,7 +178,7 @@ def test_real_cifar10_batch_files_that_run_code_are_refused(tmp_path, no_md5, na
 def test_batch_files_of_every_pickle_protocol_are_read(tmp_path, protocol):
     """Real CIFAR-10 files are Python 2 pickles; copies re-saved by other tools use newer
     protocols. The restricted reader rebuilds the arrays of all of them exactly."""
-    from autograd_lab.data import read_batch_file
+    from autograd_lab.data.cifar import read_batch_file
 
     data = np.random.default_rng(protocol).integers(0, 256, (7, 3072), dtype=np.uint8)
     path = tmp_path / "batch"
@@ -268,7 +270,7 @@ def test_flip_crop_is_a_flip_and_a_shifted_window():
 
 
 def test_no_worker_processes_or_pil_in_the_hot_loop(cfg_factory):
-    from autograd_lab.data import CIFARDataModule
+    from autograd_lab.data.loader import CIFARDataModule
 
     dm = CIFARDataModule(cfg_factory().data, seed=0)
     dm.setup()

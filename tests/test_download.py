@@ -18,8 +18,8 @@ import torch
 from conftest import cli, make_cfg
 from test_data import write_fake_cifar10
 
-from autograd_lab.config import unreachable
-from autograd_lab.data import load_split_tensors
+from autograd_lab.config.resources import unreachable
+from autograd_lab.data.loader import load_split_tensors
 
 NO_PROXY = "127.0.0.1,localhost"  # a proxy in the environment must not take the local server's
 

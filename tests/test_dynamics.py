@@ -14,13 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import losses
 
-from autograd_lab.dynamics import (
+from autograd_lab.observe.dynamics import (
     per_example_noise,
-    plot_stability,
     sharpness,
     stability_limit,
     two_batch_noise,
 )
+from autograd_lab.sweep.figures import plot_stability
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -189,7 +189,7 @@ def test_stability_study_composes_and_one_quick_job_runs(cfg_factory, train_run,
         assert record["status"] == "completed", record["error"]
         assert len(losses(run_dir)) == 4  # four full-batch steps
         runs.append(run_dir)
-    from autograd_lab.summary import load_curves, load_runs
+    from autograd_lab.sweep.runs import load_curves, load_runs
 
     base = runs[0].parent
     png = plot_stability(load_runs(base), load_curves(base), tmp_path / "plots")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL, cli, fill_disk_once, losses, make_cfg
 
-from autograd_lab.lock import LOCK_NAME, RunLock
+from autograd_lab.disk.lock import LOCK_NAME, RunLock
 
 
 def _digests(folder: Path) -> dict:
@@ -170,7 +170,7 @@ def test_a_second_signal_during_the_last_writes_still_leaves_the_record(tmp_path
                                                                        monkeypatch):
     """A SIGTERM that lands while the run writes metrics.parquet and run.json (a second Ctrl-C,
     a scheduler's follow-up signal) does not cut them short: both are written."""
-    import autograd_lab.records as records
+    import autograd_lab.run.recorder as records
     from autograd_lab.train import run
 
     original = records.write_parquet

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import cli, make_cfg
 
-from autograd_lab.lock import LOCK_NAME, RunLock
+from autograd_lab.disk.lock import LOCK_NAME, RunLock
 
 TINY = ["data=synthetic", "data.train_size=64", "data.test_size=32", "trainer.max_steps=2",
         "trainer.progress_bar=false", "probes=off"]
@@ -214,8 +214,8 @@ def test_an_atomic_write_never_replaces_what_it_did_not_make(tmp_path):
     """records.atomic_write_bytes (every record file, checkpoint and summary): a symlink or FIFO
     at the path is refused (one line naming it) and left as it is; the symlink's target is not
     written. A plain file is replaced as before."""
-    from autograd_lab.lock import ForeignEntry
-    from autograd_lab.records import atomic_write_bytes
+    from autograd_lab.disk.lock import ForeignEntry
+    from autograd_lab.run.recorder import atomic_write_bytes
 
     victim, content = _victim(tmp_path)
     (tmp_path / "link").symlink_to(victim)
@@ -267,7 +267,7 @@ def test_a_sweep_job_that_loses_the_lock_writes_nothing_into_the_holders_folder(
 def test_a_run_called_from_python_checks_too(tmp_path, data_root):
     """train.run (notebooks, tests) takes the same lock and checks: a symlinked run.json is a
     one-line UserError naming it, and its target is untouched."""
-    from autograd_lab.config import UserError
+    from autograd_lab.errors import UserError
     from autograd_lab.train import run
 
     victim, content = _victim(tmp_path)

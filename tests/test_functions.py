@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
-from autograd_lab.functions import (
+from autograd_lab.model.functions import (
     CustomReLU,
     CustomReLUFunction,
     QuadraticFunction,

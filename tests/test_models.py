@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import torchvision
 from conftest import make_cfg
 
-from autograd_lab.config import UserError
-from autograd_lab.functions import CustomReLU
-from autograd_lab.models import SmallNet, build_model
+from autograd_lab.errors import UserError
+from autograd_lab.model.functions import CustomReLU
+from autograd_lab.model.networks import SmallNet, build_model
 
 
 class SeedNet(nn.Module):
@@ -99,8 +99,8 @@ def test_weights_path_loads_a_state_dict_and_rejects_wrong_shapes(tmp_path):
 def test_declared_module_and_parameter_names_are_the_real_ones(name, stem):
     """conf/model/*.yaml declares the names train.freeze and train.detach_at are checked
     against before torch is imported: they must be the built model's own."""
-    from autograd_lab.config import compose
-    from autograd_lab.models import build_model
+    from autograd_lab.config.compose import compose
+    from autograd_lab.model.networks import build_model
 
     cfg = compose([f"model={name}", *([f"model.stem={stem}"] if stem else [])]).model
     model = build_model(cfg)
@@ -111,7 +111,7 @@ def test_declared_module_and_parameter_names_are_the_real_ones(name, stem):
 def test_declared_weights_files_are_torchvisions():
     from torchvision.models import ResNet18_Weights
 
-    from autograd_lab.config import compose
+    from autograd_lab.config.compose import compose
 
     files = compose(["model=resnet18"]).model.weights_files
     for name, file in files.items():

@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import in_process
 
-from autograd_lab.config import clip
+from autograd_lab.errors import clip
 
 TINY = ["data=synthetic", "data.train_size=64", "data.test_size=32", "trainer.max_steps=2",
         "probes=off", "threads=1", "trainer.progress_bar=false"]
@@ -166,7 +166,8 @@ def test_python_m_refuses_them_before_a_run_directory(case, tmp_path, data_root)
 
 def test_the_api_refuses_them_too(tmp_path, data_root):
     """train.run (the notebooks' path) checks before it makes anything."""
-    from autograd_lab.config import UserError, compose
+    from autograd_lab.config.compose import compose
+    from autograd_lab.errors import UserError
     from autograd_lab.train import run
 
     overrides, needles = _targets(tmp_path)["scheduler open"]

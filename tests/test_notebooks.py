@@ -212,7 +212,7 @@ def test_multirun_names_and_skips_jobs_as_the_cli_does(tiny_sweep):
 
 def test_multirun_bad_override_is_the_cli_one_line_error(tmp_path):
     import autograd_lab as al
-    from autograd_lab.config import UserError
+    from autograd_lab.errors import UserError
 
     with pytest.raises(UserError, match=r"^model=vgg: no such model; choices are: resnet18, "
                                         r"smallnet$"):
@@ -250,7 +250,7 @@ def test_run_returns_run_json_and_metrics_parquet_and_the_cli_finds_it(tmp_path,
 
 def test_run_bad_override_is_the_cli_one_line_error(tmp_path):
     import autograd_lab as al
-    from autograd_lab.config import UserError
+    from autograd_lab.errors import UserError
 
     with pytest.raises(UserError, match=r"^seed: a comma list or sweep needs -m"):
         al.run(["seed=0,1"], run_dir=tmp_path / "run")

@@ -80,7 +80,7 @@ def test_a_data_set_larger_than_memory_is_refused_with_the_sizes(tmp_path):
     """The schema allows 10,000,000 images; this machine's memory may not: the line says what
     the data set needs (4 float32 copies of 12,288 B an image while it is written), what is
     available, and the largest size that fits."""
-    from autograd_lab.config import available_memory
+    from autograd_lab.config.resources import available_memory
 
     need = 4 * 12288 * 10_000_000
     available = available_memory()
@@ -121,7 +121,8 @@ def test_the_quick_sweep_check_composes_what_hydra_composes():
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from autograd_lab.config import CONF_DIR, _sweep_jobs, resolved
+    from autograd_lab.config.keys import CONF_DIR, resolved
+    from autograd_lab.config.preflight import _sweep_jobs
 
     parser = OverridesParser.create()
     fixed = ["data=synthetic", "scheduler=onecycle"]
@@ -144,7 +145,8 @@ def test_the_last_job_of_a_thousand_is_checked_too(tmp_path):
     1,000 jobs (in Hydra's order) are bad, and they are found. No timing assertion (the machine
     is shared): the time is printed (about 2 s here under load; composing each job, as before,
     took about 0.1 s a job)."""
-    from autograd_lab.config import UserError, check_overrides
+    from autograd_lab.config.preflight import check_overrides
+    from autograd_lab.errors import UserError
 
     rates = ",".join(f"{0.001 * (i + 1):.3f}" for i in range(99))
     t0 = time.perf_counter()

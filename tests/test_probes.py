@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import losses
 
-from autograd_lab.dynamics import lanczos_top_eigenvalue
+from autograd_lab.observe.dynamics import lanczos_top_eigenvalue
 
 
 class Capture(L.Callback):

@@ -88,7 +88,7 @@ def test_the_sweep_summary_compares_step_time_breakdowns(tmp_path, data_root):
         expected = records[row.run]["profiler"]["breakdown_ms"]["backward"]
         assert row["profiler.breakdown_ms.backward"] == expected
     md = (sweep / "summary" / "summary.md").read_text()
-    from autograd_lab.summary import fmt_number
+    from autograd_lab.text import fmt_number
 
     assert "backward ms" in md and "frozen_backbone" in md
     for name, record in records.items():  # one run a variant: its own number, as formatted

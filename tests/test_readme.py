@@ -172,7 +172,8 @@ def _readme_folder(words: list[str]) -> str | None:
     (SweepPlan.sweep_dir) or a run's (runs/ + Hydra's override_dirname, path_safe)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from autograd_lab.config import NON_RESULT_KEYS, check_overrides, path_safe
+    from autograd_lab.config.keys import NON_RESULT_KEYS, path_safe
+    from autograd_lab.config.preflight import check_overrides
 
     overrides = [w for w in words if _is_override(w)]
     if any(w.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for w in overrides):

@@ -203,7 +203,7 @@ def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cl
                        f"{where}/checkpoints/last.ckpt)")
     final = record["final"]
     assert said[1].startswith(f"autograd-lab: {where}: completed, {final['steps']:,} steps in ")
-    from autograd_lab.summary import fmt_number
+    from autograd_lab.text import fmt_number
 
     assert said[2] == (f"  train loss {fmt_number(final['train_loss'])} (best "
                        f"{fmt_number(final['best_train_loss'])}), val loss "

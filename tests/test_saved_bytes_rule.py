@@ -17,7 +17,7 @@ import re
 import pytest
 from conftest import in_process
 
-from autograd_lab.config import compose
+from autograd_lab.config.compose import compose
 from autograd_lab.train import run
 
 CONV_IN, RELU_OUT, POOL_IDX, FC_IN, LOG_SOFTMAX, LABELS, TOTAL_WEIGHT = (

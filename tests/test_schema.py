@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from autograd_lab.config import CHECKS
+from autograd_lab.config.schema import CHECKS
 
 # What YAML turns each into, as Hydra parses an override: a wrong type, below and above every
 # range, not finite, a list, a boolean, an empty string.

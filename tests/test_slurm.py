@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 from conftest import REPO, cli, make_cfg
 
-from autograd_lab.slurm import slurm_job_state
-from autograd_lab.summary import load_runs
+from autograd_lab.sweep.runs import load_runs
+from autograd_lab.sweep.slurm_queue import slurm_job_state
 from autograd_lab.train import run
 
 pytestmark = pytest.mark.slurm

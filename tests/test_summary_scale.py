@@ -90,7 +90,7 @@ def test_figures_keep_a_normal_size_and_a_bounded_legend(lr_sweep):
     assert set(found["pngs"]) == {"lr_study_loss.png", "lr_study_cost.png"}
     for name, (width, height) in found["pngs"].items():
         assert width < 4000 and height < 4000, (name, width, height)
-    from autograd_lab.summary import MAX_LEGEND, plot_study
+    from autograd_lab.sweep.figures import MAX_LEGEND, plot_study
 
     for fig in plot_study(lr_sweep):  # the same figures, as a notebook gets them
         for ax in fig.axes:
@@ -166,7 +166,7 @@ def test_a_sweep_without_jobs_yet_summarises_as_no_runs_yet(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "No runs yet" in (folder / "summary" / "summary.md").read_text()
     assert "No runs yet" in out.stdout
-    from autograd_lab.summary import load_runs
+    from autograd_lab.sweep.runs import load_runs
 
     assert len(load_runs(folder)) == 0
 
@@ -210,7 +210,7 @@ def test_band_events_are_what_protobuf_itself_serialises():
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-    from autograd_lab.dashboard import _band_events, masked_crc32c_many
+    from autograd_lab.sweep.board import _band_events, masked_crc32c_many
 
     frame = pd.DataFrame({"mean": [1.5, 2.0], "min": [1.0, 0.5], "max": [2.0, 300.0],
                           "n": [2.0, 2.0]}, index=[0, 200])

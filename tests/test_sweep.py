@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from conftest import cli
 
-from autograd_lab.summary import fmt_number, load_curves, load_runs
+from autograd_lab.sweep.runs import load_curves, load_runs
+from autograd_lab.text import fmt_number
 
 SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1",
          "probes=off"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 from conftest import cli, in_process
 
-from autograd_lab.config import compose, identity_key
+from autograd_lab.config.compose import compose
+from autograd_lab.config.keys import identity_key
 
 TINY = ["data.train_size=64", "data.test_size=32", "trainer.max_steps=2", "probes=off",
         "threads=1", "trainer.progress_bar=false"]
@@ -72,7 +73,7 @@ def test_a_hard_killed_job_is_found_by_its_hydra_config(tmp_path):
     same configuration, spelt another way, continues in that folder."""
     from omegaconf import OmegaConf
 
-    from autograd_lab.sweep import job_folder
+    from autograd_lab.sweep.callbacks import job_folder
 
     killed = tmp_path / "train.zero_grad=false"
     (killed / ".hydra").mkdir(parents=True)

@@ -60,7 +60,7 @@ class Board:
 def board(tmp_path_factory, data_root):
     import lightning as L
 
-    from autograd_lab import graph as graph_module
+    import autograd_lab.observe.graph as graph_module
     from autograd_lab.cli import main as cli_main
     from autograd_lab.train import run
 
@@ -229,8 +229,8 @@ def test_saved_bytes_leave_out_the_resident_labels_and_agree_with_hooks():
     the ReLU output (also the pool's input), the pool's indices and output (the flattened fc
     input), the log-softmax output and the loss's total weight. The labels are a view of the
     resident label array (alive anyway) and the weights are parameters: neither counts."""
-    from autograd_lab.graph import saved_bytes_by_hooks, walk
-    from autograd_lab.models import SmallNet
+    from autograd_lab.model.networks import SmallNet
+    from autograd_lab.observe.graph import saved_bytes_by_hooks, walk
 
     torch.manual_seed(0)
     model = SmallNet()
@@ -266,7 +266,8 @@ def test_summary_writer_takes_a_graph_def(tmp_path):
     from tensorboard.compat.proto.graph_pb2 import GraphDef
     from torch.utils.tensorboard import SummaryWriter
 
-    from autograd_lab.graph import graph_def, walk, write_graph
+    from autograd_lab.observe.graph import walk
+    from autograd_lab.observe.graph_view import graph_def, write_graph
 
     w = torch.ones(2, requires_grad=True)
     gdef = graph_def(walk((w * 3).sum(), {"w": w}))

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 from conftest import losses
 
-from autograd_lab.data import load_split_tensors
-from autograd_lab.models import SmallNet
+from autograd_lab.data.loader import load_split_tensors
+from autograd_lab.model.networks import SmallNet
 
 
 def _plain_loop(model, x, y, batch_size, lr=0.001, momentum=0.9):
@@ -162,7 +162,7 @@ def test_adam_and_resnet_cifar_stem_train(train_run):
 
 
 def test_custom_relu_gives_the_relu_curve(train_run, monkeypatch):
-    from autograd_lab.functions import CustomReLUFunction
+    from autograd_lab.model.functions import CustomReLUFunction
 
     calls = []
     original = CustomReLUFunction.backward
@@ -178,7 +178,7 @@ def test_custom_relu_gives_the_relu_curve(train_run, monkeypatch):
 def test_normalisation_matches_the_seeds_transforms(cfg_factory):
     from torchvision import transforms
 
-    from autograd_lab.data import normalize
+    from autograd_lab.data.loader import normalize
 
     x = load_split_tensors(cfg_factory().data)["train_x"][:8]
     seed_tf = transforms.Compose([transforms.ToTensor(),

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import in_process
 
-from autograd_lab.summary import fmt_number
+from autograd_lab.text import fmt_number
 
 # 640 examples at batch 32: 20 steps an epoch
 BASE = ["train", "data=synthetic", "data.train_size=640", "data.test_size=96",
@@ -101,7 +101,7 @@ def test_a_validation_before_the_last_step_says_its_step(tmp_path, monkeypatch, 
                         f"{fmt_number(final['best_train_loss'])}), val loss "
                         f"{fmt_number(final['val_loss'])} at step 40, val acc "
                         f"{fmt_number(final['val_acc'])}")
-    from autograd_lab.summary import load_runs
+    from autograd_lab.sweep.runs import load_runs
 
     runs = load_runs(tmp_path / "run")
     assert runs.val_step.tolist() == [40]  # summaries carry where it was measured
@@ -112,7 +112,7 @@ def test_sweep_table_says_the_step_of_an_earlier_validation():
     step, and one at the last step without."""
     import pandas as pd
 
-    from autograd_lab.messages import sweep_table
+    from autograd_lab.run.messages import sweep_table
 
     runs = pd.DataFrame([
         {"run": "a", "status": "completed", "train_loss": 1.5, "val_loss": 2.3171, "val_acc": 0.1,

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from autograd_lab.config import UserError
-from autograd_lab.models import SmallNet
-from autograd_lab.variants import GRAD_MODES, detach_at, eval_context, freeze
+from autograd_lab.errors import UserError
+from autograd_lab.model.networks import SmallNet
+from autograd_lab.model.variants import GRAD_MODES, detach_at, eval_context, freeze
 
 
 class Watch(L.Callback):

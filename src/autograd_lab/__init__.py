@@ -5,7 +5,6 @@ need them, so `autograd-lab train --help` and `--cfg job` answer without paying 
 """
 
 __version__ = "0.1.0"
-RUN_FORMAT_VERSION = 1  # bumped when run.json / metrics.parquet change shape
 
 # The notebook API (api.py), loaded on first use so that importing the package stays cheap.
 __all__ = ["run", "multirun", "show", "title_of", "quiet", "Run", "Sweep"]
@@ -13,7 +12,7 @@ __all__ = ["run", "multirun", "show", "title_of", "quiet", "Run", "Sweep"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from . import api
+        import autograd_lab.api as api
 
         return getattr(api, name)
     raise AttributeError(f"module 'autograd_lab' has no attribute {name!r}")

@@ -1,0 +1,376 @@
+"""TODO docstring (config.targets, from config)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+from autograd_lab.config.keys import CONF_DIR, _is_int, _is_num, _show, resolved
+from autograd_lab.errors import UserError, did_you_mean
+
+# True while `autograd-lab train` runs the Hydra app it has checked (config.check_overrides):
+# the app's own preflight (sweep.PreflightCallback, for `python -m autograd_lab.train`) skips
+CHECKED_BY_CLI = False
+
+# Hydra's own nodes that it makes from a `_target_` as it starts (before any check of ours): the
+# class each must subclass, and an example
+HYDRA_TARGETS = {
+    "hydra.callbacks": ("hydra.experimental.callback.Callback", "Hydra Callback",
+                        "autograd_lab.sweep.summary.SummaryCallback"),
+    "hydra.launcher": ("hydra.plugins.launcher.Launcher", "Hydra Launcher",
+                       "hydra/launcher=joblib"),
+    "hydra.sweeper": ("hydra.plugins.sweeper.Sweeper", "Hydra Sweeper",
+                      "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"),
+}
+
+
+def refuse_running_code(args: list[str]) -> None:
+    """What on a command line would run code before the harness checks anything: Hydra's
+    `--experimental-rerun FILE`, which unpickles FILE (refused, also abbreviated, as argparse
+    would take it; the harness's resume replaces it), and a `_target_` typed for one of Hydra's
+    own nodes (HYDRA_TARGETS), which must be a class of its kind."""
+    flag = "--experimental-rerun"
+    for a in args:
+        name = a.split("=", 1)[0]
+        if len(name) > 2 and name.startswith("--e") and flag.startswith(name):
+            raise UserError(f"{a}: refused: it unpickles a file, which can run any code; to "
+                            f"continue an interrupted run, run the same command again (resume="
+                            f"true, the default, continues from its checkpoint)")
+        key = name.lstrip("+~")
+        node = next((n for n in HYDRA_TARGETS if key == n or key.startswith(n + ".")), None)
+        if node is None or a.startswith("-") or "_target_" not in a:
+            continue
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        try:
+            value = OverridesParser.create().parse_override(a).value()
+        except Exception:  # not an override Hydra parses: Hydra says so
+            continue
+        where = key if key.endswith("._target_") else f"{key}: _target_"
+        for target in [value] if key.endswith("._target_") else _targets_in(value):
+            check_class(where, target, *HYDRA_TARGETS[node])
+
+
+def _targets_in(value) -> list:
+    """Every `_target_` value inside a parsed override value (dicts and lists)."""
+    if isinstance(value, dict):
+        found = [value["_target_"]] if "_target_" in value else []
+        return found + [t for k, v in value.items() if k != "_target_" for t in _targets_in(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _targets_in(v)]
+    return []
+
+
+# What a `_target_` the run instantiates must be: group -> (the class it must subclass, its name
+# in messages, an example).
+# Hydra's instantiate calls whatever a `_target_` names (a function as readily as a class): only
+# a class of the expected kind is let through, resolved without calling anything.
+TARGET_KINDS = {
+    "callbacks": ("lightning.pytorch.callbacks.Callback", "Lightning Callback",
+                  "lightning.pytorch.callbacks.EarlyStopping"),
+    "logger": ("lightning.pytorch.loggers.Logger", "Lightning Logger",
+               "lightning.pytorch.loggers.CSVLogger"),
+    "scheduler": ("torch.optim.lr_scheduler.LRScheduler", "torch LR scheduler",
+                  "torch.optim.lr_scheduler.StepLR"),
+}
+
+
+def _shipped_targets() -> frozenset:
+    """The `_target_`s of the shipped callbacks, logger and scheduler configs: tested, so the
+    preflight need not import Lightning or torch to check them."""
+    import re
+
+    found = set()
+    for group in TARGET_KINDS:  # (group, target): a shipped callback is no trusted logger
+        for path in (CONF_DIR / group).glob("*.yaml"):
+            found.update((group, t) for t in re.findall(
+                r"^\s*_target_:\s*([\w.]+)\s*$", path.read_text(), re.MULTILINE))
+    return frozenset(found)
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_nodes() -> frozenset:
+    """Every `_target_` node of the shipped callbacks, logger and scheduler configs, as written
+    there (frozen): tested with these arguments, so check_arguments need not import their
+    classes (and torch) for a command that leaves them as they are."""
+    import yaml
+
+    def nodes(value):
+        if isinstance(value, dict):
+            if "_target_" in value:
+                yield value
+            for v in value.values():
+                yield from nodes(v)
+
+    found = set()
+    for group in TARGET_KINDS:
+        for path in (CONF_DIR / group).glob("*.yaml"):
+            found.update(_freeze(n) for n in nodes(yaml.safe_load(path.read_text())))
+    return frozenset(found)
+
+
+def target_nodes(cfg) -> list[tuple[str, object, str]]:
+    """(where, node, group) for every node the run instantiates: each callback, each logger, and
+    the scheduler's `make`."""
+    nodes = [(f"{g}.{name}", node, g) for g in ("callbacks", "logger")
+             for name, node in (cfg.get(g) or {}).items()]
+    sched = cfg.get("scheduler") or {}
+    if hasattr(sched, "get") and sched.get("make") is not None:
+        nodes.append(("scheduler.make", sched.get("make"), "scheduler"))
+    return nodes
+
+
+def _nested_target(node, where: str) -> str | None:
+    """The dotted key of a `_target_` inside `node` (below its own), or None: Hydra's
+    instantiate would call it while making the node."""
+    if hasattr(node, "_content"):  # an OmegaConf node: plain dicts and lists
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(node, resolve=False)
+    items = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if isinstance(value, dict) and "_target_" in value:
+            return f"{where}.{key}._target_"
+        deeper = _nested_target(value, f"{where}.{key}")
+        if deeper:
+            return deeper
+    return None
+
+
+def check_targets(cfg, trusted: frozenset | None = None) -> None:
+    """Every `_target_` the run instantiates, resolved without calling anything: a callback's
+    must be a Lightning Callback class, a logger's a Lightning Logger class, the scheduler's
+    `make` a torch LRScheduler class; a `_target_` nested inside one of them is refused. A
+    function (builtins.open, os.system, eval, subprocess.run) or any other class is one line.
+    Targets in `trusted` (the shipped ones) are not imported; any other imports its module, and
+    Lightning or torch to compare with (the CLI calls this after every other check)."""
+    trusted = _shipped_targets() if trusted is None else trusted
+    for where, node, group in target_nodes(cfg):
+        base_path, kind, example = TARGET_KINDS[group]
+        target = node.get("_target_") if hasattr(node, "get") else None
+        if not target:
+            raise UserError(f"{where}: needs a _target_ (a {kind} class path), e.g. "
+                            f"{where}._target_={example}")
+        nested = _nested_target(node, where)
+        if nested:
+            raise UserError(f"{nested}: a _target_ inside {where} is refused (Hydra would call "
+                            f"it while making {where}); give plain values there")
+        if (group, target) not in trusted:
+            check_class(f"{where}._target_", target, base_path, kind, example)
+
+
+def check_class(where: str, target, base_path: str, kind: str, example: str) -> None:
+    """`target` (a `_target_` value) names a class that subclasses `base_path`: found by
+    importing its module, calling nothing; else one line (a function, another class, nothing)."""
+    from hydra.utils import get_object
+
+    hydra_log = logging.getLogger("hydra.utils")  # get_object logs its own error first
+    level, hydra_log.level = hydra_log.level, logging.CRITICAL
+    try:
+        obj = get_object(str(target))  # imports the module, calls nothing in it
+    except Exception:
+        module, _, name = str(target).rpartition(".")
+        raise UserError(f"{where}={target}: cannot be imported (no class {name!r} in "
+                        f"{module or 'any module'}); give a full class path such as "
+                        f"{example}") from None
+    finally:
+        hydra_log.level = level
+    base = get_object(base_path)  # one of the harness's own base classes (Lightning, torch)
+    if not isinstance(obj, type):
+        what = "function" if callable(obj) else type(obj).__name__
+        raise UserError(f"{where}={target}: refused: a {what}, not a {kind} class (only a "
+                        f"subclass of {base_path} is made from the config, e.g. {example})")
+    if not issubclass(obj, base):
+        raise UserError(f"{where}={target}: not a {kind} (a subclass of {base_path} is "
+                        f"needed, e.g. {example})")
+
+
+# Values the shipped Lightning callbacks need beyond their type annotations. Lightning checks
+# some only when the callback is made, after the run has started, and EarlyStopping's patience
+# never: class path -> {argument: (predicate, what is valid)}; a subclass gets its base's rules.
+CALLBACK_CHECKS = {
+    "lightning.pytorch.callbacks.EarlyStopping": {
+        "mode": (lambda v: v in ("min", "max"), "one of: min, max"),
+        "patience": (lambda v: _is_int(v) and v >= 0,
+                     "an integer >= 0 (validations without improvement before stopping)"),
+        "min_delta": (lambda v: _is_num(v), "a finite number"),
+    },
+    "lightning.pytorch.callbacks.ModelCheckpoint": {
+        "mode": (lambda v: v in ("min", "max"), "one of: min, max"),
+        "every_n_train_steps": (lambda v: v is None or (_is_int(v) and v >= 0),
+                                "null or an integer >= 0 (optimizer steps between files)"),
+        "every_n_epochs": (lambda v: v is None or (_is_int(v) and v >= 0),
+                           "null or an integer >= 0 (epochs between files)"),
+        "save_top_k": (lambda v: _is_int(v) and v >= -1,
+                       "an integer >= -1 (-1: keep every file)"),
+    },
+}
+
+
+def _check_known_callback(where: str, node) -> None:
+    """The ranges of CALLBACK_CHECKS for a callback whose `_target_` names one of those classes,
+    torch-free (validate calls it; check_arguments covers subclasses and other spellings)."""
+    target = node.get("_target_") if hasattr(node, "get") else None
+    rules = CALLBACK_CHECKS.get(target) if isinstance(target, str) else None
+    for key, (ok, valid) in (rules or {}).items():
+        if key in node and not ok(node[key]):
+            raise UserError(f"{where}.{key}={_show(node[key])}: {target.rpartition('.')[2]}'s "
+                            f"{key} must be {valid}")
+
+
+# Arguments the harness passes itself (train.py), so a node need not give them.
+SUPPLIED_ARGUMENTS = {"logger": ("save_dir", "purge_step"), "scheduler": ("optimizer",)}
+
+
+def check_arguments(cfg) -> None:
+    """Every argument a callback, logger or scheduler node passes to its class, checked against
+    the class's own signature before anything runs: a name it does not take, a value that does
+    not fit the parameter's type annotation, a required one missing, and the ranges of
+    CALLBACK_CHECKS. Imports the classes (Lightning, torch): the CLI calls it once the torch-free
+    checks have passed, and after check_targets has vetted every `_target_`."""
+    cfg = resolved(cfg)
+    horizon = (cfg.get("scheduler") or {}).get("horizon")
+    for where, node, group in target_nodes(cfg):
+        if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+            continue  # check_targets reports these
+        if _freeze(node) in _shipped_nodes():  # as shipped (and tested): no import needed
+            continue
+        supplied = (*SUPPLIED_ARGUMENTS.get(group, ()), *([horizon] if group == "scheduler"
+                                                         and horizon else []))
+        _check_node_arguments(where, node["_target_"], _freeze(node), tuple(supplied))
+
+
+def _freeze(value):
+    """A hashable copy of a plain config value (the cache key of _check_node_arguments)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("__list__", *(_freeze(v) for v in value))
+    return value
+
+
+@functools.lru_cache(maxsize=4096)  # a sweep of 1,000 jobs checks each distinct node once
+def _check_node_arguments(where: str, target: str, frozen: tuple, supplied: tuple) -> None:
+    import inspect
+    import typing
+
+    from hydra.utils import get_object
+
+    node = dict(frozen)
+    try:
+        cls = get_object(target)
+        params = inspect.signature(cls).parameters
+    except Exception:  # not importable or no signature: check_targets says what it is
+        return
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that do not evaluate: names are still checked
+        hints = {}
+    name = getattr(cls, "__name__", target)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [p for p in params if params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                         inspect.Parameter.VAR_KEYWORD)]
+    for key, value in node.items():
+        if key.startswith("_"):  # Hydra's own: _target_, _partial_, _args_, _recursive_
+            continue
+        if key in supplied:  # the harness's value would clash with it, or silently win
+            raise UserError(f"{where}.{key}: set by autograd-lab itself (from the run); "
+                            f"remove it from {where}")
+        if key not in params:
+            if takes_any:
+                continue
+            raise UserError(f"{where}.{key}: {name} takes no argument {key!r}"
+                            + did_you_mean(key, named)
+                            + f"; it takes: {', '.join(p for p in named if p not in supplied)}")
+        value = _thaw(value)
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise UserError(f"{where}.{key}={_show(value)}: {name}'s {key} must be "
+                            f"{_describe(hint)}")
+        for path, rules in CALLBACK_CHECKS.items():
+            if key in rules and _is_subclass(cls, path):
+                ok, valid = rules[key]
+                if not ok(value):
+                    raise UserError(f"{where}.{key}={_show(value)}: {name}'s {key} must "
+                                    f"be {valid}")
+    if "_args_" not in node:
+        missing = [p for p, param in params.items() if param.default is inspect.Parameter.empty
+                   and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                      inspect.Parameter.KEYWORD_ONLY)
+                   and p not in node and p not in supplied]
+        if missing:
+            raise UserError(f"{where}: {name} needs {', '.join(missing)}; give "
+                            f"{where}.{missing[0]}=...")
+
+
+def _thaw(value):
+    if isinstance(value, tuple) and value[:1] == ("__list__",):
+        return [_thaw(v) for v in value[1:]]
+    if isinstance(value, tuple):
+        return {k: _thaw(v) for k, v in value}
+    return value
+
+
+def _is_subclass(cls, path: str) -> bool:
+    from hydra.utils import get_object
+
+    try:
+        return isinstance(cls, type) and issubclass(cls, get_object(path))
+    except (ImportError, AttributeError):
+        return False
+
+
+def _fits(value, hint) -> bool:
+    """Whether a config value can be passed where `hint` is annotated. A type no config value
+    can spell (timedelta, Optimizer) passes: the class says what it thinks of it."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or hint is Path or hint is os.PathLike:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint) -> str:
+    """A type annotation in the words of the error lines: "an integer", "null or a string"."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(hint)
+        words = [_describe(a) for a in args if a is not type(None)]
+        words = list(dict.fromkeys(words))
+        return " or ".join((["null"] if type(None) in args else []) + words)
+    if origin is typing.Literal:
+        return "one of: " + ", ".join(a if isinstance(a, str) else _show(a)
+                                      for a in typing.get_args(hint))
+    words = {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
+             str: "a string", Path: "a path"}
+    if hint in words:
+        return words[hint]
+    if origin in (list, tuple) or hint in (list, tuple):
+        return "a list"
+    return getattr(hint, "__name__", str(hint))

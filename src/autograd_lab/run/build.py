@@ -1,0 +1,277 @@
+"""TODO docstring (run.build, from train)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+
+from autograd_lab.errors import UserError
+
+
+class _Parts:
+    """What `_build` made from the config and `_fit` and `_write_record` use."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extra_callbacks,
+           progress_bar: bool, loaded) -> _Parts:
+    """Data, model and its variants, module, loggers and callbacks from the config -> Trainer."""
+    import lightning as L
+    import torch
+
+    from autograd_lab.data.loader import CIFARDataModule, load_split_tensors
+    from autograd_lab.model.module import Classifier
+    from autograd_lab.model.networks import build_model
+    from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
+    from autograd_lab.observe.memory import reset_peak_rss
+    from autograd_lab.run.checkpoint import AtomicCheckpointIO, Checkpointer
+    from autograd_lab.run.distributed import strategy
+    from autograd_lab.run.progress import StepProgressBar
+    from autograd_lab.run.recorder import RunRecorder
+
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    L.seed_everything(cfg.seed, verbose=False)
+    # fail on data problems before any file is written
+    datamodule = CIFARDataModule(cfg.data, cfg.seed, tensors=load_split_tensors(cfg.data))
+    model = build_model(cfg.model)
+    report = freeze(model, cfg.train.freeze)
+    record["params"] = {"trainable": report.trainable_params, "frozen": report.frozen_params,
+                        "frozen_names": report.frozen}
+    hooks = []
+    if cfg.train.detach_at:
+        handle, det = detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
+        hooks.append(handle)
+        record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
+                            "upstream_names": det.upstream}
+    frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
+    from autograd_lab.run.checkpoint import numerics
+
+    module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
+                        scheduler=_scheduler(cfg),
+                        meta={"config": record["config"], "numerics": numerics()})
+    user_callbacks = _callbacks(cfg, run_dir)
+    loggers = _loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
+
+    recorder = RunRecorder(run_dir, cfg.log.flush_every_s, hparams=_hparams(cfg),
+                           resumed_from=resumed["from_step"] if resumed else None,
+                           log_lr_every_step=cfg.scheduler.name != "none")
+    if resumed:  # what other callbacks wrote to a CSV log before the kill (LearningRateMonitor)
+        recorder.read_killed_csv(loggers)
+    recorder.whole_run = {"trainable_params": report.trainable_params,
+                          "frozen_params": report.frozen_params}
+    recorder.layout = _layout(cfg)
+    recorder.hparams_differ = _varied_keys()
+    probes = _probes(cfg, recorder)
+    profiler = _profiler(cfg, run_dir, recorder)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, signals, recorder)
+    from autograd_lab.observe.memory import MemoryFigures
+
+    memory = MemoryFigures()
+    recorder.memory = memory.figures  # whole-run HParams metrics, filled by the first steps
+    from autograd_lab.observe.graph_view import (
+        TensorBoardGraph,  # the backward graph, once (not again on a resume)
+    )
+
+    graph = TensorBoardGraph(recorder, resumed=resumed is not None)  # after the probes' hooks
+    callbacks = [recorder, memory, *probes, *profiler, graph, *user_callbacks, *extra_callbacks]
+    if progress_bar == "lines":
+        from autograd_lab.run.progress import ProgressLines
+
+        callbacks.append(ProgressLines(recorder, cfg.log.progress_every_s))
+    elif progress_bar:
+        callbacks.append(StepProgressBar(recorder))
+    callbacks.append(checkpointer)  # a Checkpoint callback: Lightning calls it after the others
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+        strategy=strategy(cfg, find_unused=bool(cfg.train.detach_at)),
+        deterministic=cfg.trainer.deterministic,
+        max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
+        check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        callbacks=callbacks, logger=loggers or False,
+        enable_checkpointing=True,  # the Checkpointer is there: Lightning adds no default one
+        enable_progress_bar=progress_bar is True, enable_model_summary=False,
+        num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
+        log_every_n_steps=1,  # what callbacks log (LearningRateMonitor) shows every step
+        plugins=[AtomicCheckpointIO(loaded=loaded)])
+    return _Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=recorder,
+                  memory=memory, probes=probes, profiler=profiler, hooks=hooks, cfg=cfg,
+                  run_dir=run_dir)
+
+
+def _instantiate(node, what: str, base, **kwargs):
+    """A Lightning callback or logger from a `_target_` node; one line if it is not one."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if not target:
+        raise UserError(f"{what}: needs a _target_ (a Lightning {base.__name__} class path)")
+    try:
+        obj = instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"{what}._target_={target}: cannot be made ({reason})") from None
+    if not isinstance(obj, base):
+        raise UserError(f"{what}._target_={target}: not a Lightning {base.__name__} "
+                        f"(it is a {type(obj).__module__}.{type(obj).__qualname__})")
+    return obj
+
+
+def _callbacks(cfg, run_dir: Path) -> list:
+    """The `callbacks` group: every Lightning callback it names, made by Hydra's instantiate."""
+    import lightning as L
+
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        extra = {}
+        if hasattr(node, "keys") and "dirpath" in node and node.dirpath is None:
+            extra["dirpath"] = str(run_dir / "checkpoints")  # ModelCheckpoint: beside ours
+        out.append(_instantiate(node, f"callbacks.{name}", L.Callback, **extra))
+    return out
+
+
+def _loggers(cfg, run_dir: Path, purge_step: int | None) -> list:
+    """The `logger` group: Lightning loggers writing into the run directory."""
+    from lightning.pytorch.loggers import Logger
+
+    out = []
+    for name, node in (cfg.get("logger") or {}).items():
+        extra = {"save_dir": str(run_dir)}
+        if purge_step is not None and str(node.get("_target_", "")).endswith(
+                "TensorBoardLogger"):
+            extra["purge_step"] = purge_step  # TensorBoard drops the killed attempt's events
+        out.append(_instantiate(node, f"logger.{name}", Logger, **extra))
+    return out
+
+
+def _scheduler(cfg):
+    """(make(optimizer, total_steps), interval) for `scheduler=...`, or None."""
+    sched = cfg.scheduler
+    if sched.name == "none":
+        return None
+    from hydra.utils import instantiate
+
+    horizon = sched.get("horizon")
+
+    def make(optimizer, total_steps: int):
+        partial = instantiate(sched.make)
+        return partial(optimizer, **({horizon: total_steps} if horizon else {}))
+
+    return make, sched.interval
+
+
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+class _ddp_environment:
+    """Lightning's DDP launcher sets rank variables in this process's environment; put them back
+    after the fit, or the next job of a sweep would think it was launched as a rank."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer  # a callable: the trainer exists once the block runs
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in _DDP_ENV}
+
+    def __exit__(self, *exc):
+        import subprocess
+
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        # the other ranks end with the fit; wait for them so the next job of a sweep does not
+        # overlap them (and end any that hang)
+        for proc in getattr(getattr(self.trainer().strategy, "launcher", None), "procs", []):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _probes(cfg, recorder) -> list:
+    if cfg.probes.mode == "off":
+        return []
+    from autograd_lab.observe.probes import Probes
+
+    options = {k: v for k, v in cfg.probes.items() if k != "mode"}
+    return [Probes(recorder, cfg.probes.mode, zero_grad=cfg.train.zero_grad, **options)]
+
+
+def _profiler(cfg, run_dir, recorder) -> list:
+    if cfg.profiler.name == "off":
+        return []
+    from autograd_lab.observe.profiling import TorchProfiler
+
+    options = {k: v for k, v in cfg.profiler.items() if k != "name"}
+    return [TorchProfiler(run_dir, recorder, trace_dir=run_dir / "profiler", **options)]
+
+
+def _load_data(cfg):
+    from autograd_lab.data.loader import load_split_tensors
+
+    return load_split_tensors(cfg.data)
+
+
+def _hparams(cfg) -> dict:
+    """HParams: the keys that name the run (group choices, keys typed or swept)."""
+    from autograd_lab.run.board import identifying_hparams
+
+    return identifying_hparams(cfg, _choices(), _overrides())
+
+
+def _varied_keys() -> set:
+    """The keys that name this run among others: in a sweep, the ones its job directory is
+    named by (swept); for a single run, every key typed."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return set()
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task if "=" in o}
+    if hc.mode.name == "MULTIRUN":
+        keys -= set(hc.job.config.override_dirname.exclude_keys)
+    return keys
+
+
+def _layout(cfg) -> dict:
+    from autograd_lab.observe.probes import STATS
+    from autograd_lab.run.board import layout
+
+    try:
+        in_sweep = HydraConfig.get().mode.name == "MULTIRUN"
+    except ValueError:
+        in_sweep = False
+    probes = cfg.probes
+    return layout(probe_stats=STATS if probes.mode != "off" else (),
+                  profiler=cfg.profiler.name != "off", in_sweep=in_sweep,
+                  sharpness=probes.mode != "off" and bool(probes.get("sharpness_every_n_steps")),
+                  noise_scale=probes.mode != "off" and bool(probes.get("gns_every_n_steps")))
+
+
+def _choices() -> dict:
+    """The config-group options this run was composed from (model, data, variant, ...)."""
+    try:
+        choices = HydraConfig.get().runtime.choices
+    except ValueError:
+        return {}
+    return {k: v for k, v in choices.items() if not k.startswith("hydra")}
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (called from Python)
+        return []

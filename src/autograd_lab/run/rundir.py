@@ -1,0 +1,122 @@
+"""TODO docstring (run.rundir, from sweep)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RUN_FORMAT_VERSION = 1  # bumped when run.json / metrics.parquet change shape
+
+METRICS_COLUMNS = ("step", "epoch", "name", "value")
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    return type(value).__name__
+
+
+def read_run_json(run_dir: Path) -> tuple[dict | None, str | None]:
+    """RUN_DIR/run.json as a dict: (record, None); (None, what is wrong, in plain words) when it
+    does not parse or is not a JSON object; (None, None) when there is no run.json. A run
+    directory where a file of the harness's is a symlink, FIFO, device or folder is not read:
+    lock.ForeignEntry, one line naming it (train, skip checks and summaries alike)."""
+    from autograd_lab.disk.lock import check_entries, open_own
+
+    check_entries(run_dir)
+    path = Path(run_dir) / "run.json"
+    try:  # a symlink, FIFO, device or folder there: lock.ForeignEntry (one line), never a hang
+        with os.fdopen(open_own(path), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"run.json cannot be read ({e.strerror or type(e).__name__})"
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, cut short, binary, not UTF-8, too deep
+        what = "it is empty" if not data.strip() else "truncated or not JSON"
+        return None, f"run.json does not parse ({what})"
+    if not isinstance(record, dict):
+        return None, (f"run.json is not a run record (it holds a JSON {json_kind(record)}, not an "
+                      f"object)")
+    return record, None
+
+
+def metrics_problem(run_dir: Path, required: bool = True, steps=None) -> str | None:
+    """What is wrong with RUN_DIR/metrics.parquet, in plain words, or None if it parses (its
+    footer: schema and row count) and has the columns step, epoch, name, value. A missing file
+    is a problem only if `required`; `steps` (run.json's final.steps, the train/loss rows) is the
+    least number of rows it must hold."""
+    from autograd_lab.disk.lock import open_own
+
+    path = Path(run_dir) / "metrics.parquet"
+    try:  # a symlink, FIFO, device or folder there: lock.ForeignEntry (one line), never a hang
+        file = os.fdopen(open_own(path), "rb")
+    except FileNotFoundError:
+        return "metrics.parquet is missing" if required else None
+    import pyarrow.parquet as pq
+
+    try:
+        with file:
+            meta = pq.read_metadata(file)
+        names = meta.schema.names
+        rows = meta.num_rows
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, a folder of that name, ...
+        from autograd_lab.errors import clip
+
+        reason = clip(str(e), 120) or type(e).__name__
+        return f"metrics.parquet does not parse (truncated?): {reason}"
+    missing = [c for c in METRICS_COLUMNS if c not in names]
+    if missing:
+        return f"metrics.parquet lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}"
+    if isinstance(steps, int) and not isinstance(steps, bool) and rows < steps:
+        return (f"metrics.parquet holds {rows} rows, fewer than the {steps} steps run.json "
+                f"records (replaced or cut short?)")
+    return None
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse to write into a run directory that a newer autograd-lab wrote: its files would be
+    overwritten by an older shape; or one where a file or folder of the harness's is something
+    else (a symlink, a FIFO, ...: lock.check_entries)."""
+    from autograd_lab.disk.lock import check_entries
+    from autograd_lab.errors import UserError
+
+    check_entries(run_dir)
+    record, _ = read_run_json(run_dir)
+    if record is None:  # none, or broken: the run writes a new one
+        return
+    version = record.get("format_version", 0)
+    if isinstance(version, int) and version > RUN_FORMAT_VERSION:
+        raise UserError(f"{run_dir} was written by a newer autograd-lab (format_version="
+                        f"{version}; this one writes {RUN_FORMAT_VERSION}): upgrade, or use "
+                        f"another run directory")
+
+
+def finished_record(run_dir: Path, config: dict) -> dict | None:
+    """The run.json of a job that already completed with exactly this resolved config and whose
+    outputs parse (run.json, and metrics.parquet with every step); None: run it (again)."""
+    from autograd_lab.config.keys import comparable
+
+    record, _ = read_run_json(run_dir)
+    if record is None or record.get("status") != "completed":
+        return None
+    saved = record.get("config")
+    if not isinstance(saved, dict) or comparable(saved) != comparable(config):
+        return None
+    final = record.get("final")
+    steps = final.get("steps") if isinstance(final, dict) else None
+    if metrics_problem(run_dir, required=True, steps=steps) is not None:
+        return None
+    return record

@@ -1,0 +1,180 @@
+"""TODO docstring (sweep.summary, from summary, sweep)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+
+from autograd_lab.errors import UserError, clip
+from autograd_lab.sweep.figures import plot_curves
+from autograd_lab.sweep.runs import load_curves, load_runs
+from autograd_lab.sweep.tables import COST, RESULTS, _studies, group_table
+
+
+def summarize(path, by: list[str] | None = None) -> Path:
+    """Write path/summary/ and return it."""
+    return summarize_runs(path, by)[0]
+
+
+def _summary_lock(path: Path):
+    """One writer for a summary folder too (two `summarize` calls, or one beside a sweep's end):
+    a second gets the lock's one-line error. A folder that cannot be made is left to the
+    writes below, which report it."""
+    import contextlib
+
+    from autograd_lab.disk.lock import RunLock
+
+    try:
+        (path / "summary").mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return contextlib.nullcontext()
+    return RunLock(path / "summary")
+
+
+def summarize_runs(path, by: list[str] | None = None) -> tuple[Path, pd.DataFrame]:
+    """Write path/summary/; return it and the runs table written there. Runs whose files do
+    not parse are listed as broken (status `broken`, what is wrong as the error) and left out of
+    the grouped table and the plots; the others are summarised as usual. A summary that cannot
+    be written is a UserError."""
+
+    path = Path(path)
+    runs = load_runs(path)
+    with _summary_lock(path):
+        return _write_summary(path, runs, by)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """The temporary files and folders (`.NAME.tmp`) a killed summary left in `out`: never
+    read, removed before this summary writes its own."""
+    import shutil
+
+    for entry in out.glob(".*.tmp"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, disable_numparse=True)  # our numbers, as formatted
+
+
+def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
+    from autograd_lab.disk.files import atomic_write_bytes, write_csv, write_parquet
+
+    curves = load_curves(path)
+    for name, problem in curves.attrs.get("broken", {}).items():  # a footer that parsed, data
+        at = runs.index[(runs.run == name) & (runs.status != "broken")]  # that did not
+        runs.loc[at, "error"] = [f"{problem} (run.json says {s})" for s in runs.status[at]]
+        runs.loc[at, "status"] = "broken"
+    by = list(by) if by else runs.attrs["swept"]
+    unknown = [k for k in by if k not in runs]
+    if unknown:
+        raise UserError(f"--by {unknown[0]}: no such key in these runs; swept keys are: "
+                        f"{', '.join(runs.attrs['swept']) or '(none)'}")
+    running = runs[runs.status == "running"]  # SLURM still has them: no result yet
+    intact = runs[~runs.status.isin(["broken", "running", "duplicate"])]
+    broken = runs[runs.status == "broken"]
+    duplicate = runs[runs.status == "duplicate"]
+    failed = intact[intact.status != "completed"]
+    studies = ', '.join(sorted(_studies(runs).unique()))
+    text = [f"# Summary: {studies}" if studies else "# Summary", "", f"`{path}`", ""]
+    counts = runs.status.value_counts()
+    if runs.empty:
+        text += ["No runs yet: the sweep has not started a job. Summarize again (or let the "
+                 "sweep end) when its jobs have run.", ""]
+    text += [] if runs.empty else [f"{len(runs)} runs: " + ", ".join(
+        f"{counts[s]} {s}" for s in ("completed", "running", "diverged", "failed",
+                                      "interrupted", "broken", "duplicate") if s in counts)
+        + ". "
+        f"Grouped by {', '.join(k for k in by if k != 'seed') or 'nothing (one group)'}"
+        f"{'; seeds pooled (n runs a group)' if 'seed' in by else ''}. Every run's every "
+        f"column: runs.csv; curves: curves.parquet.", ""]
+    results, cost = group_table(intact, by, RESULTS), group_table(intact, by, COST)
+    if len(results) and any(h in results for _, h, _ in RESULTS):
+        text += ["## Results (completed runs)", "", _markdown(results), ""]
+    elif not runs.empty:
+        text += ["No run completed: nothing to average.", ""]
+    if len(cost) and any(h in cost for _, h, _ in COST):
+        text += ["## Time and memory per job", "",
+                 "Figures that belong to each job, whatever ran before it in the process "
+                 "(exact bytes, in MiB; seconds per step is the median after a warm-up).", "",
+                 _markdown(cost), ""]
+    if len(failed):
+        shown = failed.assign(error=failed.error.fillna("").astype(str).map(
+            lambda e: clip(e, 110)))
+        text += ["## Runs that did not complete", "",
+                 "Not in the tables above. Re-running the same command continues an interrupted "
+                 "run from its checkpoint.", "",
+                 _markdown(shown[["run", "status", "error"]]), ""]
+    if len(running):
+        text += ["## Runs still with SLURM", "",
+                 "Not in the tables above yet: summarize again when they end.", "",
+                 _markdown(running[["run", "error"]].rename(columns={"error": "state"})), ""]
+    if len(duplicate):
+        text += ["## Runs of a configuration already counted", "",
+                 "Each has the same result-relevant configuration as a run above (its folder "
+                 "was named by another spelling of the overrides): counted once, as that run.",
+                 "", _markdown(duplicate[["run", "error"]].rename(columns={"error": "same as"})),
+                 ""]
+    if len(broken):
+        text += ["## Broken runs", "",
+                 "Their files do not parse, so they are not in the tables above. Re-running the "
+                 "command that made one runs it again (or continues it from its checkpoint).", "",
+                 broken.rename(columns={"error": "problem"})[["run", "problem"]]
+                 .to_markdown(index=False), ""]
+    out = path / "summary"
+    try:
+        out.mkdir(exist_ok=True)
+        _remove_leftovers(out)
+        write_parquet(out / "runs.parquet", runs.astype({c: str for c in runs.columns
+                                                         if runs[c].dtype == object}))
+        write_csv(out / "runs.csv", runs)
+        write_parquet(out / "curves.parquet", curves)
+        atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
+        pngs = plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
+        for old in out.glob("*.png"):  # an earlier summary's figure this one does not draw
+            if old not in pngs and old.is_file() and not old.is_symlink():
+                old.unlink()
+        from autograd_lab.sweep.board import write_summary_run
+
+        # the TensorBoard run `summary`: seed bands and these PNGs
+        write_summary_run(out, intact, curves, by, pngs)
+    except OSError as e:
+        where = e.filename or out
+        raise UserError(f"cannot write the summary: {where}: "
+                        f"{e.strerror or type(e).__name__}") from None
+    return out, runs
+
+
+class SummaryCallback(Callback):
+    """When a multirun ends: write summary/, say where things are, list runs that failed, were
+    killed or whose files do not parse (broken), and exit non-zero if any did (a diverged run is
+    a result, not a failure). A summary that cannot be written is an error: one line, exit 1."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from autograd_lab.errors import error_text
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            out, runs = summarize_runs(sweep_dir)
+        except Exception as e:  # UserError (unwritable, a newer run inside), or a bug
+            reason = error_text(e)
+            reason = reason.strip().splitlines()[0] if reason.strip() else type(e).__name__
+            print(f"autograd-lab: error: no summary written for {sweep_dir}: {reason}",
+                  file=sys.stderr)
+            sys.exit(1)
+        from autograd_lab.run.messages import sweep_table, tensorboard_hint
+
+        print(f"\n{sweep_table(runs, runs.attrs.get('swept', []))}")
+        print(f"\nsummary: {out / 'summary.md'} (runs.csv, runs.parquet, curves.parquet, "
+              f"{', '.join(p.name for p in sorted(out.glob('*.png')))})")
+        print(f"tensorboard: {tensorboard_hint(sweep_dir)}")
+        bad = runs[runs.status.isin(["failed", "interrupted", "broken"])]
+        for _, row in bad.iterrows():
+            print(f"{row.status}: {row.run}: {row.error}", file=sys.stderr)
+        if len(bad):
+            sys.exit(1)

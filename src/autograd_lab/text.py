@@ -1,0 +1,53 @@
+"""TODO docstring (text, from cli, messages, summary)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def command_path() -> str:
+    """How to call this console script again, pasteable as is into a shell (no activated venv
+    needed; quoted where the path has spaces, quotes or non-ASCII characters)."""
+    import shlex
+
+    exe = Path(sys.executable).parent / "autograd-lab"
+    if not exe.exists():
+        return "autograd-lab"
+    try:
+        return shlex.quote(str(exe.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(exe))
+
+
+def _n(x, digits: int = 3) -> str:
+
+    return fmt_number(x, digits)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def fmt_number(x, digits: int = 3) -> str:
+    """Plain notation with `digits` significant digits (0.163, 2.19, 6,842); powers of ten
+    only where the size needs them (1.1e7, 3.2e-5)."""
+    if x is None or pd.isna(x):
+        return "-"
+    x = float(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e6 or abs(x) < 1e-3:
+        mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+        return f"{float(mantissa):.{digits}g}e{int(exponent)}"
+    if abs(x) >= 10 ** digits:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
