@@ -214,8 +214,8 @@ def test_an_atomic_write_never_replaces_what_it_did_not_make(tmp_path):
     """records.atomic_write_bytes (every record file, checkpoint and summary): a symlink or FIFO
     at the path is refused (one line naming it) and left as it is; the symlink's target is not
     written. A plain file is replaced as before."""
+    from autograd_lab.disk.files import atomic_write_bytes
     from autograd_lab.disk.lock import ForeignEntry
-    from autograd_lab.run.recorder import atomic_write_bytes
 
     victim, content = _victim(tmp_path)
     (tmp_path / "link").symlink_to(victim)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
-
-import pandas as pd
 
 
 def command_path() -> str:
@@ -40,9 +39,12 @@ def _duration(seconds: float) -> str:
 def fmt_number(x, digits: int = 3) -> str:
     """Plain notation with `digits` significant digits (0.163, 2.19, 6,842); powers of ten
     only where the size needs them (1.1e7, 3.2e-5)."""
-    if x is None or pd.isna(x):
+    try:
+        x = float(x)
+    except (TypeError, ValueError):  # None, pandas' NA
         return "-"
-    x = float(x)
+    if math.isnan(x):
+        return "-"
     if x == 0:
         return "0"
     if abs(x) >= 1e6 or abs(x) < 1e-3:

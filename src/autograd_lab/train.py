@@ -96,8 +96,8 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
     """A sweep job that failed before run() could record it (a bad value, an incompatible
     checkpoint) still gets a run.json, so the summary says failed, not killed. A record that
     run() wrote, or one a newer version wrote, is left as it is."""
+    from autograd_lab.disk.files import write_json
     from autograd_lab.disk.lock import is_rank_zero
-    from autograd_lab.run.recorder import write_json
 
     if not is_rank_zero():
         return

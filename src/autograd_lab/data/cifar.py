@@ -32,8 +32,8 @@ from torchvision.datasets import cifar as tv_cifar
 from torchvision.datasets.utils import extract_archive
 
 from autograd_lab.config.resources import cannot_download, cifar10_url, unreachable
+from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.errors import UserError, clip
-from autograd_lab.run.recorder import atomic_write_bytes
 
 ARCHIVE = "cifar-10-python.tar.gz"
 

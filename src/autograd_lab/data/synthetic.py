@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 
 from autograd_lab.data.cifar import CLASSES
+from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.errors import UserError
-from autograd_lab.run.recorder import atomic_write_bytes
 
 
 # ------------------------------------------------------------------ synthetic CIFAR-10

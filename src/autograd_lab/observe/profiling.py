@@ -289,7 +289,7 @@ class TorchProfiler(L.Callback):
         self._write()
 
     def _write(self) -> None:
-        from autograd_lab.run.recorder import write_csv
+        from autograd_lab.disk.files import write_csv
 
         if not self.events:
             self.summary = {"error": "no profiled step completed (run more steps than "

@@ -31,10 +31,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
 from autograd_lab.config.keys import flatten, resume_comparable
-from autograd_lab.disk.files import load_tensor_file
+from autograd_lab.disk.files import atomic_write_bytes, load_tensor_file
 from autograd_lab.errors import UserError
 from autograd_lab.model.module import CHECKPOINT_FORMAT, at_max_steps
-from autograd_lab.run.recorder import atomic_write_bytes
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 

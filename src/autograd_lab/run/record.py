@@ -19,8 +19,8 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
     """Flush what is left, write metrics.parquet and run.json (rank 0), whatever the outcome."""
     import torch
 
+    from autograd_lab.disk.files import write_json, write_parquet
     from autograd_lab.observe.memory import peak_rss_mib
-    from autograd_lab.run.recorder import write_json, write_parquet
 
     if parts is not None:
         for h in parts.hooks:

@@ -19,7 +19,7 @@ def plot_stability(runs, curves, out_dir) -> Path:
 
     import matplotlib.pyplot as plt
 
-    from autograd_lab.run.recorder import atomic_write_bytes
+    from autograd_lab.disk.files import atomic_write_bytes
 
     out = Path(out_dir)
     fig = figure_stability(runs, curves)
