@@ -22,11 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from autograd_lab.config.keys import CONF_PACKAGE
 from autograd_lab.config.schema import validate
+from autograd_lab.disk.formats import RUN_FORMAT_VERSION
 from autograd_lab.errors import EXIT_USER_ERROR, UserError, error_text, write_failure
-from autograd_lab.run.build import _build, _choices, _overrides
-from autograd_lab.run.fit import WriteFailed, _fit, _reserve_space, _resume_point
-from autograd_lab.run.record import _versions, _write_record
-from autograd_lab.run.rundir import RUN_FORMAT_VERSION
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="train")
@@ -98,6 +95,7 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
     run() wrote, or one a newer version wrote, is left as it is."""
     from autograd_lab.disk.files import write_json
     from autograd_lab.disk.lock import is_rank_zero
+    from autograd_lab.run.build import _choices, _overrides
 
     if not is_rank_zero():
         return
@@ -178,6 +176,9 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     """
     _quiet_libraries()
     from autograd_lab.config.targets import check_arguments, check_targets
+    from autograd_lab.run.build import _build, _choices, _overrides
+    from autograd_lab.run.fit import WriteFailed, _fit, _reserve_space, _resume_point
+    from autograd_lab.run.record import _versions, _write_record
 
     check_targets(cfg)  # every path (the API too): no _target_ but a class of its kind is made
     check_arguments(cfg)  # and its arguments fit its signature, before anything is written

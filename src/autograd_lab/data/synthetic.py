@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 
+from autograd_lab.config.resources import synthetic_key
 from autograd_lab.data.cifar import CLASSES
 from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.errors import UserError
@@ -19,9 +20,6 @@ from autograd_lab.errors import UserError
 
 # ------------------------------------------------------------------ synthetic CIFAR-10
 def _synthetic_key(cfg) -> str:
-    from autograd_lab.config.resources import (
-        synthetic_key,  # one rule: the preflight's memory check finds it too
-    )
 
     return synthetic_key(cfg)
 

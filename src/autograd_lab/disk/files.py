@@ -10,6 +10,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from autograd_lab.disk.lock import foreign
+from autograd_lab.errors import UserError, clip
+
 # the atomic file writes live in files.py (torch-free, for `summarize`); the run's writers
 # import them from here as before
 
@@ -27,7 +30,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     there is refused (lock.ForeignEntry, one line naming it) and left as it is: the rename
     would never write through a symlink, but it would silently replace an entry the harness did
     not make. Checked before the temporary file is written and again just before the rename."""
-    from autograd_lab.disk.lock import foreign
 
     path = Path(path)
     tmp = None
@@ -90,7 +92,6 @@ def load_tensor_file(path: Path, label: str, map_location="cpu", hint: str = "re
 
     import torch
 
-    from autograd_lab.errors import UserError, clip
 
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": the error below says it

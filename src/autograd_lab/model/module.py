@@ -25,11 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autograd_lab.disk.formats import CHECKPOINT_FORMAT
 from autograd_lab.model.variants import eval_context
 
 _NO_RANGE = contextlib.nullcontext()
-
-CHECKPOINT_FORMAT = 2  # 1: the chunked harness (state in the Checkpointer callback's dict)
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autograd_lab.disk.files import load_tensor_file
 from autograd_lab.errors import UserError
 from autograd_lab.model.functions import CustomReLU, custom_relu
 
@@ -96,7 +97,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load a local state_dict (tensors only: weights_only=True), with one-line errors."""
     if not path.is_file():
         raise UserError(f"model.weights_path={path}: no such file")
-    from autograd_lab.disk.files import load_tensor_file
 
     state = load_tensor_file(path, f"model.weights_path={path}", hint="give a state_dict file")
     if isinstance(state, dict) and "state_dict" in state:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from autograd_lab.data.loader import CIFARDataModule, _prepare, load_split_tensors
 from autograd_lab.observe.graph import Graph, walk
 
 
@@ -188,7 +189,6 @@ def first_batch(cfg) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(x, y, resident): a run's first training batch, taken and prepared as the run does it
     (the data module's train loader: a gather when shuffled; normalised, augmented), and the
     resident tensors it comes from."""
-    from autograd_lab.data.loader import CIFARDataModule, _prepare, load_split_tensors
 
     datamodule = CIFARDataModule(cfg.data, cfg.seed, tensors=load_split_tensors(cfg.data))
     loader = datamodule.train_dataloader()

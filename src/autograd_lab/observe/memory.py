@@ -27,6 +27,9 @@ import resource
 import lightning as L
 import torch
 
+from autograd_lab.observe.graph import SavedBytes, outliving
+from autograd_lab.observe.graph_view import resident_tensors
+
 # the atomic file writes live in files.py (torch-free, for `summarize`); the run's writers
 # import them from here as before
 
@@ -48,8 +51,6 @@ def _storages(tensors) -> dict[int, int]:
 def _counter(model: torch.nn.Module, trainer, at_pack: bool):
     """graph.SavedBytes: the rule `autograd-lab graph` counts by, with this run's model and
     resident data set left out."""
-    from autograd_lab.observe.graph import SavedBytes, outliving
-    from autograd_lab.observe.graph_view import resident_tensors
 
     return SavedBytes(outliving(model, resident_tensors(trainer)), at_pack=at_pack)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from autograd_lab.data.loader import normalize
 from autograd_lab.errors import UserError
 from autograd_lab.observe.dynamics import (
     has_train_batchnorm,
@@ -113,7 +114,6 @@ class Probes(L.Callback):
     def _second_order_setup(self, trainer, pl_module) -> None:
         """The training set as the loader holds it (uint8, this rank's share), the sharpness
         probe set (drawn once per run, the same in every run of a sweep), the batch sizes."""
-        from autograd_lab.data.loader import normalize
 
         loader = trainer.train_dataloader
         self.data_x, self.data_y = loader.x, loader.y

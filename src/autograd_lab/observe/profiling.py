@@ -38,6 +38,8 @@ import lightning as L
 import torch
 from torch.autograd import DeviceType
 
+from autograd_lab.disk.files import write_csv
+
 PHASES = ("forward", "backward", "optimizer", "data", "logging")
 
 TOP_OPS = 8  # ops per profiling cycle shown as scalars
@@ -289,7 +291,6 @@ class TorchProfiler(L.Callback):
         self._write()
 
     def _write(self) -> None:
-        from autograd_lab.disk.files import write_csv
 
         if not self.events:
             self.summary = {"error": "no profiled step completed (run more steps than "

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import math
 
+from autograd_lab.config.keys import is_result_key
+from autograd_lab.config.schema import CHECKS
+
 # HParams metrics: (tag, what the column shows). The first three are the run's own curves:
 # HParams shows a tag's last value, which is the final one.
 HPARAM_METRICS = (
@@ -80,7 +83,6 @@ def identifying_hparams(cfg, choices: dict, overrides: list[str]) -> dict:
     (called from Python) the groups are read from the config's own names."""
     from omegaconf import OmegaConf
 
-    from autograd_lab.config.keys import is_result_key
 
     out: dict = {}
     if choices:
@@ -116,7 +118,6 @@ def identifying_hparams(cfg, choices: dict, overrides: list[str]) -> dict:
 def _integer_key(key: str) -> bool:
     """Whether the schema's checks (config.CHECKS) take `key` as an integer (seed, sizes), or
     do not know it; a number key (optim.lr) given as `1` is a number, not an integer."""
-    from autograd_lab.config.schema import CHECKS
 
     check = CHECKS.get(key)
     return check is None or "integer" in check[1]

@@ -7,7 +7,21 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
+from autograd_lab.data.loader import CIFARDataModule, load_split_tensors
 from autograd_lab.errors import UserError
+from autograd_lab.model.module import Classifier
+from autograd_lab.model.networks import build_model
+from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
+from autograd_lab.observe.graph_view import TensorBoardGraph
+from autograd_lab.observe.memory import MemoryFigures, reset_peak_rss
+from autograd_lab.observe.probes import STATS, Probes
+from autograd_lab.observe.profiling import TorchProfiler
+from autograd_lab.run.board import identifying_hparams, layout
+from autograd_lab.run.checkpoint import AtomicCheckpointIO, Checkpointer
+from autograd_lab.run.distributed import strategy
+from autograd_lab.run.progress import ProgressLines, StepProgressBar
+from autograd_lab.run.recorder import RunRecorder
+from autograd_lab.run.resumable import numerics
 
 
 class _Parts:
@@ -23,15 +37,6 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
     import lightning as L
     import torch
 
-    from autograd_lab.data.loader import CIFARDataModule, load_split_tensors
-    from autograd_lab.model.module import Classifier
-    from autograd_lab.model.networks import build_model
-    from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
-    from autograd_lab.observe.memory import reset_peak_rss
-    from autograd_lab.run.checkpoint import AtomicCheckpointIO, Checkpointer
-    from autograd_lab.run.distributed import strategy
-    from autograd_lab.run.progress import StepProgressBar
-    from autograd_lab.run.recorder import RunRecorder
 
     reset_peak_rss()
     if torch.cuda.is_available():
@@ -50,7 +55,6 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
         record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
                             "upstream_names": det.upstream}
     frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
-    from autograd_lab.run.checkpoint import numerics
 
     module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
                         scheduler=_scheduler(cfg),
@@ -70,18 +74,13 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
     probes = _probes(cfg, recorder)
     profiler = _profiler(cfg, run_dir, recorder)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, signals, recorder)
-    from autograd_lab.observe.memory import MemoryFigures
 
     memory = MemoryFigures()
     recorder.memory = memory.figures  # whole-run HParams metrics, filled by the first steps
-    from autograd_lab.observe.graph_view import (
-        TensorBoardGraph,  # the backward graph, once (not again on a resume)
-    )
 
     graph = TensorBoardGraph(recorder, resumed=resumed is not None)  # after the probes' hooks
     callbacks = [recorder, memory, *probes, *profiler, graph, *user_callbacks, *extra_callbacks]
     if progress_bar == "lines":
-        from autograd_lab.run.progress import ProgressLines
 
         callbacks.append(ProgressLines(recorder, cfg.log.progress_every_s))
     elif progress_bar:
@@ -205,7 +204,6 @@ class _ddp_environment:
 def _probes(cfg, recorder) -> list:
     if cfg.probes.mode == "off":
         return []
-    from autograd_lab.observe.probes import Probes
 
     options = {k: v for k, v in cfg.probes.items() if k != "mode"}
     return [Probes(recorder, cfg.probes.mode, zero_grad=cfg.train.zero_grad, **options)]
@@ -214,21 +212,18 @@ def _probes(cfg, recorder) -> list:
 def _profiler(cfg, run_dir, recorder) -> list:
     if cfg.profiler.name == "off":
         return []
-    from autograd_lab.observe.profiling import TorchProfiler
 
     options = {k: v for k, v in cfg.profiler.items() if k != "name"}
     return [TorchProfiler(run_dir, recorder, trace_dir=run_dir / "profiler", **options)]
 
 
 def _load_data(cfg):
-    from autograd_lab.data.loader import load_split_tensors
 
     return load_split_tensors(cfg.data)
 
 
 def _hparams(cfg) -> dict:
     """HParams: the keys that name the run (group choices, keys typed or swept)."""
-    from autograd_lab.run.board import identifying_hparams
 
     return identifying_hparams(cfg, _choices(), _overrides())
 
@@ -247,8 +242,6 @@ def _varied_keys() -> set:
 
 
 def _layout(cfg) -> dict:
-    from autograd_lab.observe.probes import STATS
-    from autograd_lab.run.board import layout
 
     try:
         in_sweep = HydraConfig.get().mode.name == "MULTIRUN"

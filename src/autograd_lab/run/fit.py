@@ -7,8 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+from autograd_lab.disk.formats import CHECKPOINT
+from autograd_lab.disk.lock import open_own
 from autograd_lab.errors import EXIT_INTERRUPTED, UserError, write_failure
 from autograd_lab.run.build import _ddp_environment, _Parts
+from autograd_lab.run.checkpoint import RunInterrupted
+from autograd_lab.run.resumable import check_resumable, numerics_changed
+from autograd_lab.run.rundir import check_run_dir
 
 
 class WriteFailed(UserError):
@@ -20,7 +25,6 @@ class WriteFailed(UserError):
 def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
     """Run Lightning's fit and classify how it ended: completed, diverged, interrupted (a stop
     signal, saved at a step boundary; or a second Ctrl-C) or failed."""
-    from autograd_lab.run.checkpoint import RunInterrupted
 
     trainer = parts.trainer
     try:
@@ -37,7 +41,6 @@ def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
             return
         refused = write_failure(e, parts.run_dir)
         if refused is not None:  # a full disk: the last checkpoint and run.json stay as they were
-            from autograd_lab.run.checkpoint import CHECKPOINT
 
             kept = ("the last checkpoint is kept: " if (parts.run_dir / CHECKPOINT).is_file()
                     else "")
@@ -82,7 +85,6 @@ def _reserve_space(run_dir: Path) -> None:
     while the run trains: when the disk fills up, _write_record frees it first, so run.json and
     metrics.parquet are still written (a full disk ends `failed` with its record). Best effort:
     a disk already too full for it simply has no reserve."""
-    from autograd_lab.disk.lock import open_own
 
     try:
         fd = open_own(run_dir / RESERVE, os.O_RDWR | os.O_CREAT)
@@ -106,8 +108,6 @@ def _resume_point(cfg, run_dir: Path, config: dict,
                   clear: bool = True) -> tuple[Path | None, dict | None, dict | None]:
     """The checkpoint this run continues from, or None for a fresh start (which clears what an
     earlier attempt left in the run directory, so TensorBoard shows one curve)."""
-    from autograd_lab.run.checkpoint import CHECKPOINT, check_resumable, numerics_changed
-    from autograd_lab.run.rundir import check_run_dir
 
     check_run_dir(run_dir)
     leftovers = [*run_dir.glob(".*.tmp"), *(run_dir / "checkpoints").glob(".*.tmp")]

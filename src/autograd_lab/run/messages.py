@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from autograd_lab.text import _duration, _n
+from autograd_lab.text import _duration, _n, command_path
 
 log = logging.getLogger("autograd_lab")
 
@@ -42,7 +42,6 @@ def tensorboard_hint(run_dir: Path) -> str:
     quoted where it has spaces, quotes or non-ASCII characters)."""
     import shlex
 
-    from autograd_lab.text import command_path
 
     return f"{command_path()} tensorboard {shlex.quote(shown(run_dir))}"
 

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 # import them from here as before
 from autograd_lab.run.messages import log
 from autograd_lab.run.recorder import RunRecorder
-from autograd_lab.text import _n
+from autograd_lab.text import _n, fmt_number
 
 
 class ProgressLines(L.Callback):
@@ -63,7 +63,6 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module):
         """The bar's fields, none needing a host sync: the optimizer step, the last flushed
         loss (and its step), images/s, and the last validation's loss and accuracy."""
-        from autograd_lab.text import fmt_number
 
         rec = self.recorder
         metrics = {"step": f"{trainer.global_step:,}"}

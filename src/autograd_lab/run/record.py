@@ -9,7 +9,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from autograd_lab.disk.files import write_json, write_parquet
 from autograd_lab.errors import write_failure
+from autograd_lab.observe.memory import peak_rss_mib
 from autograd_lab.run.build import _Parts
 from autograd_lab.run.fit import _release_space
 
@@ -19,8 +21,6 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
     """Flush what is left, write metrics.parquet and run.json (rank 0), whatever the outcome."""
     import torch
 
-    from autograd_lab.disk.files import write_json, write_parquet
-    from autograd_lab.observe.memory import peak_rss_mib
 
     if parts is not None:
         for h in parts.hooks:

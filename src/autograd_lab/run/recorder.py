@@ -19,6 +19,8 @@ from pathlib import Path
 
 import lightning as L
 
+from autograd_lab.run.board import whole_run_metrics, write_hparams, write_layout
+
 # the atomic file writes live in files.py (torch-free, for `summarize`); the run's writers
 # import them from here as before
 
@@ -134,7 +136,6 @@ class RunRecorder(L.Callback):
     def on_train_start(self, trainer, pl_module):
         if self.resumed_from is None:  # a resume keeps the layout its first attempt wrote
             if self.layout and self.writer is not None:
-                from autograd_lab.run.board import write_layout
 
                 write_layout(self.writer, self.layout)
             return
@@ -261,7 +262,6 @@ class RunRecorder(L.Callback):
         self.flush(trainer, pl_module)
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from autograd_lab.run.board import whole_run_metrics, write_hparams
 
         metrics = whole_run_metrics(self, self.whole_run)
         status = "diverged" if self.diverged_at is not None else "completed"

@@ -6,7 +6,10 @@ import json
 import os
 from pathlib import Path
 
-RUN_FORMAT_VERSION = 1  # bumped when run.json / metrics.parquet change shape
+from autograd_lab.config.keys import comparable
+from autograd_lab.disk.formats import RUN_FORMAT_VERSION
+from autograd_lab.disk.lock import check_entries, open_own
+from autograd_lab.errors import UserError, clip
 
 METRICS_COLUMNS = ("step", "epoch", "name", "value")
 
@@ -31,7 +34,6 @@ def read_run_json(run_dir: Path) -> tuple[dict | None, str | None]:
     does not parse or is not a JSON object; (None, None) when there is no run.json. A run
     directory where a file of the harness's is a symlink, FIFO, device or folder is not read:
     lock.ForeignEntry, one line naming it (train, skip checks and summaries alike)."""
-    from autograd_lab.disk.lock import check_entries, open_own
 
     check_entries(run_dir)
     path = Path(run_dir) / "run.json"
@@ -58,7 +60,6 @@ def metrics_problem(run_dir: Path, required: bool = True, steps=None) -> str | N
     footer: schema and row count) and has the columns step, epoch, name, value. A missing file
     is a problem only if `required`; `steps` (run.json's final.steps, the train/loss rows) is the
     least number of rows it must hold."""
-    from autograd_lab.disk.lock import open_own
 
     path = Path(run_dir) / "metrics.parquet"
     try:  # a symlink, FIFO, device or folder there: lock.ForeignEntry (one line), never a hang
@@ -73,7 +74,6 @@ def metrics_problem(run_dir: Path, required: bool = True, steps=None) -> str | N
         names = meta.schema.names
         rows = meta.num_rows
     except Exception as e:  # pyarrow's ArrowInvalid, OSError, a folder of that name, ...
-        from autograd_lab.errors import clip
 
         reason = clip(str(e), 120) or type(e).__name__
         return f"metrics.parquet does not parse (truncated?): {reason}"
@@ -90,8 +90,6 @@ def check_run_dir(run_dir: Path) -> None:
     """Refuse to write into a run directory that a newer autograd-lab wrote: its files would be
     overwritten by an older shape; or one where a file or folder of the harness's is something
     else (a symlink, a FIFO, ...: lock.check_entries)."""
-    from autograd_lab.disk.lock import check_entries
-    from autograd_lab.errors import UserError
 
     check_entries(run_dir)
     record, _ = read_run_json(run_dir)
@@ -107,7 +105,6 @@ def check_run_dir(run_dir: Path) -> None:
 def finished_record(run_dir: Path, config: dict) -> dict | None:
     """The run.json of a job that already completed with exactly this resolved config and whose
     outputs parse (run.json, and metrics.parquet with every step); None: run it (again)."""
-    from autograd_lab.config.keys import comparable
 
     record, _ = read_run_json(run_dir)
     if record is None or record.get("status") != "completed":

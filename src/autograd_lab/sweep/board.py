@@ -5,7 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from autograd_lab.config.keys import path_safe
+from autograd_lab.disk.files import atomic_write_bytes
+from autograd_lab.disk.lock import foreign
 from autograd_lab.run.board import BAND_METRICS, BANDS, band_tag, layout_summary
+from autograd_lab.sweep.figures import group_curves
 
 
 def _text(value) -> str:
@@ -22,7 +26,6 @@ def band_frames(runs, curves, by: list[str]) -> dict:
     import numpy as np
     import pandas as pd
 
-    from autograd_lab.sweep.figures import group_curves
 
     keys = [k for k in by if k != "seed"]
     done = runs[runs.status.isin(["completed", "diverged"])]
@@ -219,7 +222,6 @@ def _put_run(folder: Path, data: bytes, durable: bool = True) -> None:
     import shutil
     import tempfile
 
-    from autograd_lab.disk.lock import foreign
 
     refused = foreign(folder, folder=True) or foreign(folder / EVENTS)
     if refused is not None:  # a symlink or FIFO where our run goes: never written through
@@ -268,7 +270,6 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     import numpy as np
     import pandas as pd
 
-    from autograd_lab.config.keys import path_safe
 
     folder = Path(folder)
     keys = [k for k in by if k != "seed"]
@@ -314,7 +315,6 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     events.add_summary(layout_summary({BANDS: charts}))
     for png in pngs:
         events.add_summary(_png_summary(f"summary/{Path(png).stem}", Path(png).read_bytes()))
-    from autograd_lab.disk.files import atomic_write_bytes
 
     atomic_write_bytes(folder / EVENTS, events.data())  # the `summary` run, replaced whole
     for old in folder.glob("events.out.tfevents.*"):  # an earlier summary's, other names

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from autograd_lab.config.keys import identity_key, path_safe
+from autograd_lab.disk.lock import check_entries, check_sweep_dir, is_rank_zero
+from autograd_lab.errors import UserError
+from autograd_lab.run.resumable import check_ckpt_path_override
 from autograd_lab.run.rundir import read_run_json
 
 # ---------------------------------------------------------------- one folder per run of a sweep
@@ -21,7 +25,6 @@ _IDENTITIES: dict = {}  # (job folder, file, its mtime and size) -> (identity ke
 def _folder_identity(folder: Path) -> tuple[str, str | None] | None:
     """(identity key, status) of the run in a sweep's job folder: from its run.json's config,
     else (a job killed before writing one) Hydra's .hydra/config.yaml; None if neither reads."""
-    from autograd_lab.config.keys import identity_key
 
     for name in ("run.json", ".hydra/config.yaml"):
         path = folder / name
@@ -57,7 +60,6 @@ def job_folder(name: str, _root_) -> str:
     else the name from its overrides (config.path_safe)."""
     from omegaconf import OmegaConf
 
-    from autograd_lab.config.keys import identity_key, path_safe
 
     own = path_safe(name)
     try:
@@ -94,12 +96,10 @@ class OwnFilesCallback(Callback):
     again when it takes the lock (a job folder made after this check)."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        from autograd_lab.disk.lock import check_entries
 
         _refuse(lambda: check_entries(Path(config.hydra.run.dir)))
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        from autograd_lab.disk.lock import check_sweep_dir
 
         _refuse(lambda: check_sweep_dir(Path(config.hydra.sweep.dir)))
 
@@ -109,7 +109,6 @@ def _refuse(check) -> None:
     folder name that does not resolve is left to Hydra, which reports it."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from autograd_lab.errors import UserError
 
     try:
         check()
@@ -137,9 +136,6 @@ class PreflightCallback(Callback):
         from hydra.core.singleton import Singleton
 
         import autograd_lab.config.schema as checks
-        from autograd_lab.disk.lock import (
-            is_rank_zero,  # torch-free: this runs before the job imports torch
-        )
 
         if checks.CHECKED_BY_CLI or not is_rank_zero():
             return
@@ -156,9 +152,6 @@ class PreflightCallback(Callback):
             overrides = list(config.hydra.overrides.task)
             checks.check_overrides(overrides, multirun)
             if not multirun and any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
-                from autograd_lab.run.checkpoint import (
-                    check_ckpt_path_override,  # torch: only for ckpt_path=
-                )
 
                 check_ckpt_path_override(overrides)
         except checks.UserError as e:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from autograd_lab.config.keys import path_safe
+from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.errors import clip
 from autograd_lab.sweep.runs import load_curves, load_runs
 from autograd_lab.sweep.tables import COST, _data_name, _fmt, _label, _studies, _value_text
@@ -19,7 +20,6 @@ def plot_stability(runs, curves, out_dir) -> Path:
 
     import matplotlib.pyplot as plt
 
-    from autograd_lab.disk.files import atomic_write_bytes
 
     out = Path(out_dir)
     fig = figure_stability(runs, curves)
@@ -343,7 +343,6 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Pa
 
     import matplotlib.pyplot as plt
 
-    from autograd_lab.disk.files import atomic_write_bytes
 
     written = []
     for name, fig in _figures(runs, curves, by):

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from autograd_lab.config.keys import flatten
+from autograd_lab.config.keys import comparable, flatten
+from autograd_lab.disk.formats import RUN_FORMAT_VERSION
 from autograd_lab.errors import UserError, clip
-from autograd_lab.run.rundir import RUN_FORMAT_VERSION, json_kind, metrics_problem, read_run_json
+from autograd_lab.run.rundir import json_kind, metrics_problem, read_run_json
+from autograd_lab.sweep.slurm_queue import read_marker, slurm_job_states
 
 METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "val_step", "steps"]
 
@@ -151,7 +153,6 @@ def load_runs(path) -> pd.DataFrame:
     without job folders yet gives no rows."""
     base = Path(path)
     rows, results, configless, identities = [], set(), [], []
-    from autograd_lab.sweep.slurm_queue import read_marker, slurm_job_states
 
     run_dirs = find_runs(base)
     active = slurm_job_states(run_dirs)  # jobs SLURM still has (pending, running, ...)
@@ -196,7 +197,6 @@ def _identity(config: dict) -> str:
     """A configuration's identity: its result-relevant keys (config.comparable), as text."""
     import json
 
-    from autograd_lab.config.keys import comparable
 
     return json.dumps(comparable(config), sort_keys=True, default=str)
 

@@ -13,6 +13,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher as _SubmititSlurmLauncher,
 )
 
+from autograd_lab.errors import UserError
+from autograd_lab.run.rundir import finished_record, read_run_json
 from autograd_lab.sweep.slurm_queue import (
     DEFAULT_MAX_REQUEUES,
     MARKER,
@@ -22,6 +24,7 @@ from autograd_lab.sweep.slurm_queue import (
     read_marker,
     squeue_states,
 )
+from autograd_lab.sweep.summary import summarize_runs
 
 
 # ------------------------------------------------------------------ the submitting side
@@ -46,7 +49,6 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         self.wait, self.max_requeues = bool(wait), int(max_requeues)
 
     def launch(self, job_overrides, initial_job_idx: int):
-        from autograd_lab.errors import UserError
 
         try:
             return self._launch(job_overrides, initial_job_idx)
@@ -88,7 +90,6 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf, open_dict, read_write
 
-        from autograd_lab.run.rundir import finished_record
 
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config.hydra.job):
@@ -220,7 +221,6 @@ class SlurmLauncher(_SubmititSlurmLauncher):
     def _job_return(self, job: _Job):
         from hydra.core.utils import JobReturn, JobStatus
 
-        from autograd_lab.run.rundir import read_run_json
 
         record = job.done if job.done is not None else read_run_json(job.run_dir)[0]
         return JobReturn(overrides=job.overrides, cfg=job.task_cfg, hydra_cfg=job.sweep_config,
@@ -230,7 +230,6 @@ class SlurmLauncher(_SubmititSlurmLauncher):
 
 
 def _no_slurm(command: str, error: Exception):
-    from autograd_lab.errors import UserError
 
     reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
     return UserError(f"hydra/launcher=slurm: {command} failed: {reason}. Is a SLURM cluster "
@@ -240,7 +239,6 @@ def _no_slurm(command: str, error: Exception):
 
 def write_summary(sweep_dir: str) -> None:
     """What the summary job runs (wait=false): the sweep's summary, as at the end of a sweep."""
-    from autograd_lab.sweep.summary import summarize_runs
 
     out, runs = summarize_runs(Path(sweep_dir))
     print(f"summary: {out / 'summary.md'}")

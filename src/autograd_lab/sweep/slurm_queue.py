@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from autograd_lab.disk.lock import open_own
+
 PLUGIN_NAME = "hydra_plugins.autograd_lab_slurm.SlurmLauncher"
 
 MARKER = "slurm.json"  # in each job's run directory
@@ -68,9 +70,6 @@ def squeue_states(job_ids) -> dict[str, str]:
 
 
 def read_marker(run_dir: Path) -> dict:
-    from autograd_lab.disk.lock import (
-        open_own,  # a FIFO there: one line (lock.ForeignEntry), never a hang
-    )
 
     try:
         with os.fdopen(open_own(Path(run_dir) / MARKER), "rb") as f:

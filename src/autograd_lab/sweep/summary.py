@@ -8,7 +8,11 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from autograd_lab.errors import UserError, clip
+from autograd_lab.disk.files import atomic_write_bytes, write_csv, write_parquet
+from autograd_lab.disk.lock import RunLock
+from autograd_lab.errors import UserError, clip, error_text
+from autograd_lab.run.messages import sweep_table, tensorboard_hint
+from autograd_lab.sweep.board import write_summary_run
 from autograd_lab.sweep.figures import plot_curves
 from autograd_lab.sweep.runs import load_curves, load_runs
 from autograd_lab.sweep.tables import COST, RESULTS, _studies, group_table
@@ -25,7 +29,6 @@ def _summary_lock(path: Path):
     writes below, which report it."""
     import contextlib
 
-    from autograd_lab.disk.lock import RunLock
 
     try:
         (path / "summary").mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,6 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
-    from autograd_lab.disk.files import atomic_write_bytes, write_csv, write_parquet
 
     curves = load_curves(path)
     for name, problem in curves.attrs.get("broken", {}).items():  # a footer that parsed, data
@@ -139,7 +141,6 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         for old in out.glob("*.png"):  # an earlier summary's figure this one does not draw
             if old not in pngs and old.is_file() and not old.is_symlink():
                 old.unlink()
-        from autograd_lab.sweep.board import write_summary_run
 
         # the TensorBoard run `summary`: seed bands and these PNGs
         write_summary_run(out, intact, curves, by, pngs)
@@ -156,7 +157,6 @@ class SummaryCallback(Callback):
     a result, not a failure). A summary that cannot be written is an error: one line, exit 1."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from autograd_lab.errors import error_text
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
@@ -167,7 +167,6 @@ class SummaryCallback(Callback):
             print(f"autograd-lab: error: no summary written for {sweep_dir}: {reason}",
                   file=sys.stderr)
             sys.exit(1)
-        from autograd_lab.run.messages import sweep_table, tensorboard_hint
 
         print(f"\n{sweep_table(runs, runs.attrs.get('swept', []))}")
         print(f"\nsummary: {out / 'summary.md'} (runs.csv, runs.parquet, curves.parquet, "
