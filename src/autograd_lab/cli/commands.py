@@ -48,9 +48,9 @@ def train(args: list[str]) -> int:
     import autograd_lab.train as train_app
 
     sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else "autograd-lab", *args]
-    import autograd_lab.config.schema as config
+    import autograd_lab.config.preflight as preflight
 
-    config.CHECKED_BY_CLI = checked  # the app's own preflight need not compose it all again
+    preflight.CHECKED_BY_CLI = checked  # the app's own preflight need not compose it all again
     try:
         train_app.main()
     except SystemExit as e:  # Hydra and the app exit with a code: pass it on
@@ -60,7 +60,7 @@ def train(args: list[str]) -> int:
 
         raise UserError(_first_line(str(e))) from None
     finally:
-        config.CHECKED_BY_CLI = False
+        preflight.CHECKED_BY_CLI = False
     return 0
 
 

@@ -312,3 +312,8 @@ def _sweep_jobs(compose, fixed: list[str], sweeps: dict, parser):
                     value = resolved(value)
                 _set_dotted(job, key, value)
             yield job
+
+
+# True while `autograd-lab train` runs the Hydra app it has checked (config.check_overrides):
+# the app's own preflight (sweep.PreflightCallback, for `python -m autograd_lab.train`) skips
+CHECKED_BY_CLI = False

@@ -10,10 +10,6 @@ from pathlib import Path
 from autograd_lab.config.keys import CONF_DIR, _is_int, _is_num, _show, resolved
 from autograd_lab.errors import UserError, did_you_mean
 
-# True while `autograd-lab train` runs the Hydra app it has checked (config.check_overrides):
-# the app's own preflight (sweep.PreflightCallback, for `python -m autograd_lab.train`) skips
-CHECKED_BY_CLI = False
-
 # Hydra's own nodes that it makes from a `_target_` as it starts (before any check of ours): the
 # class each must subclass, and an example
 HYDRA_TARGETS = {

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+import autograd_lab.config.preflight as preflight
 from autograd_lab.config.keys import identity_key, path_safe
+from autograd_lab.config.targets import check_targets
 from autograd_lab.disk.lock import check_entries, check_sweep_dir, is_rank_zero
 from autograd_lab.errors import UserError
 from autograd_lab.run.resumable import check_ckpt_path_override
@@ -135,26 +137,23 @@ class PreflightCallback(Callback):
     def _check(config, multirun: bool) -> None:
         from hydra.core.singleton import Singleton
 
-        import autograd_lab.config.schema as checks
-
-        if checks.CHECKED_BY_CLI or not is_rank_zero():
+        if preflight.CHECKED_BY_CLI or not is_rank_zero():
             return
         if config.hydra.job.config_name != "train":  # a config of the user's: its targets
             job = {k: v for k, v in config.items() if k != "hydra"}
             try:
-                checks.check_targets(job)
-            except checks.UserError as e:
+                check_targets(job)
+            except UserError as e:
                 print(f"autograd-lab: error: {e}", file=sys.stderr)
                 sys.exit(2)
             return
         state = Singleton.get_state()  # check_overrides composes with Hydra's own compose API
         try:
             overrides = list(config.hydra.overrides.task)
-            checks.check_overrides(overrides, multirun)
+            preflight.check_overrides(overrides, multirun)
             if not multirun and any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
-
                 check_ckpt_path_override(overrides)
-        except checks.UserError as e:
+        except UserError as e:
             for line in str(e).splitlines() or [""]:
                 print(f"autograd-lab: error: {line}", file=sys.stderr)
             sys.exit(2)
