@@ -1,4 +1,6 @@
-"""TODO docstring (errors, from config, train)."""
+"""Errors a user reads: UserError (one line, exit 2), the first line of any exception, write
+failures (a full disk) named in words, and "did you mean". A leaf: imports nothing of the
+package."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (cli.commands, from cli)."""
+"""`autograd-lab train`, `demo` and `summarize`: the overrides checked in one line each
+before Hydra runs (no run directory for a typo), then the Hydra app."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (cli.tensorboard, from cli)."""
+"""`autograd-lab tensorboard [DIR ...]`: TensorBoard on 127.0.0.1 with every step kept, stopped
+with the command (Ctrl-C, SIGTERM, SIGHUP, or the parent's death)."""
 
 from __future__ import annotations
 

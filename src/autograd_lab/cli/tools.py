@@ -1,4 +1,5 @@
-"""TODO docstring (cli.tools, from cli)."""
+"""`autograd-lab step-check`, `graph` and `profile`: one step, one backward graph, one short
+profiled run of the config a training run would use."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (config.compose, from config)."""
+"""Hydra's compose API, with one-line errors: the config exactly as `autograd-lab train` builds
+it, for the CLI's checks, the Python API, the tools and the tests. Torch-free."""
 
 from __future__ import annotations
 

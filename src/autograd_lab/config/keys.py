@@ -1,4 +1,6 @@
-"""TODO docstring (config.keys, from config)."""
+"""Facts about config keys, in one place: which keys change no result (left out of run names,
+skip/continue comparisons and HParams), run directory names from overrides, flat dotted views
+of a config, and the Hydra resolvers the configs use. Torch-free."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring (config.preflight, from config)."""
+"""Every check of a command line before anything runs: overrides parsed by Hydra's own parser,
+each job of a sweep composed and validated, files and resources checked, keys added under
+closed nodes refused, duplicate runs named. Torch-free."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (config.resources, from config)."""
+"""What a run needs from the machine, checked before it starts: memory for the data, CIFAR-10
+on disk or reachable for download. Torch-free."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring (config.targets, from config)."""
+"""Which `_target_` a config may make, and with which arguments.
+
+A `_target_` from the command line is resolved without being called and must be a class of
+its kind (a Lightning Callback or Logger, a torch LRScheduler, a Hydra Callback, Launcher or
+Sweeper); its arguments must fit its signature. Shipped nodes are trusted. Torch-free."""
 
 from __future__ import annotations
 

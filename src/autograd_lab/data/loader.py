@@ -1,4 +1,5 @@
-"""TODO docstring (data.loader, from data)."""
+"""Resident data: uint8 tensors decoded once, normalised per batch on the device, batched by
+index slicing (no per-image Python, no workers), and the Lightning DataModule around them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (data.synthetic, from data)."""
+"""Synthetic data written in CIFAR-10's on-disk format (pickled batches), so the offline path
+exercises the same reader: class-dependent patterns plus noise, seeded."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring (disk.formats)."""
+"""The format numbers of what a run writes, and the checkpoint's place in a run directory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (observe.graph_view, from graph)."""
+"""The backward graph shown: module scopes for its nodes, the TensorBoard graph (a GraphDef
+written once, at the first step), and the DOT/SVG drawing of `autograd-lab graph`."""
 
 from __future__ import annotations
 

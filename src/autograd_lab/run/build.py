@@ -1,4 +1,5 @@
-"""TODO docstring (run.build, from train)."""
+"""The parts of a run built from its config: data, model with its variants, module, loggers,
+callbacks, trainer; HParams and the Custom Scalars layout."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring (run.fit, from train)."""
+"""Lightning's fit, the outcome classified in one place (completed, diverged, interrupted,
+failed), where a run starts from (a fresh start, its own checkpoint, ckpt_path), and the
+space reserved so a full disk still gets the record."""
 
 from __future__ import annotations
 

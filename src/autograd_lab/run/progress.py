@@ -1,4 +1,5 @@
-"""TODO docstring (run.progress, from messages, records)."""
+"""What a run shows while it trains: Lightning's progress bar with the loss and images/s, or a
+plain line every few seconds when no terminal watches."""
 
 from __future__ import annotations
 

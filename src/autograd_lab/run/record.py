@@ -1,4 +1,5 @@
-"""TODO docstring (run.record, from train)."""
+"""The run's record: run.json (status, final metrics, cost, memory, versions) and
+metrics.parquet, written atomically at the end of every run, however it ended."""
 
 from __future__ import annotations
 

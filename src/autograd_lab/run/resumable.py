@@ -1,4 +1,5 @@
-"""TODO docstring (run.resumable)."""
+"""May this checkpoint continue this run? Read safely and compared key by key with the run's
+config; the refusal names the first differing key. Torch is imported only to read a file."""
 
 from __future__ import annotations
 

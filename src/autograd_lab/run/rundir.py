@@ -1,4 +1,5 @@
-"""TODO docstring (run.rundir, from sweep)."""
+"""The run directory's format and its reader: run.json and metrics.parquet checked as they are
+read, a finished record found for a skip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring (sweep.board, from dashboard)."""
+"""The TensorBoard `summary` run of a sweep: seed bands per group (mean and min/max) and the
+sweep's figures, written as event files directly (the protobuf records and their masked
+CRC-32C) because thousands of runs must summarise in seconds."""
 
 from __future__ import annotations
 

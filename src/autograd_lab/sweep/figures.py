@@ -1,4 +1,5 @@
-"""TODO docstring (sweep.figures, from dynamics, summary)."""
+"""The sweep's figures (matplotlib, headless): loss curves per group with seed bands, cost bars,
+and the stability study's sharpness against 2/lr."""
 
 from __future__ import annotations
 

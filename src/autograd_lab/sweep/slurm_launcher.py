@@ -1,4 +1,6 @@
-"""TODO docstring (sweep.slurm_launcher, from slurm)."""
+"""The SLURM launcher (`hydra/launcher=slurm`): submitit's SLURM launcher that skips completed
+jobs, requeues preempted ones to continue from their checkpoint, and writes the summary when
+the last job ends."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring (sweep.summary, from summary, sweep)."""
+"""summary/ of a sweep or any folder of runs, written whole: runs.parquet, runs.csv,
+curves.parquet, summary.md, the PNG figures and the TensorBoard summary run. SummaryCallback
+writes it when a multirun ends."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (sweep.tables, from summary)."""
+"""The sweep's tables: one row per group of runs, results and cost, with short labels that
+name only the keys that vary."""
 
 from __future__ import annotations
 
