@@ -112,11 +112,12 @@ def seed_loop(a: dict) -> dict:
     import torch.nn as nn
     import torchvision.transforms as transforms
 
-    from autograd_lab.data.synthetic import _synthetic_key, write_synthetic
+    from autograd_lab.config.resources import synthetic_key
+    from autograd_lab.data.synthetic import write_synthetic
 
     cfg = compose_cfg(a).data
     folder, dataset_cls = write_synthetic(
-        Path(cfg.root) / "synthetic" / _synthetic_key(cfg), cfg)  # the harness's own files
+        Path(cfg.root) / "synthetic" / synthetic_key(cfg), cfg)  # the harness's own files
     transform = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     trainset = dataset_cls(str(folder), train=True, download=False, transform=transform)

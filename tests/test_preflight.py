@@ -122,7 +122,7 @@ def test_the_quick_sweep_check_composes_what_hydra_composes():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from autograd_lab.config.keys import CONF_DIR, resolved
-    from autograd_lab.config.preflight import _sweep_jobs
+    from autograd_lab.config.preflight import sweep_jobs
 
     parser = OverridesParser.create()
     fixed = ["data=synthetic", "scheduler=onecycle"]
@@ -131,7 +131,7 @@ def test_the_quick_sweep_check_composes_what_hydra_composes():
     sweeps = {k: parser.parse_override(f"{k}={','.join(v)}") for k, v in swept.items()}
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        quick = list(_sweep_jobs(compose, fixed, sweeps, parser))
+        quick = list(sweep_jobs(compose, fixed, sweeps, parser))
         full = [resolved(compose("train", overrides=fixed + [f"{k}={v}" for k, v in zip(
             swept, combo, strict=True)])) for combo in itertools.product(*swept.values())]
     GlobalHydra.instance().clear()

@@ -210,11 +210,11 @@ def test_band_events_are_what_protobuf_itself_serialises():
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-    from autograd_lab.sweep.board import _band_events, masked_crc32c_many
+    from autograd_lab.sweep.board import band_events, masked_crc32c_many
 
     frame = pd.DataFrame({"mean": [1.5, 2.0], "min": [1.0, 0.5], "max": [2.0, 300.0],
                           "n": [2.0, 2.0]}, index=[0, 200])
-    events = _band_events({"train/loss": frame}, {"train/loss"})
+    events = band_events({"train/loss": frame}, {"train/loss"})
     for body, step in zip(events._bodies[1:], (0, 200), strict=True):
         values = []
         for stat in ("mean", "min", "max"):

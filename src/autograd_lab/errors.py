@@ -56,7 +56,7 @@ def did_you_mean(name, names) -> str:
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return " ".join(lines[:2]) if lines else text
 

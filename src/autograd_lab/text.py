@@ -22,12 +22,12 @@ def command_path() -> str:
         return shlex.quote(str(exe))
 
 
-def _n(x, digits: int = 3) -> str:
+def number(x, digits: int = 3) -> str:
 
     return fmt_number(x, digits)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, seconds = divmod(int(round(seconds)), 60)

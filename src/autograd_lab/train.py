@@ -95,7 +95,7 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
     run() wrote, or one a newer version wrote, is left as it is."""
     from autograd_lab.disk.files import write_json
     from autograd_lab.disk.lock import is_rank_zero
-    from autograd_lab.run.build import _choices, _overrides
+    from autograd_lab.run.build import group_choices, task_overrides
 
     if not is_rank_zero():
         return
@@ -116,8 +116,8 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
         config = OmegaConf.to_container(cfg, resolve=False)
     write_json(run_dir / "run.json", {"format_version": RUN_FORMAT_VERSION, "status": "failed",
                                       "error": error,
-                                      "config": config, "overrides": _overrides(),
-                                      "choices": _choices()})
+                                      "config": config, "overrides": task_overrides(),
+                                      "choices": group_choices()})
 
 
 def _parallel_launcher(hc) -> bool:
@@ -176,9 +176,9 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     """
     _quiet_libraries()
     from autograd_lab.config.targets import check_arguments, check_targets
-    from autograd_lab.run.build import _build, _choices, _overrides
-    from autograd_lab.run.fit import WriteFailed, _fit, _reserve_space, _resume_point
-    from autograd_lab.run.record import _versions, _write_record
+    from autograd_lab.run.build import build_parts, group_choices, task_overrides
+    from autograd_lab.run.fit import WriteFailed, fit_run, reserve_space, resume_point
+    from autograd_lab.run.record import versions, write_record
 
     check_targets(cfg)  # every path (the API too): no _target_ but a class of its kind is made
     check_arguments(cfg)  # and its arguments fit its signature, before anything is written
@@ -196,14 +196,14 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     lock = RunLock(run_dir) if rank_zero else contextlib.nullcontext()  # DDP: rank 0 writes
     with lock, StopSignals() as signals, _quiet_thread_write_errors():
         try:  # decided before anything is written: a bad checkpoint or run dir loses nothing
-            ckpt_path, resumed, ckpt = _resume_point(cfg, run_dir, config, clear=rank_zero)
+            ckpt_path, resumed, ckpt = resume_point(cfg, run_dir, config, clear=rank_zero)
         except RunInterrupted as e:  # a stop signal while a checkpoint is read: no record yet
             from autograd_lab.run.messages import log, shown
 
             log.warning(f"autograd-lab: {shown(run_dir)}: {e}; run the same command again")
             raise SystemExit(e.exit_code) from None
         if rank_zero:
-            _reserve_space(run_dir)  # so a full disk still gets run.json and metrics.parquet
+            reserve_space(run_dir)  # so a full disk still gets run.json and metrics.parquet
         import autograd_lab.run.messages as messages
 
         if rank_zero:
@@ -213,13 +213,13 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config,
                         **({"load": load} if load else {}),
                         **({"resumed": resumed} if resumed else {}),
-                        "overrides": _overrides(), "choices": _choices(),
-                        "versions": _versions()}
+                        "overrides": task_overrides(), "choices": group_choices(),
+                        "versions": versions()}
         parts = None
         try:
-            parts = _build(cfg, run_dir, record, resumed, signals, callbacks, progress_bar,
+            parts = build_parts(cfg, run_dir, record, resumed, signals, callbacks, progress_bar,
                            loaded=(ckpt_path, ckpt) if ckpt else None)
-            _fit(parts, ckpt_path, record)
+            fit_run(parts, ckpt_path, record)
         except RunInterrupted as e:  # a stop signal before training (making the data, the
             record.update(status="interrupted", error=str(e),  # model): nothing to save yet
                           _exit_code=e.exit_code)
@@ -229,7 +229,7 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
             raise
         finally:
             signals.finishing = True  # a late signal must not cut the last writes short
-            _write_record(parts, record, run_dir, t0, rank_zero)
+            write_record(parts, record, run_dir, t0, rank_zero)
             if rank_zero and not record.get("_write_failed"):
                 messages.ended(record, run_dir)
     if record.get("_write_failed"):

@@ -57,9 +57,9 @@ def train(args: list[str]) -> int:
     except SystemExit as e:  # Hydra and the app exit with a code: pass it on
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # Hydra's own argument checks raise before any job runs
-        from autograd_lab.errors import _first_line
+        from autograd_lab.errors import first_line
 
-        raise UserError(_first_line(str(e))) from None
+        raise UserError(first_line(str(e))) from None
     finally:
         preflight.CHECKED_BY_CLI = False
     return 0

@@ -3,8 +3,8 @@ it, for the CLI's checks, the Python API, the tools and the tests. Torch-free.""
 
 from __future__ import annotations
 
-from autograd_lab.config.keys import _MISSING, CONF_DIR, _get
-from autograd_lab.errors import UserError, _first_line, did_you_mean
+from autograd_lab.config.keys import CONF_DIR, MISSING, get_dotted
+from autograd_lab.errors import UserError, did_you_mean, first_line
 
 
 def compose(overrides=(), config_name: str = "train", return_hydra_config: bool = False):
@@ -73,7 +73,7 @@ def _missing_group_message(e, overrides: list[str]) -> str:
     if group and options is not None:
         return (f"{group}={name}: no such {group}{did_you_mean(name, options)}; choices are: "
                 f"{', '.join(sorted(options))}")
-    return _first_line(str(e))
+    return first_line(str(e))
 
 
 def _composition_message(e, overrides: list[str], compose) -> str:
@@ -85,11 +85,11 @@ def _composition_message(e, overrides: list[str], compose) -> str:
             rest = [o for o in overrides if o is not ov]
             try:
                 cfg = compose("train", overrides=rest)
-                node = _get(cfg, parent) if parent else cfg
-                if node is not _MISSING and hasattr(node, "keys"):
+                node = get_dotted(cfg, parent) if parent else cfg
+                if node is not MISSING and hasattr(node, "keys"):
                     where = f"keys in {parent}" if parent else "top-level keys and groups"
                     return (f"{key}: no such key{did_you_mean(leaf, node.keys())}; {where} "
                             f"are: {', '.join(sorted(node.keys()))}")
             except Exception:  # the other overrides are broken too: fall back to Hydra's words
                 pass
-    return _first_line(text)
+    return first_line(text)

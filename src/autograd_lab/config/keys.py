@@ -101,14 +101,14 @@ def _register_resolvers() -> None:
         "autograd_lab_non_result_keys", lambda: list(NON_RESULT_KEYS), replace=True)
 
 
-def _is_num(v) -> bool:
+def is_num(v) -> bool:
     """A finite number (inf and nan pass YAML but no optimizer or schedule means them)."""
     import math
 
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -123,16 +123,16 @@ def flatten(d: dict, leaf=lambda v: v, prefix: str = "") -> dict:
     return out
 
 
-def _get(cfg, dotted: str):
+def get_dotted(cfg, dotted: str):
     node = cfg
     for part in dotted.split("."):
         if not hasattr(node, "keys") or part not in node:
-            return _MISSING
+            return MISSING
         node = node[part]
     return node
 
 
-_MISSING = object()
+MISSING = object()
 
 
 def resolved(cfg) -> dict:
@@ -156,8 +156,8 @@ def _unresolvable(cfg, e) -> UserError:
     from omegaconf import OmegaConf
 
     key = getattr(e, "full_key", None) or "the config"
-    raw = _get(OmegaConf.to_container(cfg, resolve=False), key)
-    shown = f"{key}={raw}" if raw is not _MISSING else key
+    raw = get_dotted(OmegaConf.to_container(cfg, resolve=False), key)
+    shown = f"{key}={raw}" if raw is not MISSING else key
     reason = str(getattr(e, "msg", None) or e).strip()
     reason = reason.splitlines()[0].strip() if reason else type(e).__name__
     # a resolver's own error (oc.env: KeyError) without OmegaConf's wrapping words
@@ -167,7 +167,7 @@ def _unresolvable(cfg, e) -> UserError:
                      f"environment variable that may be unset)")
 
 
-def _show(value) -> str:
+def show_value(value) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -17,21 +17,21 @@ from autograd_lab.config.compose import (
     _set_dotted,
 )
 from autograd_lab.config.keys import (
-    _MISSING,
     CONF_DIR,
+    MISSING,
     NON_RESULT_KEYS,
-    _get,
     _unresolvable,
     flatten,
+    get_dotted,
     identity_key,
     is_result_key,
     path_safe,
     resolved,
 )
-from autograd_lab.config.resources import _data_problems, _memory_problems
+from autograd_lab.config.resources import data_problems, memory_problems
 from autograd_lab.config.schema import check_devices, validate
-from autograd_lab.config.targets import _shipped_targets, check_arguments, check_targets
-from autograd_lab.errors import UserError, _first_line, did_you_mean
+from autograd_lab.config.targets import check_arguments, check_targets, shipped_targets
+from autograd_lab.errors import UserError, did_you_mean, first_line
 
 
 class SweepPlan:
@@ -112,8 +112,8 @@ def run_problems(cfg, files: bool = True) -> list[str]:
             + (f" (or dotted names inside them, e.g. {inner})" if inner else ""))
     if not files:
         return problems
-    problems += _data_problems(cfg)
-    problems += _memory_problems(cfg)
+    problems += data_problems(cfg)
+    problems += memory_problems(cfg)
     weights = model.get("weights")
     files = model.get("weights_files") or {}
     if isinstance(weights, str) and weights in files:
@@ -148,8 +148,8 @@ def _refuse_added_keys(compose, parsed, base: list[str]) -> None:
                    return_hydra=False)
     for o in added:
         parent, _, leaf = o.key_or_group.rpartition(".")
-        node = _get(cfg, parent)
-        if node is _MISSING or not hasattr(node, "keys"):
+        node = get_dotted(cfg, parent)
+        if node is MISSING or not hasattr(node, "keys"):
             continue  # a node that does not exist: Hydra's own message says so
         keys = sorted(str(k) for k in node.keys())
         raise UserError(f"+{o.key_or_group}: {parent} has no key {leaf!r}"
@@ -177,7 +177,7 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
         try:
             parsed.append(parser.parse_override(text))
         except HydraException as e:
-            raise UserError(f"{text}: not a valid override ({_first_line(str(e))})") from None
+            raise UserError(f"{text}: not a valid override ({first_line(str(e))})") from None
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="check"):
@@ -209,10 +209,10 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
                                  if all(o is not p for p in parsed)]
         # the shipped callbacks, loggers and schedulers are tested; any other _target_ is
         # imported (and Lightning or torch with it) to check what it is, calling nothing
-        shipped = _shipped_targets()
+        shipped = shipped_targets()
         problems: list[str] = []  # every problem of every job, each once, reported together
         jobs = []  # every job, checked before the first one starts
-        for job in _sweep_jobs(compose, fixed, sweeps, parser):
+        for job in sweep_jobs(compose, fixed, sweeps, parser):
             try:
                 job = resolved(job)
             except UserError as e:
@@ -252,8 +252,8 @@ def duplicate_runs(jobs: list[dict], sweeps: dict) -> list[str]:
             seen[key] = i
             continue
         first, other = flatten(jobs[seen[key]]), flatten(job)
-        differ = sorted(k for k in {*first, *other} if first.get(k, _MISSING) != other.get(
-            k, _MISSING))
+        differ = sorted(k for k in {*first, *other} if first.get(k, MISSING) != other.get(
+            k, MISSING))
         if differ:
             shown = sweeps[differ[0]].input_line if differ[0] in sweeps else differ[0]
             return [f"{shown}: {', '.join(differ)} does not change a run's results "
@@ -270,7 +270,7 @@ def duplicate_runs(jobs: list[dict], sweeps: dict) -> list[str]:
     return []
 
 
-def _sweep_jobs(compose, fixed: list[str], sweeps: dict, parser):
+def sweep_jobs(compose, fixed: list[str], sweeps: dict, parser):
     """Every job of a sweep as Hydra would compose it, quickly: one compose per combination of
     the swept config groups (and of swept +/~ overrides, which change the config's shape), and
     for each of those every combination of the swept plain values set on that config, as

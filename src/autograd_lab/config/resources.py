@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from autograd_lab.config.keys import _is_int, _is_num
+from autograd_lab.config.keys import is_int, is_num
 
 # torchvision's CIFAR10.url (what the seed's CIFAR10(download=True) fetches)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -113,14 +113,14 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def _memory_problems(cfg) -> list[str]:
+def memory_problems(cfg) -> list[str]:
     """A synthetic data set larger than this machine's free memory: one line with what it
     needs, what is available and the largest size that fits, instead of an allocation failure
     (or the OOM killer) once the run has started."""
     data = cfg.get("data") or {}
     train, test = data.get("train_size"), data.get("test_size")
-    if data.get("name") != "synthetic" or not (_is_int(train) and _is_int(test)
-                                               and _is_num(data.get("noise"))):
+    if data.get("name") != "synthetic" or not (is_int(train) and is_int(test)
+                                               and is_num(data.get("noise"))):
         return []
     available = available_memory()
     if available is None:
@@ -146,7 +146,7 @@ def _memory_problems(cfg) -> list[str]:
             f"{advice}"]
 
 
-def _data_problems(cfg) -> list[str]:
+def data_problems(cfg) -> list[str]:
     """CIFAR-10 missing from data.root: with data.download (the default) a problem only when
     its URL cannot be reached within a few seconds (the run downloads it otherwise)."""
     data = cfg.get("data") or {}

@@ -12,62 +12,62 @@ import os
 from pathlib import Path
 
 from autograd_lab.config.keys import (
-    _MISSING,
     LOGGED_METRICS,
-    _get,
-    _is_int,
-    _is_num,
-    _show,
+    MISSING,
+    get_dotted,
+    is_int,
+    is_num,
     resolved,
+    show_value,
 )
-from autograd_lab.config.targets import _check_known_callback
+from autograd_lab.config.targets import check_known_callback
 from autograd_lab.errors import UserError, did_you_mean
 
 # key -> (predicate, what is valid). Keys absent from the config (e.g. model.stem for smallnet)
 # are skipped, so one table serves every model and data choice.
 CHECKS: dict[str, tuple] = {
-    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "seed": (lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "resume": (lambda v: isinstance(v, bool), "true or false"),
-    "threads": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "threads": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
     "model.activation": (lambda v: v in ("relu", "custom_relu"), "one of: relu, custom_relu"),
     "model.stem": (lambda v: v in ("imagenet", "cifar"), "one of: imagenet, cifar"),
     "model.weights": (lambda v: v in (None, "IMAGENET1K_V1", "DEFAULT"),
                       "one of: null, IMAGENET1K_V1, DEFAULT"),
-    "model.num_classes": (lambda v: _is_int(v) and v >= 10,
+    "model.num_classes": (lambda v: is_int(v) and v >= 10,
                           "an integer >= 10 (CIFAR-10's labels are 0..9)"),
     "model.weights_path": (lambda v: v is None or isinstance(v, str), "null or a file path"),
     "ckpt_path": (lambda v: v is None or (isinstance(v, str) and v != ""),
                   "null or a checkpoint file path"),
     "data.root": (lambda v: isinstance(v, str) and v != "", "a directory path"),
     "data.download": (lambda v: isinstance(v, bool), "true or false"),
-    "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "data.val_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "data.val_batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "data.shuffle": (lambda v: isinstance(v, bool), "true or false"),
     "data.augment": (lambda v: v in ("none", "flip_crop"), "one of: none, flip_crop"),
-    "data.subset": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "data.train_size": (lambda v: _is_int(v) and 5 <= v <= 10**7,
+    "data.subset": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+    "data.train_size": (lambda v: is_int(v) and 5 <= v <= 10**7,
                         "an integer in [5, 10000000] (written as 5 batch files, as CIFAR-10)"),
-    "data.test_size": (lambda v: _is_int(v) and 1 <= v <= 10**7, "an integer in [1, 10000000]"),
-    "data.noise": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
-    "data.synthetic_seed": (lambda v: _is_int(v) and 0 <= v < 2**32,
+    "data.test_size": (lambda v: is_int(v) and 1 <= v <= 10**7, "an integer in [1, 10000000]"),
+    "data.noise": (lambda v: is_num(v) and v >= 0, "a finite number >= 0"),
+    "data.synthetic_seed": (lambda v: is_int(v) and 0 <= v < 2**32,
                             "an integer in [0, 2**32)"),
-    "optim.lr": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
-    "optim.momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a finite number in [0, 1)"),
-    "optim.weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    "optim.lr": (lambda v: is_num(v) and v > 0, "a finite number > 0"),
+    "optim.momentum": (lambda v: is_num(v) and 0 <= v < 1, "a finite number in [0, 1)"),
+    "optim.weight_decay": (lambda v: is_num(v) and v >= 0, "a finite number >= 0"),
     "optim.nesterov": (lambda v: isinstance(v, bool), "true or false"),
     "optim.betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
-                    and all(_is_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+                    and all(is_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     # the schedulers' arguments (conf/scheduler/*.yaml): torch checks some only at the first
     # step (StepLR divides by step_size) and none of the ranges that make a learning rate > 0;
     # any other argument's type is checked against the class's signature (check_arguments)
-    "scheduler.make.step_size": (lambda v: _is_int(v) and v >= 1,
+    "scheduler.make.step_size": (lambda v: is_int(v) and v >= 1,
                                  "an integer >= 1 (epochs between two decays)"),
-    "scheduler.make.gamma": (lambda v: _is_num(v) and v > 0,
+    "scheduler.make.gamma": (lambda v: is_num(v) and v > 0,
                              "a finite number > 0 (the factor every step_size epochs)"),
-    "scheduler.make.eta_min": (lambda v: _is_num(v) and v >= 0,
+    "scheduler.make.eta_min": (lambda v: is_num(v) and v >= 0,
                                "a finite number >= 0 (the learning rate at the end)"),
-    "scheduler.make.max_lr": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
-    "scheduler.make.pct_start": (lambda v: _is_num(v) and 0 < v < 1,
+    "scheduler.make.max_lr": (lambda v: is_num(v) and v > 0, "a finite number > 0"),
+    "scheduler.make.pct_start": (lambda v: is_num(v) and 0 < v < 1,
                                  "a number in (0, 1): the fraction of the run spent warming up"),
     "train.zero_grad": (lambda v: isinstance(v, bool), "true or false"),
     "train.freeze": (lambda v: isinstance(v, str) or (isinstance(v, (list, tuple))
@@ -77,40 +77,40 @@ CHECKS: dict[str, tuple] = {
     "train.detach_at": (lambda v: v is None or isinstance(v, str), "null or a module name"),
     "eval.grad_mode": (lambda v: v in ("inference", "no_grad", "enabled"),
                        "one of: inference, no_grad, enabled"),
-    "trainer.max_epochs": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 or -1"),
-    "trainer.max_steps": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 or -1"),
+    "trainer.max_epochs": (lambda v: is_int(v) and (v >= 1 or v == -1), "an integer >= 1 or -1"),
+    "trainer.max_steps": (lambda v: is_int(v) and (v >= 1 or v == -1), "an integer >= 1 or -1"),
     "trainer.accelerator": (lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps"),
                             "one of: auto, cpu, gpu, cuda, mps"),
-    "trainer.devices": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.devices": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.strategy": (lambda v: v in ("auto", "ddp"), "auto or ddp (trainer=ddp)"),
     "trainer.deterministic": (lambda v: isinstance(v, bool), "true or false"),
-    "trainer.check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "trainer.limit_val_batches": (lambda v: (_is_int(v) and v >= 0)
+    "trainer.check_val_every_n_epoch": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.limit_val_batches": (lambda v: (is_int(v) and v >= 0)
                                   or (isinstance(v, float) and 0 <= v <= 1),
                                   "a fraction in [0, 1] or a whole number of batches"),
     "trainer.progress_bar": (lambda v: v in ("auto", True, False), "one of: auto, true, false"),
-    "probes.every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.histogram_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.sharpness_every_n_steps": (lambda v: _is_int(v) and v >= 0,
+    "probes.every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.histogram_every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.sharpness_every_n_steps": (lambda v: is_int(v) and v >= 0,
                                        "an integer >= 0 (0: off)"),
-    "probes.gns_every_n_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
-    "probes.sharpness_examples": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.sharpness_iters": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.sharpness_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1),
+    "probes.gns_every_n_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "probes.sharpness_examples": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.sharpness_iters": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.sharpness_batch_size": (lambda v: v is None or (is_int(v) and v >= 1),
                                     "an integer >= 1, or null (the training batch size)"),
-    "probes.gns_small_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1),
+    "probes.gns_small_batch_size": (lambda v: v is None or (is_int(v) and v >= 1),
                                     "an integer >= 1, or null (the training batch size)"),
-    "probes.gns_batch_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "probes.gns_batch_size": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     "probes.gns_method": (lambda v: v in ("auto", "per_example", "two_batch"),
                           "one of auto, per_example, two_batch"),
-    "profiler.wait": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "profiler.warmup": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (PyTorch recommends "
+    "profiler.wait": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "profiler.warmup": (lambda v: is_int(v) and v >= 1, "an integer >= 1 (PyTorch recommends "
                         "warming up)"),
-    "profiler.active": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "profiler.repeat": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: until the end)"),
-    "log.flush_every_s": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
-    "log.progress_every_s": (lambda v: _is_num(v) and v > 0, "a finite number > 0 (seconds)"),
-    "checkpoint.every_n_steps": (lambda v: _is_int(v) and v >= 0,
+    "profiler.active": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "profiler.repeat": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: until the end)"),
+    "log.flush_every_s": (lambda v: is_num(v) and v > 0, "a finite number > 0"),
+    "log.progress_every_s": (lambda v: is_num(v) and v > 0, "a finite number > 0 (seconds)"),
+    "checkpoint.every_n_steps": (lambda v: is_int(v) and v >= 0,
                                  "an integer >= 0 (0: only on a signal and at the end)"),
 }
 
@@ -132,10 +132,10 @@ def validate(cfg) -> None:
         raise UserError("profiler=torch with trainer=ddp: profile a single-device run "
                         "(profiler=torch trainer=default); choices here: profiler=off")
     for name, node in (cfg.get("callbacks") or {}).items():
-        _check_known_callback(f"callbacks.{name}", node)
+        check_known_callback(f"callbacks.{name}", node)
         monitor = node.get("monitor") if hasattr(node, "get") else None
         if monitor is not None and monitor not in LOGGED_METRICS:
-            raise UserError(f"callbacks.{name}.monitor={_show(monitor)}: no such metric"
+            raise UserError(f"callbacks.{name}.monitor={show_value(monitor)}: no such metric"
                             f"{did_you_mean(monitor, LOGGED_METRICS)}; the run logs: "
                             f"{', '.join(LOGGED_METRICS)}")
     probes = cfg.get("probes") or {}
@@ -147,7 +147,7 @@ def validate(cfg) -> None:
     optim = cfg.get("optim") or {}
     if optim.get("nesterov") and not optim.get("momentum"):
         raise UserError(f"optim.nesterov=true: needs optim.momentum > 0 "
-                        f"(got {_show(optim.get('momentum'))})")
+                        f"(got {show_value(optim.get('momentum'))})")
 
 
 def _check_paths(cfg) -> None:
@@ -155,8 +155,8 @@ def _check_paths(cfg) -> None:
     goes, or a symlink loop, is one line here instead of a traceback deep in a library."""
     for key, kind in (("data.root", "folder"), ("model.weights_path", "file"),
                       ("ckpt_path", "file")):
-        value = _get(cfg, key)
-        if value is _MISSING or not isinstance(value, str) or not value:
+        value = get_dotted(cfg, key)
+        if value is MISSING or not isinstance(value, str) or not value:
             continue
         path = Path(value).expanduser()
         try:
@@ -196,8 +196,8 @@ def check_devices(cfg) -> None:
 
 def _validate_keys(cfg) -> None:
     for key, (ok, valid) in CHECKS.items():
-        value = _get(cfg, key)
-        if value is _MISSING:
+        value = get_dotted(cfg, key)
+        if value is MISSING:
             continue
         if hasattr(value, "_content") or hasattr(value, "keys"):  # OmegaConf containers
             from omegaconf import OmegaConf
@@ -206,5 +206,5 @@ def _validate_keys(cfg) -> None:
         if not ok(value):
             options = valid.split("one of", 1)[1].lstrip(": ").split(", ") \
                 if isinstance(value, str) and "one of" in valid else []
-            raise UserError(f"{key}={_show(value)}: must be {valid}"
+            raise UserError(f"{key}={show_value(value)}: must be {valid}"
                             + did_you_mean(value, options))

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from autograd_lab.config.keys import CONF_DIR, _is_int, _is_num, _show, resolved
+from autograd_lab.config.keys import CONF_DIR, is_int, is_num, resolved, show_value
 from autograd_lab.errors import UserError, did_you_mean
 
 # Hydra's own nodes that it makes from a `_target_` as it starts (before any check of ours): the
@@ -77,7 +77,7 @@ TARGET_KINDS = {
 }
 
 
-def _shipped_targets() -> frozenset:
+def shipped_targets() -> frozenset:
     """The `_target_`s of the shipped callbacks, logger and scheduler configs: tested, so the
     preflight need not import Lightning or torch to check them."""
     import re
@@ -147,7 +147,7 @@ def check_targets(cfg, trusted: frozenset | None = None) -> None:
     function (builtins.open, os.system, eval, subprocess.run) or any other class is one line.
     Targets in `trusted` (the shipped ones) are not imported; any other imports its module, and
     Lightning or torch to compare with (the CLI calls this after every other check)."""
-    trusted = _shipped_targets() if trusted is None else trusted
+    trusted = shipped_targets() if trusted is None else trusted
     for where, node, group in target_nodes(cfg):
         base_path, kind, example = TARGET_KINDS[group]
         target = node.get("_target_") if hasattr(node, "get") else None
@@ -194,30 +194,30 @@ def check_class(where: str, target, base_path: str, kind: str, example: str) -> 
 CALLBACK_CHECKS = {
     "lightning.pytorch.callbacks.EarlyStopping": {
         "mode": (lambda v: v in ("min", "max"), "one of: min, max"),
-        "patience": (lambda v: _is_int(v) and v >= 0,
+        "patience": (lambda v: is_int(v) and v >= 0,
                      "an integer >= 0 (validations without improvement before stopping)"),
-        "min_delta": (lambda v: _is_num(v), "a finite number"),
+        "min_delta": (lambda v: is_num(v), "a finite number"),
     },
     "lightning.pytorch.callbacks.ModelCheckpoint": {
         "mode": (lambda v: v in ("min", "max"), "one of: min, max"),
-        "every_n_train_steps": (lambda v: v is None or (_is_int(v) and v >= 0),
+        "every_n_train_steps": (lambda v: v is None or (is_int(v) and v >= 0),
                                 "null or an integer >= 0 (optimizer steps between files)"),
-        "every_n_epochs": (lambda v: v is None or (_is_int(v) and v >= 0),
+        "every_n_epochs": (lambda v: v is None or (is_int(v) and v >= 0),
                            "null or an integer >= 0 (epochs between files)"),
-        "save_top_k": (lambda v: _is_int(v) and v >= -1,
+        "save_top_k": (lambda v: is_int(v) and v >= -1,
                        "an integer >= -1 (-1: keep every file)"),
     },
 }
 
 
-def _check_known_callback(where: str, node) -> None:
+def check_known_callback(where: str, node) -> None:
     """The ranges of CALLBACK_CHECKS for a callback whose `_target_` names one of those classes,
     torch-free (validate calls it; check_arguments covers subclasses and other spellings)."""
     target = node.get("_target_") if hasattr(node, "get") else None
     rules = CALLBACK_CHECKS.get(target) if isinstance(target, str) else None
     for key, (ok, valid) in (rules or {}).items():
         if key in node and not ok(node[key]):
-            raise UserError(f"{where}.{key}={_show(node[key])}: {target.rpartition('.')[2]}'s "
+            raise UserError(f"{where}.{key}={show_value(node[key])}: {target.rpartition('.')[2]}'s "
                             f"{key} must be {valid}")
 
 
@@ -288,13 +288,13 @@ def _check_node_arguments(where: str, target: str, frozen: tuple, supplied: tupl
         value = _thaw(value)
         hint = hints.get(key)
         if hint is not None and not _fits(value, hint):
-            raise UserError(f"{where}.{key}={_show(value)}: {name}'s {key} must be "
+            raise UserError(f"{where}.{key}={show_value(value)}: {name}'s {key} must be "
                             f"{_describe(hint)}")
         for path, rules in CALLBACK_CHECKS.items():
             if key in rules and _is_subclass(cls, path):
                 ok, valid = rules[key]
                 if not ok(value):
-                    raise UserError(f"{where}.{key}={_show(value)}: {name}'s {key} must "
+                    raise UserError(f"{where}.{key}={show_value(value)}: {name}'s {key} must "
                                     f"be {valid}")
     if "_args_" not in node:
         missing = [p for p, param in params.items() if param.default is inspect.Parameter.empty
@@ -341,7 +341,7 @@ def _fits(value, hint) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return _is_int(value)
+        return is_int(value)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str or hint is Path or hint is os.PathLike:
@@ -365,7 +365,7 @@ def _describe(hint) -> str:
         words = list(dict.fromkeys(words))
         return " or ".join((["null"] if type(None) in args else []) + words)
     if origin is typing.Literal:
-        return "one of: " + ", ".join(a if isinstance(a, str) else _show(a)
+        return "one of: " + ", ".join(a if isinstance(a, str) else show_value(a)
                                       for a in typing.get_args(hint))
     words = {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
              str: "a string", Path: "a path"}

@@ -43,7 +43,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck"]
 
 
-def _locate_cifar10(root: Path, download: bool) -> Path:
+def locate_cifar10(root: Path, download: bool) -> Path:
     if (root / CIFAR10.base_folder).is_dir():
         return root
     archive = root / ARCHIVE
@@ -111,7 +111,7 @@ def _source_signature(folder: Path, dataset_cls) -> str:
     return "|".join(parts)
 
 
-def _cached_decode(root: Path, dataset_cls) -> dict[str, torch.Tensor]:
+def cached_decode(root: Path, dataset_cls) -> dict[str, torch.Tensor]:
     cache = root / dataset_cls.base_folder / CACHE_NAME
     try:
         signature = _source_signature(root, dataset_cls)

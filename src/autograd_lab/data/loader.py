@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 
-from autograd_lab.data.cifar import _cached_decode, _locate_cifar10
-from autograd_lab.data.synthetic import _synthetic_key, write_synthetic
+from autograd_lab.config.resources import synthetic_key
+from autograd_lab.data.cifar import cached_decode, locate_cifar10
+from autograd_lab.data.synthetic import write_synthetic
 
 
 # ------------------------------------------------------------------ decoding and caching
@@ -19,10 +20,10 @@ def load_split_tensors(cfg) -> dict[str, torch.Tensor]:
     """Return {'train_x','train_y','test_x','test_y'}: uint8 NCHW images and int64 labels."""
     root = Path(cfg.root).expanduser()
     if cfg.name == "synthetic":
-        folder, dataset_cls = write_synthetic(root / "synthetic" / _synthetic_key(cfg), cfg)
+        folder, dataset_cls = write_synthetic(root / "synthetic" / synthetic_key(cfg), cfg)
     else:
-        folder, dataset_cls = _locate_cifar10(root, cfg.download), CIFAR10
-    return _cached_decode(folder, dataset_cls)
+        folder, dataset_cls = locate_cifar10(root, cfg.download), CIFAR10
+    return cached_decode(folder, dataset_cls)
 
 
 # ------------------------------------------------------------------ batches

@@ -13,18 +13,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 
-from autograd_lab.config.resources import synthetic_key
 from autograd_lab.data.cifar import CLASSES
 from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.errors import UserError
 
 
 # ------------------------------------------------------------------ synthetic CIFAR-10
-def _synthetic_key(cfg) -> str:
-
-    return synthetic_key(cfg)
-
-
 def make_synthetic(n: int, noise: float, seed: int, split_offset: int):
     """Deterministic, learnable images: each class is a smooth colour pattern, shifted by a few
     pixels, with a random brightness offset and pixel noise on top.

@@ -25,15 +25,15 @@ from autograd_lab.run.recorder import RunRecorder
 from autograd_lab.run.resumable import numerics
 
 
-class _Parts:
-    """What `_build` made from the config and `_fit` and `_write_record` use."""
+class Parts:
+    """What `build_parts` made from the config and `_fit` and `_write_record` use."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
 
-def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extra_callbacks,
-           progress_bar: bool, loaded) -> _Parts:
+def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extra_callbacks,
+           progress_bar: bool, loaded) -> Parts:
     """Data, model and its variants, module, loggers and callbacks from the config -> Trainer."""
     import lightning as L
     import torch
@@ -100,7 +100,7 @@ def _build(cfg, run_dir: Path, record: dict, resumed: dict | None, signals, extr
         num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
         log_every_n_steps=1,  # what callbacks log (LearningRateMonitor) shows every step
         plugins=[AtomicCheckpointIO(loaded=loaded)])
-    return _Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=recorder,
+    return Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=recorder,
                   memory=memory, probes=probes, profiler=profiler, hooks=hooks, cfg=cfg,
                   run_dir=run_dir)
 
@@ -171,7 +171,7 @@ def _scheduler(cfg):
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
-class _ddp_environment:
+class ddp_environment:
     """Lightning's DDP launcher sets rank variables in this process's environment; put them back
     after the fit, or the next job of a sweep would think it was launched as a rank."""
 
@@ -226,7 +226,7 @@ def _load_data(cfg):
 def _hparams(cfg) -> dict:
     """HParams: the keys that name the run (group choices, keys typed or swept)."""
 
-    return identifying_hparams(cfg, _choices(), _overrides())
+    return identifying_hparams(cfg, group_choices(), task_overrides())
 
 
 def _varied_keys() -> set:
@@ -255,7 +255,7 @@ def _layout(cfg) -> dict:
                   noise_scale=probes.mode != "off" and bool(probes.get("gns_every_n_steps")))
 
 
-def _choices() -> dict:
+def group_choices() -> dict:
     """The config-group options this run was composed from (model, data, variant, ...)."""
     try:
         choices = HydraConfig.get().runtime.choices
@@ -264,7 +264,7 @@ def _choices() -> dict:
     return {k: v for k, v in choices.items() if not k.startswith("hydra")}
 
 
-def _overrides() -> list[str]:
+def task_overrides() -> list[str]:
     try:
         return list(HydraConfig.get().overrides.task)
     except ValueError:  # not inside a Hydra job (called from Python)

@@ -12,7 +12,7 @@ from pathlib import Path
 from autograd_lab.disk.formats import CHECKPOINT
 from autograd_lab.disk.lock import open_own
 from autograd_lab.errors import EXIT_INTERRUPTED, UserError, write_failure
-from autograd_lab.run.build import _ddp_environment, _Parts
+from autograd_lab.run.build import Parts, ddp_environment
 from autograd_lab.run.checkpoint import RunInterrupted
 from autograd_lab.run.resumable import check_resumable, numerics_changed
 from autograd_lab.run.rundir import check_run_dir
@@ -24,13 +24,13 @@ class WriteFailed(UserError):
     exit_code = 1
 
 
-def _fit(parts: _Parts, ckpt_path, record: dict) -> None:
+def fit_run(parts: Parts, ckpt_path, record: dict) -> None:
     """Run Lightning's fit and classify how it ended: completed, diverged, interrupted (a stop
     signal, saved at a step boundary; or a second Ctrl-C) or failed."""
 
     trainer = parts.trainer
     try:
-        with _ddp_environment(lambda: trainer):
+        with ddp_environment(lambda: trainer):
             trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except RunInterrupted as e:
         record.update(status="interrupted", error=str(e), _exit_code=e.exit_code)
@@ -82,7 +82,7 @@ RESERVE = ".autograd_lab.reserve"  # lock.OWN_FILES lists it too
 RESERVE_BYTES = 1 << 20  # a run.json and the metrics.parquet of a long run with probes=full
 
 
-def _reserve_space(run_dir: Path) -> None:
+def reserve_space(run_dir: Path) -> None:
     """Hold RESERVE_BYTES of the run directory's file system in RUN_DIR/.autograd_lab.reserve
     while the run trains: when the disk fills up, _write_record frees it first, so run.json and
     metrics.parquet are still written (a full disk ends `failed` with its record). Best effort:
@@ -100,13 +100,13 @@ def _reserve_space(run_dir: Path) -> None:
         os.close(fd)
 
 
-def _release_space(run_dir: Path) -> None:
+def release_space(run_dir: Path) -> None:
     """Give the reserve back to the file system, for the run's last writes."""
     with contextlib.suppress(OSError):
         (run_dir / RESERVE).unlink(missing_ok=True)
 
 
-def _resume_point(cfg, run_dir: Path, config: dict,
+def resume_point(cfg, run_dir: Path, config: dict,
                   clear: bool = True) -> tuple[Path | None, dict | None, dict | None]:
     """The checkpoint this run continues from, or None for a fresh start (which clears what an
     earlier attempt left in the run directory, so TensorBoard shows one curve)."""

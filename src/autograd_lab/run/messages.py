@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from autograd_lab.text import _duration, _n, command_path
+from autograd_lab.text import command_path, duration, number
 
 log = logging.getLogger("autograd_lab")
 
@@ -159,16 +159,16 @@ def ended(record: dict, run_dir: Path) -> None:
         log.error(f"autograd-lab: {where}: failed: {record.get('error')}" if _in_sweep()
                   else f"autograd-lab: error: {record.get('error')}")
         return
-    losses = (f"train loss {_n(final.get('train_loss'))} (best "
-              f"{_n(final.get('best_train_loss'))}), {val_text(final)}")
-    took = f"{steps:,} steps in {_duration(record.get('wall_seconds') or 0.0)}"
+    losses = (f"train loss {number(final.get('train_loss'))} (best "
+              f"{number(final.get('best_train_loss'))}), {val_text(final)}")
+    took = f"{steps:,} steps in {duration(record.get('wall_seconds') or 0.0)}"
     if _in_sweep():  # one line a job: the sweep's end says where TensorBoard is
         log.info(f"autograd-lab: {where}: {status}, {took}, {losses}"
                  + (f" ({record.get('error')})" if status == "diverged" else ""))
         return
     lines = [f"autograd-lab: {where}: {status}, {took}"
-             + (f" ({_n(record.get('images_per_s'))} images/s, "
-                f"{_n(1000 * record['seconds_per_step'])} ms/step)"
+             + (f" ({number(record.get('images_per_s'))} images/s, "
+                f"{number(1000 * record['seconds_per_step'])} ms/step)"
                 if record.get("seconds_per_step") else "")]
     if status == "diverged":
         lines.append(f"  {record.get('error')}: the curve is kept up to step {steps - 1}")
@@ -181,7 +181,7 @@ def val_text(final: dict) -> str:
     run's last (`val loss 2.32 at step 40, val acc 0.108`): a quoted validation says its step."""
     at = final.get("val_step")
     when = f" at step {at:,}" if at is not None and at != final.get("steps") else ""
-    return f"val loss {_n(final.get('val_loss'))}{when}, val acc {_n(final.get('val_acc'))}"
+    return f"val loss {number(final.get('val_loss'))}{when}, val acc {number(final.get('val_acc'))}"
 
 
 def sweep_table(runs, by: list[str]) -> str:
@@ -189,9 +189,9 @@ def sweep_table(runs, by: list[str]) -> str:
     rows = []
     for _, r in runs.sort_values("run").iterrows():
         rows.append({"run": r.run, "status": r.status,
-                     "train loss": _n(r.get("train_loss")), "val loss": _val_at(r),
-                     "val acc": _n(r.get("val_acc")),
-                     "time": _duration(r["wall_seconds"]) if _finite(r.get("wall_seconds"))
+                     "train loss": number(r.get("train_loss")), "val loss": _val_at(r),
+                     "val acc": number(r.get("val_acc")),
+                     "time": duration(r["wall_seconds"]) if _finite(r.get("wall_seconds"))
                      else "-"})
     import pandas as pd
 
@@ -202,8 +202,8 @@ def _val_at(r) -> str:
     """The sweep table's val loss, with its step when it is not the run's last (`2.32 @40`)."""
     at, steps = r.get("val_step"), r.get("steps")
     if _finite(r.get("val_loss")) and _finite(at) and _finite(steps) and int(at) != int(steps):
-        return f"{_n(r.get('val_loss'))} @{int(at):,}"
-    return _n(r.get("val_loss"))
+        return f"{number(r.get('val_loss'))} @{int(at):,}"
+    return number(r.get("val_loss"))
 
 
 def _finite(x) -> bool:

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 # import them from here as before
 from autograd_lab.run.messages import log
 from autograd_lab.run.recorder import RunRecorder
-from autograd_lab.text import _n, fmt_number
+from autograd_lab.text import fmt_number, number
 
 
 class ProgressLines(L.Callback):
@@ -41,14 +41,14 @@ def progress_text(trainer, recorder) -> str:
         trainer.estimated_stepping_batches
     text = f"step {trainer.global_step:,}/{int(total):,}, epoch {trainer.current_epoch}"
     if math.isfinite(recorder.last_loss):
-        text += f", loss {_n(recorder.last_loss)} (step {recorder._next_step - 1:,})"
+        text += f", loss {number(recorder.last_loss)} (step {recorder._next_step - 1:,})"
     seconds = recorder.train_seconds + (time.perf_counter() - recorder._epoch_start
                                         if recorder._epoch_start is not None else 0.0)
     if seconds > 0:
-        text += f", {_n((recorder.train_images + recorder._images_pending) / seconds)} images/s"
+        text += f", {number((recorder.train_images + recorder._images_pending) / seconds)} images/s"
     val = recorder.last_val
     if val is not None:
-        text += f", val loss {_n(val[0])}, val acc {_n(val[1])}"
+        text += f", val loss {number(val[0])}, val acc {number(val[1])}"
     return text
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from autograd_lab.disk.files import write_json, write_parquet
 from autograd_lab.errors import write_failure
 from autograd_lab.observe.memory import peak_rss_mib
-from autograd_lab.run.build import _Parts
-from autograd_lab.run.fit import _release_space
+from autograd_lab.run.build import Parts
+from autograd_lab.run.fit import release_space
 
 
-def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
+def write_record(parts: Parts | None, record: dict, run_dir: Path, t0: float,
                   rank_zero: bool) -> None:
     """Flush what is left, write metrics.parquet and run.json (rank 0), whatever the outcome."""
     import torch
@@ -43,7 +43,7 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
             if parts.probes[0].gns_method_used:  # which noise-scale estimator ran
                 record["probes"]["gns_method"] = parts.probes[0].gns_method_used
         if rank_zero:
-            _release_space(run_dir)
+            release_space(run_dir)
             _write_or_say(write_parquet, run_dir / "metrics.parquet", recorder.frame(), record)
     record["wall_seconds"] = time.perf_counter() - t0
     # process-wide: in a sweep it includes earlier jobs of the same process (not per job)
@@ -53,7 +53,7 @@ def _write_record(parts: _Parts | None, record: dict, run_dir: Path, t0: float,
         record["peak_cuda_mib"] = max(torch.cuda.max_memory_allocated() / 2**20, module_peak)
     record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if rank_zero:
-        _release_space(run_dir)
+        release_space(run_dir)
         _write_or_say(write_json, run_dir / "run.json",
                       {k: v for k, v in record.items() if not k.startswith("_")}, record)
 
@@ -89,7 +89,7 @@ def _results(recorder, t0: float) -> dict:
                if recorder.val_peak_mib and torch.cuda.is_available() else {})}
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import hydra as _hydra
     import lightning
     import torch

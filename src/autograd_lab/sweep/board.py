@@ -165,7 +165,7 @@ def _scalar_value_prefix(tag: str) -> bytes:
     return b"\x0a" + _varint(len(raw)) + raw + b"\x15"
 
 
-def _band_events(metrics: dict, log_metrics: set) -> _Events:
+def band_events(metrics: dict, log_metrics: set) -> _Events:
     """One group's seed-band run: one event a step, every band value of that step in it. The
     Summary protos are serialised here directly (Summary{repeated Value value = 1}, Value{tag =
     1, simple_value = 2}: protobuf's wire format, what Summary(...).SerializeToString() gives):
@@ -297,7 +297,7 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     for first in range(0, len(labels), 100):  # 100 runs' records checksummed together
         batch = {}
         for label in labels[first:first + 100]:
-            batch[path_safe(label)] = _band_events(bands[label], log_metrics)
+            batch[path_safe(label)] = band_events(bands[label], log_metrics)
         for name, data in zip(batch, _Events.data_many(list(batch.values())), strict=True):
             _put_run(folder / name, data, durable=False)
             written.add(name)

@@ -11,7 +11,14 @@ from autograd_lab.config.keys import path_safe
 from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.errors import clip
 from autograd_lab.sweep.runs import load_curves, load_runs
-from autograd_lab.sweep.tables import COST, _data_name, _fmt, _label, _studies, _value_text
+from autograd_lab.sweep.tables import (
+    COST,
+    data_name,
+    group_label,
+    key_values_text,
+    study_of,
+    value_text,
+)
 
 
 # ------------------------------------------------------------------ the study's figure
@@ -127,7 +134,7 @@ def group_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], metr
     rows = curves[curves.name == metric]
     if rows.empty or runs.empty:
         return {}
-    texts = [runs[k].map(_value_text).tolist() for k in keys]
+    texts = [runs[k].map(value_text).tolist() for k in keys]
     tuples = list(zip(*texts, strict=True)) if keys else [()] * len(runs)
     ids = ["\x1f".join(t) for t in tuples]  # one plain label a group for pandas
     group_of = pd.Series(ids, index=runs.run.astype(str).values)
@@ -160,7 +167,7 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], study
     positive = values[values > 0].min().min() if n_lines else float("nan")
     log = bool(n_lines and values.max().max() > 10 * positive)
     band = f"mean over {seeds} seeds, band min-max" if seeds > 1 else "one run per line"
-    title = f"{study} on {_data_name(runs)}: {metric} per step ({band})"
+    title = f"{study} on {data_name(runs)}: {metric} per step ({band})"
     if n_lines > MAX_LEGEND:  # too many lines for bands: each line is its group's mean
         return _figure_many_curves(runs, keys, stats, metric,
                                    title.replace(", band min-max", ""), log)
@@ -169,7 +176,7 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], study
         line_data = mean[key].dropna()
         line, = ax.plot(line_data.index, line_data.values, lw=1.0,
                         marker="." if len(line_data) < 10 else None,  # a few points: show each
-                        label=clip(_label(study, dict(zip(keys, stats["keys"][key],
+                        label=clip(group_label(study, dict(zip(keys, stats["keys"][key],
                                                           strict=True))), 80))
         if stats["n"][key].max() > 1:
             ax.fill_between(line_data.index, stats["min"][key].dropna(),
@@ -230,7 +237,8 @@ def _figure_many_curves(runs, keys: list[str], stats: dict, metric: str, title: 
             from matplotlib.lines import Line2D
 
             ax.legend([Line2D([], [], color="k", ls=STYLES[i]) for i in range(len(families))],
-                      [clip(_fmt(dict(zip(others, f, strict=True))), 60) for f in families],
+                      [clip(key_values_text(dict(zip(others, f, strict=True))), 60)
+                       for f in families],
                       fontsize=8)
         ax.set_title(f"{title}\n{len(groups):,} groups, colour: {colour_key}"
                      + ("" if styled or len(families) < 2 else
@@ -270,7 +278,7 @@ def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
     keys = [k for k in by if k != "seed"]
     if not panels or not keys or len(done) < 2:
         return None
-    labels = pd.Series([_fmt(dict(zip(keys, r, strict=True))) for r in
+    labels = pd.Series([key_values_text(dict(zip(keys, r, strict=True))) for r in
                         zip(*[done[k] for k in keys], strict=True)], index=done.index)
     order = sorted(labels.unique())
     many = len(order) > MAX_BARS
@@ -302,7 +310,7 @@ def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
         ax.set_title(header, fontsize=10)
     shown = ("dots: runs" if many and x_key else "groups' means" if many
              else "bars: mean over seeds, dots: runs")
-    fig.suptitle(f"{study} on {_data_name(done)}: per-job time and memory ({shown})")
+    fig.suptitle(f"{study} on {data_name(done)}: per-job time and memory ({shown})")
     fig.tight_layout()
     return fig
 
@@ -323,7 +331,7 @@ def _figures(runs, curves=None, by=None) -> list:
     by = runs.attrs.get("swept", []) if by is None else list(by)
     intact = runs[runs.status.isin(["completed", "diverged", "interrupted"])]
     out = []
-    studies = _studies(intact)
+    studies = study_of(intact)
     for study in sorted(studies.unique()):
         subset = intact[studies == study]
         mine = curves[curves.run.isin(subset.run)]

@@ -17,7 +17,7 @@ from autograd_lab.run.messages import sweep_table, tensorboard_hint
 from autograd_lab.sweep.board import write_summary_run
 from autograd_lab.sweep.figures import plot_curves
 from autograd_lab.sweep.runs import load_curves, load_runs
-from autograd_lab.sweep.tables import COST, RESULTS, _studies, group_table
+from autograd_lab.sweep.tables import COST, RESULTS, group_table, study_of
 
 
 def summarize(path, by: list[str] | None = None) -> Path:
@@ -84,7 +84,7 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
     broken = runs[runs.status == "broken"]
     duplicate = runs[runs.status == "duplicate"]
     failed = intact[intact.status != "completed"]
-    studies = ', '.join(sorted(_studies(runs).unique()))
+    studies = ', '.join(sorted(study_of(runs).unique()))
     text = [f"# Summary: {studies}" if studies else "# Summary", "", f"`{path}`", ""]
     counts = runs.status.value_counts()
     if runs.empty:

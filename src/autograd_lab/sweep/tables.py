@@ -31,7 +31,7 @@ def _short(key: str, keys: list[str]) -> str:
     return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
 
 
-def _value_text(value) -> str:
+def value_text(value) -> str:
     return str(value).lower() if str(value) in ("True", "False") else str(value)
 
 
@@ -46,7 +46,7 @@ def group_table(runs: pd.DataFrame, by: list[str], columns=RESULTS + COST) -> pd
     keys = [k for k in by if k != "seed"]
     values = pd.DataFrame({c: pd.to_numeric(done[c], errors="coerce").astype(float) * k
                            for c, _, k in cols}, index=done.index)
-    grouped = values.groupby([done[k].map(_value_text) for k in keys] if keys
+    grouped = values.groupby([done[k].map(value_text) for k in keys] if keys
                              else np.zeros(len(done), dtype=int), sort=True)
     size, mean, std, count = grouped.size(), grouped.mean(), grouped.std(), grouped.count()
     rows = []
@@ -63,28 +63,28 @@ def group_table(runs: pd.DataFrame, by: list[str], columns=RESULTS + COST) -> pd
     return pd.DataFrame(rows)
 
 
-def _label(study, key_values: dict) -> str:
+def group_label(study, key_values: dict) -> str:
     if study in LABELS:
         key, names = LABELS[study]
         value = key_values.get(key)
         value = {"True": True, "False": False, "true": True, "false": False}.get(value, value)
         if value in names:
             rest = {k: v for k, v in key_values.items() if k != key}
-            return names[value] + (f" ({_fmt(rest)})" if rest else "")
-    return _fmt(key_values) or "all runs"
+            return names[value] + (f" ({key_values_text(rest)})" if rest else "")
+    return key_values_text(key_values) or "all runs"
 
 
-def _fmt(key_values: dict) -> str:
+def key_values_text(key_values: dict) -> str:
     keys = list(key_values)
-    return ", ".join(f"{_short(k, keys)}={_value_text(v)}" for k, v in key_values.items())
+    return ", ".join(f"{_short(k, keys)}={value_text(v)}" for k, v in key_values.items())
 
 
-def _studies(runs: pd.DataFrame) -> pd.Series:
+def study_of(runs: pd.DataFrame) -> pd.Series:
     return runs["study"].fillna("runs").astype(str) if "study" in runs else \
         pd.Series("runs", index=runs.index)
 
 
-def _data_name(runs: pd.DataFrame) -> str:
+def data_name(runs: pd.DataFrame) -> str:
     names = sorted(runs["data.name"].dropna().astype(str).unique()) if "data.name" in runs \
         else []
     return ", ".join(names) or "unknown data"
