@@ -56,7 +56,23 @@ def did_you_mean(name, names) -> str:
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
+def reason(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a
+    one-line error says of a library's exception."""
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def report(e: UserError) -> None:
+    """Print a user's mistake as `autograd-lab: error: ...`, one line per problem, on stderr."""
+    import sys
+
+    for line in str(e).splitlines() or [""]:
+        print(f"autograd-lab: error: {line}", file=sys.stderr)
+
+
 def first_line(text: str) -> str:
+    """Hydra's error text, reduced to its first two non-empty lines, joined."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return " ".join(lines[:2]) if lines else text
 

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from autograd_lab.config.keys import CONF_PACKAGE
 from autograd_lab.config.schema import validate
-from autograd_lab.disk.formats import RUN_FORMAT_VERSION
-from autograd_lab.errors import EXIT_USER_ERROR, UserError, error_text, write_failure
+from autograd_lab.disk.formats import RUN_FORMAT_VERSION, newer_format
+from autograd_lab.errors import EXIT_USER_ERROR, UserError, error_text, report, write_failure
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="train")
@@ -72,8 +72,7 @@ def main(cfg: DictConfig) -> dict | None:
         return record
     except UserError as e:
         if not getattr(e, "reported", False):  # else the run's end line said it already
-            for line in str(e).splitlines() or [""]:
-                print(f"autograd-lab: error: {line}", file=sys.stderr)
+            report(e)
         if not multirun:
             sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
         if not getattr(e, "leave_alone", False):  # another process's folder, or a planted file
@@ -107,8 +106,7 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
     except ForeignEntry:  # a symlink, FIFO, ... where a file of ours goes: leave it all alone
         return
     if old is not None:
-        version = old.get("format_version", 0)
-        if old.get("ended") or (isinstance(version, int) and version > RUN_FORMAT_VERSION):
+        if old.get("ended") or newer_format(old) is not None:
             return
     try:
         config = OmegaConf.to_container(cfg, resolve=True)

@@ -13,7 +13,7 @@ import sys
 from autograd_lab.cli.commands import demo, summarize, train
 from autograd_lab.cli.tensorboard import tensorboard
 from autograd_lab.cli.tools import graph, profile, step_check
-from autograd_lab.errors import UserError
+from autograd_lab.errors import UserError, report
 
 COMMANDS = {
     "train": "train a model (Hydra app: overrides, -m sweeps, --cfg job, --help)",
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             return handler(rest)
         raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")
     except UserError as e:
-        for line in str(e).splitlines() or [""]:  # several problems: one line each
-            print(f"autograd-lab: error: {line}", file=sys.stderr)
+        report(e)  # several problems: one line each
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training began (a run records its own)
         print("autograd-lab: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from autograd_lab.config.preflight import check_overrides
+from autograd_lab.config.resources import cifar10_present
 from autograd_lab.config.targets import refuse_running_code
 from autograd_lab.errors import UserError
 
@@ -117,9 +118,7 @@ def _check_output_dir(args: list[str], multirun: bool) -> None:
 def demo(args: list[str]) -> int:
     """The main job: the seed's zero-grad study, on CIFAR-10 if it is there, else synthetic."""
     root = Path(next((a.split("=", 1)[1] for a in args if a.startswith("data.root=")), "data"))
-    have_cifar = ((root / "cifar-10-batches-py").is_dir()
-                  or (root / "cifar-10-python.tar.gz").is_file())
-    if have_cifar:
+    if cifar10_present(root):
         print(f"demo: CIFAR-10 found in {root.resolve()}: running the seed's zero-grad study on it")
         data = ["data=cifar10"]
     else:

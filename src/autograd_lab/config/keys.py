@@ -22,6 +22,11 @@ NON_RESULT_KEYS = ("resume", "ckpt_path", "threads", "data.root", "data.download
                    "trainer.progress_bar", "log.flush_every_s", "log.progress_every_s",
                    "checkpoint.every_n_steps")
 
+# The config groups whose choice names a run: HParams columns (run/board.py, even when nobody
+# typed them) and the keys a summary may group by (sweep/runs.py, where it varies). The one list.
+GROUPS = ("model", "data", "optim", "variant", "experiment", "size", "probes", "profiler",
+          "scheduler", "trainer")
+
 # What the module self.log()s (callback_metrics): what callbacks like EarlyStopping may monitor.
 LOGGED_METRICS = ("val/loss", "val/acc")
 

@@ -14,6 +14,11 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 PROBE_TIMEOUT_S = 5.0  # how long data.download waits to learn that the host cannot be reached
 
 
+def cifar10_present(root: Path) -> bool:
+    """Whether CIFAR-10 is in `root`: its archive, or the folder the archive extracts to."""
+    return (root / "cifar-10-batches-py").is_dir() or (root / "cifar-10-python.tar.gz").is_file()
+
+
 def cifar10_url() -> str:
     """Where data.download fetches cifar-10-python.tar.gz: torchvision's URL, or a mirror named
     by the environment variable AUTOGRAD_LAB_CIFAR10_URL (the tests point it at a local server).
@@ -153,7 +158,7 @@ def data_problems(cfg) -> list[str]:
     if data.get("name") != "cifar10" or not isinstance(data.get("root"), str):
         return []
     root = Path(str(data.get("root") or ".")).expanduser()
-    if (root / "cifar-10-batches-py").is_dir() or (root / "cifar-10-python.tar.gz").is_file():
+    if cifar10_present(root):
         return []
     if data.get("download"):
         url = cifar10_url()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from autograd_lab.config.keys import is_result_key
+from autograd_lab.config.keys import GROUPS, is_result_key
 from autograd_lab.config.schema import CHECKS
 
 # HParams metrics: (tag, what the column shows). The first three are the run's own curves:
@@ -48,8 +48,6 @@ HPARAM_METRICS = (
     ("whole_run/val_step", "step of the final val loss"),  # = steps unless it validated earlier
 )
 
-# The config groups whose choice names a run (HParams columns even when nobody typed them).
-GROUPS = ("model", "data", "optim", "variant", "experiment", "probes", "profiler", "scheduler")
 
 BANDS = "seed bands: mean and min-max over seeds (the summary run, written when a sweep ends)"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 
 from autograd_lab.data.loader import CIFARDataModule, load_split_tensors
-from autograd_lab.errors import UserError
+from autograd_lab.errors import UserError, reason
 from autograd_lab.model.module import Classifier
 from autograd_lab.model.networks import build_model
 from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
@@ -117,8 +117,7 @@ def _instantiate(node, what: str, base, **kwargs):
         obj = instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__ or e
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise UserError(f"{what}._target_={target}: cannot be made ({reason})") from None
+        raise UserError(f"{what}._target_={target}: cannot be made ({reason(cause)})") from None
     if not isinstance(obj, base):
         raise UserError(f"{what}._target_={target}: not a Lightning {base.__name__} "
                         f"(it is a {type(obj).__module__}.{type(obj).__qualname__})")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from autograd_lab.config.keys import comparable
-from autograd_lab.disk.formats import RUN_FORMAT_VERSION
+from autograd_lab.disk.formats import RUN_FORMAT_VERSION, newer_format
 from autograd_lab.disk.lock import check_entries, open_own
 from autograd_lab.errors import UserError, clip
 
@@ -96,8 +96,7 @@ def check_run_dir(run_dir: Path) -> None:
     record, _ = read_run_json(run_dir)
     if record is None:  # none, or broken: the run writes a new one
         return
-    version = record.get("format_version", 0)
-    if isinstance(version, int) and version > RUN_FORMAT_VERSION:
+    if (version := newer_format(record)) is not None:
         raise UserError(f"{run_dir} was written by a newer autograd-lab (format_version="
                         f"{version}; this one writes {RUN_FORMAT_VERSION}): upgrade, or use "
                         f"another run directory")

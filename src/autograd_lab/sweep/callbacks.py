@@ -16,7 +16,7 @@ import autograd_lab.config.preflight as preflight
 from autograd_lab.config.keys import identity_key, path_safe
 from autograd_lab.config.targets import check_targets
 from autograd_lab.disk.lock import check_entries, check_sweep_dir, is_rank_zero
-from autograd_lab.errors import UserError
+from autograd_lab.errors import UserError, report
 from autograd_lab.run.resumable import check_ckpt_path_override
 from autograd_lab.run.rundir import read_run_json
 
@@ -154,8 +154,7 @@ class PreflightCallback(Callback):
             if not multirun and any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
                 check_ckpt_path_override(overrides)
         except UserError as e:
-            for line in str(e).splitlines() or [""]:
-                print(f"autograd-lab: error: {line}", file=sys.stderr)
+            report(e)
             sys.exit(2)
         finally:
             Singleton.set_state(state)  # the running app's Hydra, as it was

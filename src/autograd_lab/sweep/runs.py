@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from autograd_lab.config.keys import comparable, flatten
-from autograd_lab.disk.formats import RUN_FORMAT_VERSION
+from autograd_lab.config.keys import GROUPS, comparable, flatten, is_result_key
+from autograd_lab.disk.formats import RUN_FORMAT_VERSION, newer_format
 from autograd_lab.errors import UserError, clip
 from autograd_lab.run.rundir import json_kind, metrics_problem, read_run_json
 from autograd_lab.sweep.slurm_queue import read_marker, slurm_job_states
@@ -30,12 +30,8 @@ NUMBERS = ["images_per_s", "seconds_per_step", "wall_seconds", "train_seconds", 
            "val_peak_cuda_mib", "peak_cuda_mib",
            "process_peak_rss_mib"]  # process-wide (a sweep's earlier jobs too): never compared
 
-# keys that differ between runs without being what a study compares
-CHOICES = ("model", "data", "optim", "variant", "experiment", "size", "probes", "profiler",
-           "trainer")
-
-NOT_SWEPT = {"seed", "data.root", "resume", "threads", "trainer.progress_bar", "log.flush_every_s",
-             "log.progress_every_s"}
+# runs that differ only in this key are one group: its mean and min-max band over the seeds
+BAND_KEY = "seed"
 
 LABELS = {"zero_grad_study": ("train.zero_grad", {True: "Zero gradients",
                                                   False: "No zero gradients"})}
@@ -107,7 +103,7 @@ def _record_problem(record: dict, run_dir: Path) -> str | None:
     version = record.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
         return "run.json is not a run record (its format_version is not a number)"
-    if version > RUN_FORMAT_VERSION:
+    if newer_format(record) is not None:
         raise UserError(f"{run_dir}: written by a newer autograd-lab (format {version}; this "
                         f"one reads up to {RUN_FORMAT_VERSION}); upgrade to summarize it")
     if not isinstance(record.get("status"), str):
@@ -235,14 +231,15 @@ def swept_keys(frame: pd.DataFrame) -> list[str]:
     configless = frame.attrs.get("configless", [])
     known = frame[~frame.run.isin(configless)] if configless and "run" in frame else frame
     for col in frame.columns:
-        is_key = col in CHOICES or ("." in col and col not in results)
-        if is_key and col not in NOT_SWEPT and known[col].astype(str).nunique() > 1:
+        is_key = col in GROUPS or ("." in col and col not in results)
+        compared = is_result_key(col) and col != BAND_KEY
+        if is_key and compared and known[col].astype(str).nunique() > 1:
             keys.append(col)
     # a group choice names what it sets: a key that varies exactly with one (variant and the
     # train.freeze it sets, data and data.name) is left out, and the choice kept
     text = {k: known[k].astype(str) for k in keys}
-    choices = [k for k in keys if k in CHOICES]
-    return [k for k in keys if k in CHOICES or not any(
+    choices = [k for k in keys if k in GROUPS]
+    return [k for k in keys if k in GROUPS or not any(
         _same_partition(text[k], text[c]) for c in choices)]
 
 

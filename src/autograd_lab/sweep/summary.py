@@ -164,9 +164,8 @@ class SummaryCallback(Callback):
         try:
             out, runs = summarize_runs(sweep_dir)
         except Exception as e:  # UserError (unwritable, a newer run inside), or a bug
-            reason = error_text(e)
-            reason = reason.strip().splitlines()[0] if reason.strip() else type(e).__name__
-            print(f"autograd-lab: error: no summary written for {sweep_dir}: {reason}",
+            print(f"autograd-lab: error: no summary written for {sweep_dir}: "
+                  f"{clip(error_text(e), 10_000)}",
                   file=sys.stderr)
             sys.exit(1)
 
