@@ -27,6 +27,7 @@ import math
 
 from autograd_lab.config.keys import GROUPS, is_result_key
 from autograd_lab.config.schema import CHECKS
+from autograd_lab.run.rundir import final_metrics
 
 # HParams metrics: (tag, what the column shows). The first three are the run's own curves:
 # HParams shows a tag's last value, which is the final one.
@@ -123,7 +124,7 @@ def _integer_key(key: str) -> bool:
 
 def whole_run_metrics(recorder, extra: dict) -> dict:
     """The whole-run HParams metrics (tag -> value) this run has."""
-    final = recorder.final_metrics()
+    final = final_metrics(recorder.frame())
     steps = final["steps"]
     values = {"whole_run/best_train_loss": final["best_train_loss"],
               "whole_run/images_per_s": recorder.images_per_s or None,

@@ -3,14 +3,11 @@ plain line every few seconds when no terminal watches."""
 
 from __future__ import annotations
 
-import math
 import time
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-# the atomic file writes live in files.py (torch-free, for `summarize`); the run's writers
-# import them from here as before
 from autograd_lab.run.messages import log
 from autograd_lab.run.recorder import RunRecorder
 from autograd_lab.text import fmt_number, number
@@ -40,14 +37,12 @@ def progress_text(trainer, recorder) -> str:
     total = trainer.max_steps if trainer.max_steps > 0 else \
         trainer.estimated_stepping_batches
     text = f"step {trainer.global_step:,}/{int(total):,}, epoch {trainer.current_epoch}"
-    if math.isfinite(recorder.last_loss):
-        text += f", loss {number(recorder.last_loss)} (step {recorder._next_step - 1:,})"
-    seconds = recorder.train_seconds + (time.perf_counter() - recorder._epoch_start
-                                        if recorder._epoch_start is not None else 0.0)
-    if seconds > 0:
-        text += f", {number((recorder.train_images + recorder._images_pending) / seconds)} images/s"
-    val = recorder.last_val
-    if val is not None:
+    now = recorder.progress()
+    if now["loss"] is not None:
+        text += f", loss {number(now['loss'])} (step {now['loss_step']:,})"
+    if now["images_per_s"] is not None:
+        text += f", {number(now['images_per_s'])} images/s"
+    if (val := now["val"]) is not None:
         text += f", val loss {number(val[0])}, val acc {number(val[1])}"
     return text
 
@@ -65,16 +60,13 @@ class StepProgressBar(TQDMProgressBar):
         """The bar's fields, none needing a host sync: the optimizer step, the last flushed
         loss (and its step), images/s, and the last validation's loss and accuracy."""
 
-        rec = self.recorder
+        now = self.recorder.progress()
         metrics = {"step": f"{trainer.global_step:,}"}
-        if math.isfinite(rec.last_loss):
-            metrics["loss"] = f"{fmt_number(rec.last_loss)}@{rec._next_step - 1}"
-        seconds = rec.train_seconds + (time.perf_counter() - rec._epoch_start
-                                       if rec._epoch_start is not None else 0.0)
-        images = rec.train_images + rec._images_pending
-        if seconds > 0:
-            metrics["img/s"] = f"{images / seconds:,.0f}"
-        if rec.last_val is not None:
-            metrics["val_loss"] = fmt_number(rec.last_val[0])
-            metrics["val_acc"] = fmt_number(rec.last_val[1])
+        if now["loss"] is not None:
+            metrics["loss"] = f"{fmt_number(now['loss'])}@{now['loss_step']}"
+        if now["images_per_s"] is not None:
+            metrics["img/s"] = f"{now['images_per_s']:,.0f}"
+        if now["val"] is not None:
+            metrics["val_loss"] = fmt_number(now["val"][0])
+            metrics["val_acc"] = fmt_number(now["val"][1])
         return metrics

@@ -15,6 +15,7 @@ from autograd_lab.errors import write_failure
 from autograd_lab.observe.memory import peak_rss_mib
 from autograd_lab.run.build import Parts
 from autograd_lab.run.fit import release_space
+from autograd_lab.run.rundir import final_metrics
 
 
 def write_record(parts: Parts | None, record: dict, run_dir: Path, t0: float,
@@ -78,13 +79,13 @@ def _results(recorder, t0: float) -> dict:
     import torch
 
     val_s = recorder.val_seconds
-    return {"final": recorder.final_metrics(), "images_per_s": recorder.images_per_s,
+    return {"final": final_metrics(recorder.frame()), "images_per_s": recorder.images_per_s,
             "train_seconds": recorder.train_seconds,
             "val_seconds": val_s[-1] if val_s else None,
             "val_seconds_total": sum(val_s),
             "seconds_per_step": recorder.seconds_per_step,
             "seconds_per_step_mean": recorder.train_seconds / max(
-                recorder.final_metrics()["steps"], 1),
+                final_metrics(recorder.frame())["steps"], 1),
             **({"val_peak_cuda_mib": max(recorder.val_peak_mib)}
                if recorder.val_peak_mib and torch.cuda.is_available() else {})}
 

@@ -1,4 +1,4 @@
-"""The run directory: every-step curves to TensorBoard and metrics.parquet, run.json, atomic writes.
+"""The run's recorder: every-step curves to every logger (TensorBoard, CSV) and metrics.parquet.
 
 Per-step values stay on the device as 0-d tensors until a flush (every `log.flush_every_s`
 seconds, at each epoch's end and at the end of the run): one host sync per flush, not per step.
@@ -20,9 +20,6 @@ from pathlib import Path
 import lightning as L
 
 from autograd_lab.run.board import whole_run_metrics, write_hparams, write_layout
-
-# the atomic file writes live in files.py (torch-free, for `summarize`); the run's writers
-# import them from here as before
 
 
 # ------------------------------------------------------------------ the recorder
@@ -319,27 +316,19 @@ class RunRecorder(L.Callback):
         times = times[self.WARMUP_STEPS:] if len(times) > self.WARMUP_STEPS else times
         return statistics.median(times) if times else None
 
+    def progress(self) -> dict:
+        """Where training stands, with no host sync (the progress bar and lines show it): the
+        last flushed loss and its step, images/s so far, the last validation's (loss, acc)."""
+        seconds = self.train_seconds + (time.perf_counter() - self._epoch_start
+                                        if self._epoch_start is not None else 0.0)
+        images = self.train_images + self._images_pending
+        return {"loss": self.last_loss if math.isfinite(self.last_loss) else None,
+                "loss_step": self._next_step - 1,
+                "images_per_s": images / seconds if seconds > 0 else None, "val": self.last_val}
+
     @property
     def images_per_s(self) -> float:
         return self.train_images / self.train_seconds if self.train_seconds else 0.0
-
-    def final_metrics(self) -> dict:
-        frame = self.frame()
-        out = {"train_loss": None, "best_train_loss": None, "val_loss": None, "val_acc": None,
-               "val_step": None}
-        losses = frame[frame.name == "train/loss"].value
-        if len(losses):
-            out["train_loss"] = float(losses.iloc[-1])
-            out["best_train_loss"] = float(losses.min())
-        for key in ("val_loss", "val_acc"):
-            vals = frame[frame.name == key.replace("_", "/")]
-            if len(vals):
-                out[key] = float(vals.value.iloc[-1])
-                # the steps done when it was measured: `steps` when the run validated at its
-                # end, earlier when it did not (check_val_every_n_epoch, a diverged run)
-                out["val_step"] = int(vals.step.iloc[-1])
-        out["steps"] = len(losses)  # rows 0..n-1; a diverged run stops before the bad step
-        return out
 
     def frame(self):
         import pandas as pd

@@ -117,3 +117,23 @@ def finished_record(run_dir: Path, config: dict) -> dict | None:
     if metrics_problem(run_dir, required=True, steps=steps) is not None:
         return None
     return record
+
+
+def final_metrics(frame) -> dict:
+    """run.json's `final`: the last and best train loss, the last validation and its step, the
+    number of steps, from a run's metrics (long format: step, epoch, name, value)."""
+    out = {"train_loss": None, "best_train_loss": None, "val_loss": None, "val_acc": None,
+           "val_step": None}
+    losses = frame[frame.name == "train/loss"].value
+    if len(losses):
+        out["train_loss"] = float(losses.iloc[-1])
+        out["best_train_loss"] = float(losses.min())
+    for key in ("val_loss", "val_acc"):
+        vals = frame[frame.name == key.replace("_", "/")]
+        if len(vals):
+            out[key] = float(vals.value.iloc[-1])
+            # the steps done when it was measured: `steps` when the run validated at its
+            # end, earlier when it did not (check_val_every_n_epoch, a diverged run)
+            out["val_step"] = int(vals.step.iloc[-1])
+    out["steps"] = len(losses)  # rows 0..n-1; a diverged run stops before the bad step
+    return out
