@@ -205,8 +205,9 @@ class Sweep:
 
 def cli_command() -> list[str]:
     """This environment's `autograd-lab` (the console script beside this Python)."""
-    script = Path(sys.executable).parent / "autograd-lab"
-    if script.exists():
+    from autograd_lab.text import console_script
+
+    if (script := console_script()) is not None:
         return [str(script)]
     return [sys.executable, "-c", "import sys; from autograd_lab.cli import main; "
             "sys.exit(main())"]

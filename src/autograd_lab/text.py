@@ -8,13 +8,18 @@ import sys
 from pathlib import Path
 
 
+def console_script() -> Path | None:
+    """This environment's `autograd-lab` console script (beside this Python), if installed."""
+    exe = Path(sys.executable).parent / "autograd-lab"
+    return exe if exe.exists() else None
+
+
 def command_path() -> str:
     """How to call this console script again, pasteable as is into a shell (no activated venv
     needed; quoted where the path has spaces, quotes or non-ASCII characters)."""
     import shlex
 
-    exe = Path(sys.executable).parent / "autograd-lab"
-    if not exe.exists():
+    if (exe := console_script()) is None:
         return "autograd-lab"
     try:
         return shlex.quote(str(exe.relative_to(Path.cwd())))
