@@ -90,7 +90,8 @@ def test_figures_keep_a_normal_size_and_a_bounded_legend(lr_sweep):
     assert set(found["pngs"]) == {"lr_study_loss.png", "lr_study_cost.png"}
     for name, (width, height) in found["pngs"].items():
         assert width < 4000 and height < 4000, (name, width, height)
-    from autograd_lab.sweep.figures import MAX_LEGEND, plot_study
+    from autograd_lab.sweep.figures import MAX_LEGEND
+    from autograd_lab.sweep.summary import plot_study
 
     for fig in plot_study(lr_sweep):  # the same figures, as a notebook gets them
         for ax in fig.axes:

@@ -77,7 +77,7 @@ def test_summary_md_follows_its_rules(tmp_path):
 def test_loss_figure_marks_each_point_of_a_short_curve_and_not_of_a_long_one(tmp_path):
     """A 3-step curve drawn as a bare line is hard to read (where are the steps?); a 40-step
     one with markers is noise. The figure a notebook gets is the one summarize writes."""
-    from autograd_lab.sweep.figures import plot_study
+    from autograd_lab.sweep.summary import plot_study
 
     sweep = tmp_path / "sweep"
     _run(sweep, "variant=none", "none", [], 0.1, "completed", [2.3, 1.1, 0.163])

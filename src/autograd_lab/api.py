@@ -110,7 +110,7 @@ class Run:
 
     def figures(self, by: list[str] | None = None) -> list:
         """The summary's figures for this run (summary.plot_study)."""
-        from autograd_lab.sweep.figures import plot_study
+        from autograd_lab.sweep.summary import plot_study
 
         return plot_study(self.run_dir, by=by)
 
@@ -192,7 +192,7 @@ class Sweep:
 
     def figures(self, by: list[str] | None = None) -> list:
         """The same figures as the sweep's summary PNGs (summary.plot_study)."""
-        from autograd_lab.sweep.figures import plot_study
+        from autograd_lab.sweep.summary import plot_study
 
         return plot_study(self.sweep_dir, by=by)
 

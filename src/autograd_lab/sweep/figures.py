@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from autograd_lab.config.keys import path_safe
 from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.errors import clip
-from autograd_lab.sweep.runs import load_curves, load_runs
 from autograd_lab.sweep.tables import (
     COST,
     data_name,
     group_label,
     key_values_text,
-    study_of,
     value_text,
 )
 
@@ -315,49 +312,3 @@ def figure_cost(runs: pd.DataFrame, by: list[str], study: str):
     return fig
 
 
-def plot_study(runs, curves: pd.DataFrame | None = None, by: list[str] | None = None) -> list:
-    """The summary's figures, for a notebook: per study, the loss curves (and the per-job cost
-    figure where there is one to compare, and sharpness against 2/lr where it was measured).
-    `runs`: a sweep or run folder, or load_runs' frame (then pass `curves`). The same figures
-    `summarize` writes as PNGs."""
-    return [fig for _, fig in _figures(runs, curves, by)]
-
-
-def _figures(runs, curves=None, by=None) -> list:
-    """[(file name, Figure)] for plot_study and the summary."""
-    if not isinstance(runs, pd.DataFrame):
-        path = runs
-        runs, curves = load_runs(path), load_curves(path)
-    by = runs.attrs.get("swept", []) if by is None else list(by)
-    intact = runs[runs.status.isin(["completed", "diverged", "interrupted"])]
-    out = []
-    studies = study_of(intact)
-    for study in sorted(studies.unique()):
-        subset = intact[studies == study]
-        mine = curves[curves.run.isin(subset.run)]
-        name = path_safe(study, limit=200)  # a file name, whatever the study is called
-        out.append((f"{name}_loss.png", figure_curves(subset, mine, by, study)))
-        cost = figure_cost(subset, by, study)
-        if cost is not None:
-            out.append((f"{name}_cost.png", cost))
-        if (mine.name == "probes/sharpness").any():  # sharpness against each run's 2/lr
-
-            out.append((f"{name}_sharpness.png", figure_stability(subset, mine)))
-    return out
-
-
-def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, by: list[str], out: Path) -> list[Path]:
-    """Write the summary's figures (plot_study's) into `out` as PNGs; returns their paths."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-
-    written = []
-    for name, fig in _figures(runs, curves, by):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(out / name, buf.getvalue())
-        written.append(out / name)
-    return written

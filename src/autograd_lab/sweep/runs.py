@@ -20,6 +20,7 @@ import pandas as pd
 
 from autograd_lab.config.keys import GROUPS, comparable, flatten, is_result_key
 from autograd_lab.disk.formats import RUN_FORMAT_VERSION, newer_format
+from autograd_lab.disk.lock import OWN_DIRS
 from autograd_lab.errors import UserError, clip
 from autograd_lab.run.rundir import json_kind, metrics_problem, read_run_json
 from autograd_lab.sweep.slurm_queue import read_marker, slurm_job_states
@@ -37,7 +38,7 @@ LABELS = {"zero_grad_study": ("train.zero_grad", {True: "Zero gradients",
                                                   False: "No zero gradients"})}
 
 # folders a run writes inside itself, never holding another run: find_runs does not walk them
-RUN_INSIDE = {"summary", "checkpoints", "profiler", "csv", "__pycache__"}
+RUN_INSIDE = {*OWN_DIRS, "summary", "__pycache__"} - {".hydra"}
 
 
 def find_runs(path) -> list[Path]:

@@ -1,32 +1,32 @@
 """The SLURM launcher (`hydra/launcher=slurm`): submitit's SLURM launcher that skips completed
 jobs, requeues preempted ones to continue from their checkpoint, and writes the summary when
-the last job ends."""
+the last job ends.
+
+Hydra finds it as hydra_plugins.autograd_lab_slurm_launcher.SlurmLauncher (src/hydra_plugins/:
+Hydra imports every module there when it starts), so this module is cheap to import: no torch,
+no pandas (the summary job runs `autograd-lab summarize` as a command)."""
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher as _SubmititSlurmLauncher,
 )
 
+from autograd_lab.disk.files import write_json
 from autograd_lab.errors import UserError
 from autograd_lab.run.rundir import finished_record, read_run_json
 from autograd_lab.sweep.slurm_queue import (
     DEFAULT_MAX_REQUEUES,
     MARKER,
-    PLUGIN_NAME,
     _read_text,
-    _write_json,
     read_marker,
     squeue_states,
 )
-from autograd_lab.sweep.summary import summarize_runs
 
 
 # ------------------------------------------------------------------ the submitting side
@@ -147,7 +147,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             marker = {"job_id": job.job_id, "submitted": now, "stdout": str(paths.stdout),
                       "stderr": str(paths.stderr), "requeues": 0,
                       "overrides": OmegaConf.to_container(OmegaConf.create(job.overrides))}
-            _write_json(job.run_dir / MARKER, marker)
+            write_json(job.run_dir / MARKER, marker)
 
     def _report(self, jobs: list[_Job], todo: list[_Job], sweep_dir: Path) -> None:
         for j in jobs:
@@ -184,7 +184,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             slurm_additional_parameters=extra,
             **{f"slurm_{k}": self.params.get(k) for k in keep})
         try:
-            job_id = str(executor.submit(write_summary, str(sweep_dir)).job_id)
+            job_id = str(executor.submit(summary_command(sweep_dir)).job_id)
         except Exception as e:  # submitit's FailedJobError: sbatch refused the summary job
             raise _no_slurm("sbatch (the summary job)", e) from None
         (folder / "summary_job").write_text(job_id + "\n")
@@ -239,25 +239,13 @@ def _no_slurm(command: str, error: Exception):
                      f"export SLURM_CONF=DIR/etc/slurm.conf")
 
 
-def write_summary(sweep_dir: str) -> None:
-    """What the summary job runs (wait=false): the sweep's summary, as at the end of a sweep."""
+def summary_command(sweep_dir: Path):
+    """What the summary job runs (wait=false): `autograd-lab summarize SWEEP_DIR` with this
+    Python, the command a user would type. A command, not this package's summary function
+    pickled: that function's module imports pandas, and this module is imported by every Hydra
+    start (the plugin scan). Its output goes to the job's log; a failure fails the job."""
+    import submitit
 
-    out, runs = summarize_runs(Path(sweep_dir))
-    print(f"summary: {out / 'summary.md'}")
-    for _, row in runs[runs.status.isin(["failed", "interrupted", "broken"])].iterrows():
-        print(f"{row.status}: {row.run}: {row.error}")
-
-
-class LauncherRegistration(Callback):
-    """A Hydra callback that does nothing but be made: making it imports this module, which
-    registers SlurmLauncher with Hydra before Hydra makes the launcher."""
-
-
-def _register() -> None:
-    from hydra.core.plugins import Plugins
-
-    with contextlib.suppress(AttributeError):
-        Plugins.instance().class_name_to_class[PLUGIN_NAME] = SlurmLauncher
-
-
-_register()
+    code = "import sys; from autograd_lab.cli import main; sys.exit(main(sys.argv[1:]))"
+    return submitit.helpers.CommandFunction(
+        [sys.executable, "-c", code, "summarize", str(sweep_dir)])
