@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test bench lint clean notebooks lab
+.PHONY: setup demo test bench lint docs clean notebooks lab
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test: setup
 bench: setup
 	$(BIN)/python scripts/bench_throughput.py --threads 1
 	$(BIN)/python scripts/bench_throughput.py --threads 2
+
+# docs/architecture.md's diagram, read from the source (tests/test_structure.py checks it is current)
+docs: setup
+	$(BIN)/python scripts/architecture.py
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

@@ -18,10 +18,9 @@ SLURM requeues it; a cancelled or timed-out job is left stopped. A job that fail
 is never requeued: its run.json says `failed`, whatever SLURM's state says. The requeued job
 runs the same pickled call again, and the run continues from its checkpoint to the same curve.
 
-Hydra takes launcher classes only from its `hydra_plugins` namespace; this package installs no
-module there, so importing this module registers `SlurmLauncher` under the name that
-conf/hydra/launcher/slurm.yaml gives (the `LauncherRegistration` callback there imports it before
-Hydra makes the launcher).
+Hydra takes launcher classes only from its `hydra_plugins` namespace: the package installs
+hydra_plugins.autograd_lab_slurm_launcher (src/hydra_plugins/), which Hydra's plugin scan finds,
+and conf/hydra/launcher/slurm.yaml names that class.
 """
 
 from __future__ import annotations
@@ -34,9 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from autograd_lab.disk.files import write_json
 from autograd_lab.disk.lock import open_own
-
-PLUGIN_NAME = "hydra_plugins.autograd_lab_slurm.SlurmLauncher"
 
 MARKER = "slurm.json"  # in each job's run directory
 
@@ -84,15 +82,6 @@ def _read_text(path: Path) -> str:
         return Path(path).read_text().strip()
     except OSError:
         return ""
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomic (temporary file + rename), without importing records.py (Lightning) here."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def slurm_job_state(run_dir) -> str | None:
@@ -152,7 +141,7 @@ class SlurmJob:
         marker = read_marker(run_dir)
         marker.update(job_id=self.job_id, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
-        _write_json(Path(run_dir) / MARKER, marker)
+        write_json(Path(run_dir) / MARKER, marker)
 
     def finished(self, run_dir: Path, exit_code: int | None = None) -> dict:
         """After the run wrote its record: put the job's ids into run.json, and requeue the job
@@ -170,7 +159,7 @@ class SlurmJob:
             record = None
         if isinstance(record, dict):
             record["slurm"] = info
-            _write_json(record_path, record)
+            write_json(record_path, record)
         return info
 
     def _requeue(self, run_dir: Path, signum: int) -> str:
@@ -193,12 +182,12 @@ class SlurmJob:
             print(f"autograd-lab: {run_dir}: {message}", file=sys.stderr)
             return message
         marker["requeues"] = done + 1
-        _write_json(Path(run_dir) / MARKER, marker)  # before: the requeue ends this process
+        write_json(Path(run_dir) / MARKER, marker)  # before: the requeue ends this process
         out = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True,
                              text=True, timeout=60)
         if out.returncode != 0:
             marker["requeues"] = done
-            _write_json(Path(run_dir) / MARKER, marker)
+            write_json(Path(run_dir) / MARKER, marker)
             return f"not requeued: scontrol requeue: {out.stderr.strip()}"
         print(f"autograd-lab: {run_dir}: stopped by {name}, saved; SLURM job {self.job_id} "
               f"requeued ({done + 1} of {self.max_requeues}): it continues from its checkpoint",
