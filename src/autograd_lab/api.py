@@ -11,9 +11,9 @@
     s.sweep_dir, s.runs, s.curves()                              # multirun/zero_grad_study/...
     for fig in s.figures(): al.show(fig)                         # the summary's figures
 
-`run` composes the config exactly as `autograd-lab train` does (`config.compose`) and trains in
-this process (`train.run`): extra Lightning callbacks can watch it. `multirun` runs the CLI
-itself (`autograd-lab train -m ...`) in a child process, so its jobs are named, skipped and
+`run` composes the config exactly as `autograd-lab train` does (`config.compose.compose`) and
+trains in this process (`train.run`): extra Lightning callbacks can watch it. `multirun` runs the
+CLI itself (`autograd-lab train -m ...`) in a child process, so its jobs are named, skipped and
 summarised exactly as on the command line, and Hydra's logging set-up stays out of the
 notebook's process. (It is not called `sweep`: `autograd_lab.sweep` is the module of the sweep
 glue, and a function of that name would be replaced by the module when it is imported.)
@@ -109,7 +109,7 @@ class Run:
         return frame.set_index("step")["value"].rename("train/loss")
 
     def figures(self, by: list[str] | None = None) -> list:
-        """The summary's figures for this run (summary.plot_study)."""
+        """The summary's figures for this run (sweep.summary.plot_study)."""
         from autograd_lab.sweep.summary import plot_study
 
         return plot_study(self.run_dir, by=by)
@@ -178,20 +178,20 @@ class Sweep:
 
     @property
     def runs(self):
-        """One row per job (summary.load_runs): swept keys, status, metrics, time, memory."""
+        """One row per job (sweep.runs.load_runs): swept keys, status, metrics, time, memory."""
         from autograd_lab.sweep.runs import load_runs
 
         return load_runs(self.sweep_dir)
 
     def curves(self, name: str | None = None):
-        """Every job's metrics.parquet, long format, with a `run` column (summary.load_curves)."""
+        """Every job's metrics.parquet, long format, with a `run` column (load_curves)."""
         from autograd_lab.sweep.runs import load_curves
 
         frame = _plain(load_curves(self.sweep_dir))
         return frame if name is None else frame[frame.name == name].reset_index(drop=True)
 
     def figures(self, by: list[str] | None = None) -> list:
-        """The same figures as the sweep's summary PNGs (summary.plot_study)."""
+        """The same figures as the sweep's summary PNGs (sweep.summary.plot_study)."""
         from autograd_lab.sweep.summary import plot_study
 
         return plot_study(self.sweep_dir, by=by)

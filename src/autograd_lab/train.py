@@ -150,7 +150,7 @@ def _quiet_libraries() -> None:
     # a resumed run continues from (tests/test_lightning.py resumes from such a file)
     warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization.*")
     # a resumed run without a callback its checkpoint has state for: check_resumable lets only
-    # the ones that change no curve go missing (config.RESUME_FREE_KEYS: ModelCheckpoint)
+    # the ones that change no curve go missing (config.keys.RESUME_FREE_KEYS: ModelCheckpoint)
     warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to "
                             "be provided.*")
     warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not "
@@ -223,13 +223,13 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
                           _exit_code=e.exit_code)
         except BaseException as e:  # building or fitting failed: the record says what it was, and
             record["error"] = error_text(e)  # so does the end line
-            e.reported = rank_zero and not record.get("_write_failed")  # by messages.ended
+            e.reported = rank_zero and not record.get("_write_failed")  # by run.messages.ended
             raise
         finally:
             signals.finishing = True  # a late signal must not cut the last writes short
             write_record(parts, record, run_dir, t0, rank_zero)
             if rank_zero and not record.get("_write_failed"):
-                messages.ended(record, run_dir)
+                run.messages.ended(record, run_dir)
     if record.get("_write_failed"):
         unwritten = record.get("_unwritten")
         raise WriteFailed(record["error"] + (f" ({' and '.join(unwritten)} not updated: the "

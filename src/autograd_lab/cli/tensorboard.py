@@ -26,7 +26,7 @@ def _listening(port: int) -> bool:
 
 def _die_with_parent() -> None:
     """Linux: this (child) process gets SIGTERM when its parent ends, even by SIGKILL, so a
-    TensorBoard never outlives the command that started it. (distributed.die_with_parent does
+    TensorBoard never outlives the command that started it. (run.distributed.die_with_parent does
     the same for DDP ranks; that module imports Lightning, which this command must not.)"""
     import signal
 

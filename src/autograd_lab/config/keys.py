@@ -58,7 +58,7 @@ def identity_key(config) -> str:
 # The config keys that may differ when a run continues from a checkpoint: the non-result keys,
 # plus outputs that change no curve (loggers, Lightning's LR monitor, ModelCheckpoint files).
 # Unlike NON_RESULT_KEYS the added ones still name run directories and still decide whether a
-# completed run is skipped; checkpoint.check_resumable reads this list, and only it.
+# completed run is skipped; run.resumable.check_resumable reads this list, and only it.
 RESUME_FREE_KEYS = (*NON_RESULT_KEYS, "logger", "callbacks.lr_monitor",
                     "callbacks.model_checkpoint")
 

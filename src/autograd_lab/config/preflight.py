@@ -240,7 +240,7 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
 
 
 def duplicate_runs(jobs: list[dict], sweeps: dict) -> list[str]:
-    """One line if two jobs of a sweep are the same run (config.identity_key): they would land
+    """One line if two jobs of a sweep are the same run (config.keys.identity_key): they would land
     in one folder, the second skipping or overwriting the first. Names the swept key and why:
     a value given twice, or keys that change no result (NON_RESULT_KEYS)."""
     import json
@@ -257,7 +257,7 @@ def duplicate_runs(jobs: list[dict], sweeps: dict) -> list[str]:
         if differ:
             shown = sweeps[differ[0]].input_line if differ[0] in sweeps else differ[0]
             return [f"{shown}: {', '.join(differ)} does not change a run's results "
-                    f"(config.NON_RESULT_KEYS), so these jobs are one run and would share one "
+                    f"(config.keys.NON_RESULT_KEYS), so these jobs are one run and would share one "
                     f"folder; run each value as its own command, with its own hydra.sweep.dir"]
         for override in sweeps.values():
             values = [json.dumps(v, sort_keys=True, default=str)
@@ -316,6 +316,6 @@ def sweep_jobs(compose, fixed: list[str], sweeps: dict, parser):
             yield job
 
 
-# True while `autograd-lab train` runs the Hydra app it has checked (config.check_overrides):
-# the app's own preflight (sweep.PreflightCallback, for `python -m autograd_lab.train`) skips
+# True while `autograd-lab train` runs the Hydra app it has checked (check_overrides): the
+# app's own preflight (sweep.callbacks.PreflightCallback, `python -m autograd_lab.train`) skips
 CHECKED_BY_CLI = False

@@ -23,6 +23,9 @@ from autograd_lab.config.keys import (
 from autograd_lab.config.targets import check_known_callback
 from autograd_lab.errors import UserError, did_you_mean
 
+# The precisions the harness is tested with (tests/test_trainer_node.py); 16-mixed needs CUDA.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
 # key -> (predicate, what is valid). Keys absent from the config (e.g. model.stem for smallnet)
 # are skipped, so one table serves every model and data choice.
 CHECKS: dict[str, tuple] = {
@@ -89,6 +92,17 @@ CHECKS: dict[str, tuple] = {
                                   or (isinstance(v, float) and 0 <= v <= 1),
                                   "a fraction in [0, 1] or a whole number of batches"),
     "trainer.progress_bar": (lambda v: v in ("auto", True, False), "one of: auto, true, false"),
+    # the trainer node's other arguments: their types are checked against Lightning's Trainer
+    # signature (targets.check_arguments); these ranges and choices without Lightning
+    "trainer.precision": (lambda v: v in PRECISIONS, "one of: " + ", ".join(PRECISIONS)),
+    "trainer.val_check_interval": (lambda v: v is None or (is_int(v) and v >= 1) or (
+        isinstance(v, float) and 0 < v <= 1), "null, a number of training batches >= 1, or a "
+                                              "fraction of an epoch in (0, 1]"),
+    "trainer.limit_train_batches": (lambda v: v is None or (is_int(v) and v >= 1) or (
+        isinstance(v, float) and 0 < v <= 1), "null, a number of batches >= 1, or a fraction "
+                                              "in (0, 1]"),
+    "trainer.log_every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.num_nodes": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "probes.every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "probes.histogram_every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "probes.sharpness_every_n_steps": (lambda v: is_int(v) and v >= 0,
@@ -115,6 +129,42 @@ CHECKS: dict[str, tuple] = {
 }
 
 
+# Trainer arguments that would break the harness's contract: key -> (the values that keep it,
+# why). Each is refused in one line before anything runs (exit 2, no run directory).
+TRAINER_CONTRACT = {
+    "accumulate_grad_batches": (lambda v: v == 1, "must be 1: the step is written out under "
+                                "manual optimisation, one optimizer step per batch (Lightning "
+                                "accumulates only under automatic optimisation); for a bigger "
+                                "batch set data.batch_size"),
+    "gradient_clip_val": (lambda v: v in (None, 0), "must be null: Lightning clips only under "
+                          "automatic optimisation, and the step here is written out by hand"),
+    "enable_checkpointing": (lambda v: v is True, "must be true: checkpoints/last.ckpt is how a "
+                             "run resumes; checkpoint.every_n_steps=0 saves only on a signal "
+                             "and at the end"),
+    "inference_mode": (lambda v: v is False, "must be false: validation runs under "
+                       "eval.grad_mode (inference | no_grad | enabled)"),
+    "num_sanity_val_steps": (lambda v: v == 0, "must be 0: every validation is a point of the "
+                             "run's curves; a sanity check's would be recorded at step 0"),
+    "fast_dev_run": (lambda v: v in (False, 0), "must be false: it turns off the loggers and "
+                     "checkpoints the run records; use size=quick or trainer.max_steps=N"),
+    "barebones": (lambda v: v is False, "must be false: it turns off the logging, callbacks and "
+                  "checkpoints the run records"),
+    "overfit_batches": (lambda v: v in (0, 0.0), "must be 0: it swaps the validation data for "
+                        "training batches; use data.subset=N to train on a few examples"),
+    "callbacks": (lambda v: v is None, "must be null: the harness makes the Trainer's callbacks; "
+                  "add Lightning callbacks with callbacks=[early_stopping,lr_monitor,...] or "
+                  "+callbacks.NAME._target_=CLASS"),
+    "logger": (lambda v: v is None, "must be null: the logger group makes the loggers "
+               "(logger=tensorboard | csv | [tensorboard,csv])"),
+    "plugins": (lambda v: v is None, "must be null: the harness supplies its checkpoint plugin "
+                "(atomic writes)"),
+    "default_root_dir": (lambda v: v is None, "must be null: the run directory is Hydra's job "
+                         "directory (hydra.run.dir=DIR)"),
+    "enable_progress_bar": (lambda v: v is None, "must be null: trainer.progress_bar=auto | "
+                            "true | false chooses the bar (or plain lines)"),
+}
+
+
 def validate(cfg) -> None:
     """Raise UserError for the first value in `cfg` that is not valid (an interpolation that
     cannot be resolved included)."""
@@ -124,6 +174,9 @@ def validate(cfg) -> None:
     if trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) == -1:
         raise UserError("trainer.max_epochs=-1: with trainer.max_steps=-1 the run never ends; "
                         "set trainer.max_steps=N, or trainer.max_epochs >= 1")
+    for key, (ok, why) in TRAINER_CONTRACT.items():
+        if key in trainer and not ok(trainer[key]):
+            raise UserError(f"trainer.{key}={show_value(trainer[key])}: refused: {why}")
     _check_paths(cfg)
     if trainer.get("devices", 1) > 1 and trainer.get("strategy") != "ddp":
         raise UserError(f"trainer.devices={trainer.get('devices')}: more than 1 needs trainer=ddp "
@@ -175,7 +228,10 @@ def check_devices(cfg) -> None:
     device is asked for by name or more than one device is asked for."""
     trainer = cfg.get("trainer") or {}
     accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", 1)
-    if accelerator in ("auto", "cpu") and devices == 1:
+    fp16 = trainer.get("precision") == "16-mixed"
+    if fp16 and accelerator == "cpu":  # Lightning would run bf16-mixed instead, with a warning
+        raise UserError(_FP16_ON_CPU)
+    if accelerator in ("auto", "cpu") and devices == 1 and not fp16:
         return
 
     import torch
@@ -187,11 +243,18 @@ def check_devices(cfg) -> None:
         raise UserError("trainer.accelerator=mps: no Apple GPU on this machine; choices here: "
                         "auto, cpu")
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if fp16 and not gpu:
+        raise UserError(_FP16_ON_CPU)
     have = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
     if devices > have:
         what = "GPUs" if gpu else "CPU cores (one process each)"
         raise UserError(f"trainer.devices={devices}: this machine has {have} {what}; give "
                         f"trainer.devices <= {have}")
+
+
+_FP16_ON_CPU = ("trainer.precision=16-mixed: fp16 mixed precision needs a CUDA GPU (on a CPU "
+                "Lightning would run bf16-mixed under the 16-mixed name); choices here: "
+                "32-true, bf16-mixed")
 
 
 def _validate_keys(cfg) -> None:

@@ -1,16 +1,16 @@
 """Which `_target_` a config may make, and with which arguments.
 
 A `_target_` from the command line is resolved without being called and must be a class of
-its kind (a Lightning Callback or Logger, a torch LRScheduler, a Hydra Callback, Launcher or
-Sweeper); its arguments must fit its signature. Shipped nodes are trusted. Torch-free."""
+its kind (a Lightning Callback, Logger or Trainer, a torch Module, Optimizer or LRScheduler, a
+Hydra Callback, Launcher or Sweeper); its arguments must fit its signature. Shipped nodes are
+trusted. Torch-free."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-from pathlib import Path
 
+from autograd_lab.config.annotations import describe, fits, freeze, thaw
 from autograd_lab.config.keys import CONF_DIR, is_int, is_num, resolved, show_value
 from autograd_lab.errors import UserError, did_you_mean
 
@@ -74,11 +74,46 @@ TARGET_KINDS = {
                "lightning.pytorch.loggers.CSVLogger"),
     "scheduler": ("torch.optim.lr_scheduler.LRScheduler", "torch LR scheduler",
                   "torch.optim.lr_scheduler.StepLR"),
+    "trainer": ("lightning.pytorch.Trainer", "Lightning Trainer", "lightning.pytorch.Trainer"),
+    "model": ("torch.nn.Module", "torch Module", "autograd_lab.model.networks.SmallNet"),
+    "optim": ("torch.optim.Optimizer", "torch optimizer", "torch.optim.AdamW"),
+    "probes": ("autograd_lab.observe.probes.Probes", "Probes callback",
+               "autograd_lab.observe.probes.Probes"),
+    "profiler": ("autograd_lab.observe.profiling.TorchProfiler", "TorchProfiler callback",
+                 "autograd_lab.observe.profiling.TorchProfiler"),
 }
+
+# The keys of a node above that are the harness's own, not arguments of its class (a label,
+# the declared names the preflight checks globs against, a file the harness loads itself, the
+# bar it chooses): read by the harness, never passed (`arguments`).
+OWN_KEYS = {
+    "trainer": ("progress_bar",),
+    "model": ("name", "weights_path", "weights_files", "detach_points", "early_stages",
+              "module_names", "parameter_names"),
+    "optim": ("name",),
+    "profiler": ("name",),
+}
+
+# Arguments the harness passes itself (run/build.py), so a node need not give them. The
+# trainer node lists its own as null (config/schema.py TRAINER_CONTRACT refuses any other value).
+SUPPLIED_ARGUMENTS = {"logger": ("save_dir", "purge_step"), "scheduler": ("optimizer",),
+                      "optim": ("params",), "probes": ("recorder", "zero_grad"),
+                      "profiler": ("run_dir", "recorder", "trace_dir"),
+                      "trainer": ("callbacks", "logger", "plugins", "default_root_dir",
+                                  "enable_progress_bar")}
+
+
+def arguments(node, group: str) -> dict:
+    """A `_target_` node as Hydra's instantiate takes it: plain values, resolved, without the
+    harness's own keys (OWN_KEYS)."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return {k: v for k, v in plain.items() if k not in OWN_KEYS.get(group, ())}
 
 
 def shipped_targets() -> frozenset:
-    """The `_target_`s of the shipped callbacks, logger and scheduler configs: tested, so the
+    """The `_target_`s of the shipped configs of TARGET_KINDS' groups: tested, so the
     preflight need not import Lightning or torch to check them."""
     import re
 
@@ -92,7 +127,7 @@ def shipped_targets() -> frozenset:
 
 @functools.lru_cache(maxsize=1)
 def _shipped_nodes() -> frozenset:
-    """Every `_target_` node of the shipped callbacks, logger and scheduler configs, as written
+    """Every `_target_` node of the shipped configs of TARGET_KINDS' groups, as written
     there (frozen): tested with these arguments, so check_arguments need not import their
     classes (and torch) for a command that leaves them as they are."""
     import yaml
@@ -107,18 +142,24 @@ def _shipped_nodes() -> frozenset:
     found = set()
     for group in TARGET_KINDS:
         for path in (CONF_DIR / group).glob("*.yaml"):
-            found.update(_freeze(n) for n in nodes(yaml.safe_load(path.read_text())))
+            found.update(freeze(n) for n in nodes(yaml.safe_load(path.read_text())))
     return frozenset(found)
 
 
 def target_nodes(cfg) -> list[tuple[str, object, str]]:
-    """(where, node, group) for every node the run instantiates: each callback, each logger, and
-    the scheduler's `make`."""
+    """(where, node, group) for every node the run instantiates: each callback, each logger,
+    the scheduler's `make`, the trainer, model and optimizer, the probes and the profiler
+    unless off."""
     nodes = [(f"{g}.{name}", node, g) for g in ("callbacks", "logger")
              for name, node in (cfg.get(g) or {}).items()]
     sched = cfg.get("scheduler") or {}
     if hasattr(sched, "get") and sched.get("make") is not None:
         nodes.append(("scheduler.make", sched.get("make"), "scheduler"))
+    for group, off in (("trainer", None), ("model", None), ("optim", None),
+                       ("probes", ("mode", "off")), ("profiler", ("name", "off"))):
+        node = cfg.get(group)
+        if hasattr(node, "get") and not (off and node.get(off[0]) == off[1]):
+            nodes.append((group, node, group))
     return nodes
 
 
@@ -221,12 +262,8 @@ def check_known_callback(where: str, node) -> None:
                             f"{key} must be {valid}")
 
 
-# Arguments the harness passes itself (train.py), so a node need not give them.
-SUPPLIED_ARGUMENTS = {"logger": ("save_dir", "purge_step"), "scheduler": ("optimizer",)}
-
-
 def check_arguments(cfg) -> None:
-    """Every argument a callback, logger or scheduler node passes to its class, checked against
+    """Every argument a node of `target_nodes` passes to its class, checked against
     the class's own signature before anything runs: a name it does not take, a value that does
     not fit the parameter's type annotation, a required one missing, and the ranges of
     CALLBACK_CHECKS. Imports the classes (Lightning, torch): the CLI calls it once the torch-free
@@ -236,20 +273,13 @@ def check_arguments(cfg) -> None:
     for where, node, group in target_nodes(cfg):
         if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
             continue  # check_targets reports these
-        if _freeze(node) in _shipped_nodes():  # as shipped (and tested): no import needed
+        if freeze(node) in _shipped_nodes():  # as shipped (and tested): no import needed
             continue
         supplied = (*SUPPLIED_ARGUMENTS.get(group, ()), *([horizon] if group == "scheduler"
                                                          and horizon else []))
-        _check_node_arguments(where, node["_target_"], _freeze(node), tuple(supplied))
-
-
-def _freeze(value):
-    """A hashable copy of a plain config value (the cache key of _check_node_arguments)."""
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, list):
-        return ("__list__", *(_freeze(v) for v in value))
-    return value
+        args = {k: v for k, v in arguments(node, group).items()  # less the trainer node's
+                if not (k in supplied and v is None)}          # placeholders for its own
+        _check_node_arguments(where, node["_target_"], freeze(args), tuple(supplied))
 
 
 @functools.lru_cache(maxsize=4096)  # a sweep of 1,000 jobs checks each distinct node once
@@ -266,7 +296,7 @@ def _check_node_arguments(where: str, target: str, frozen: tuple, supplied: tupl
     except Exception:  # not importable or no signature: check_targets says what it is
         return
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__ if isinstance(cls, type) else cls)
     except Exception:  # annotations that do not evaluate: names are still checked
         hints = {}
     name = getattr(cls, "__name__", target)
@@ -285,11 +315,11 @@ def _check_node_arguments(where: str, target: str, frozen: tuple, supplied: tupl
             raise UserError(f"{where}.{key}: {name} takes no argument {key!r}"
                             + did_you_mean(key, named)
                             + f"; it takes: {', '.join(p for p in named if p not in supplied)}")
-        value = _thaw(value)
+        value = thaw(value)
         hint = hints.get(key)
-        if hint is not None and not _fits(value, hint):
+        if hint is not None and not fits(value, hint):
             raise UserError(f"{where}.{key}={show_value(value)}: {name}'s {key} must be "
-                            f"{_describe(hint)}")
+                            f"{describe(hint)}")
         for path, rules in CALLBACK_CHECKS.items():
             if key in rules and _is_subclass(cls, path):
                 ok, valid = rules[key]
@@ -306,14 +336,6 @@ def _check_node_arguments(where: str, target: str, frozen: tuple, supplied: tupl
                             f"{where}.{missing[0]}=...")
 
 
-def _thaw(value):
-    if isinstance(value, tuple) and value[:1] == ("__list__",):
-        return [_thaw(v) for v in value[1:]]
-    if isinstance(value, tuple):
-        return {k: _thaw(v) for k, v in value}
-    return value
-
-
 def _is_subclass(cls, path: str) -> bool:
     from hydra.utils import get_object
 
@@ -321,56 +343,3 @@ def _is_subclass(cls, path: str) -> bool:
         return isinstance(cls, type) and issubclass(cls, get_object(path))
     except (ImportError, AttributeError):
         return False
-
-
-def _fits(value, hint) -> bool:
-    """Whether a config value can be passed where `hint` is annotated. A type no config value
-    can spell (timedelta, Optimizer) passes: the class says what it thinks of it."""
-    import types
-    import typing
-
-    origin = typing.get_origin(hint)
-    if hint is typing.Any:
-        return True
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_fits(value, a) for a in typing.get_args(hint))
-    if origin is typing.Literal:
-        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return is_int(value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str or hint is Path or hint is os.PathLike:
-        return isinstance(value, str)
-    if origin in (list, tuple) or hint in (list, tuple):
-        return isinstance(value, list)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True
-
-
-def _describe(hint) -> str:
-    """A type annotation in the words of the error lines: "an integer", "null or a string"."""
-    import types
-    import typing
-
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        args = typing.get_args(hint)
-        words = [_describe(a) for a in args if a is not type(None)]
-        words = list(dict.fromkeys(words))
-        return " or ".join((["null"] if type(None) in args else []) + words)
-    if origin is typing.Literal:
-        return "one of: " + ", ".join(a if isinstance(a, str) else show_value(a)
-                                      for a in typing.get_args(hint))
-    words = {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
-             str: "a string", Path: "a path"}
-    if hint in words:
-        return words[hint]
-    if origin in (list, tuple) or hint in (list, tuple):
-        return "a list"
-    return getattr(hint, "__name__", str(hint))

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
+from autograd_lab.config.targets import arguments
 from autograd_lab.disk.formats import CHECKPOINT_FORMAT
 from autograd_lab.model.variants import eval_context
 
@@ -32,13 +34,11 @@ _NO_RANGE = contextlib.nullcontext()
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
-                                weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name={cfg.name!r}")  # unreachable: the config group has two files
+    """The `optim` node (`_partial_: true`, e.g. torch.optim.SGD with lr and momentum) made by
+    Hydra's instantiate and called with `params`; its `name` is the harness's label
+    (config.targets.OWN_KEYS), never an argument. Lists come as lists (Adam's betas), never as
+    OmegaConf containers, which would travel into the checkpoint's optimizer state."""
+    return instantiate(arguments(cfg, "optim"), _convert_="all")(params)
 
 
 class Classifier(L.LightningModule):

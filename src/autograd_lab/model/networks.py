@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
+from autograd_lab.config.targets import arguments
 from autograd_lab.disk.files import load_tensor_file
 from autograd_lab.errors import UserError
 from autograd_lab.model.functions import CustomReLU, custom_relu
@@ -82,12 +84,10 @@ def _offline_checked(weights):
 
 
 def build_model(cfg) -> nn.Module:
-    if cfg.name == "smallnet":
-        model = SmallNet(cfg.activation)
-    elif cfg.name == "resnet18":
-        model = resnet18(cfg.num_classes, cfg.stem, cfg.weights, cfg.activation)
-    else:  # the config group only holds the two above
-        raise UserError(f"model={cfg.name}: no such model; choices are: resnet18, smallnet")
+    """The `model` node made by Hydra's instantiate (its `_target_`: SmallNet, resnet18, or any
+    torch Module class check_targets lets through), with the harness's own keys left out
+    (config.targets.OWN_KEYS: the name, the declared names, weights_path, which is loaded here)."""
+    model = instantiate(arguments(cfg, "model"), _convert_="all")
     if cfg.get("weights_path"):
         load_weights(model, Path(cfg.weights_path).expanduser())
     return model

@@ -175,7 +175,7 @@ class SavedBytes:
     `hooks()` is the context to run the step in. Training (`at_pack=False`): what backward
     unpacks, while `counting` is true (a part of the graph a detach cut off is never unpacked
     and is freed with it); validation (`at_pack=True`): what is packed, as no backward runs.
-    `total` is the count. Used by run.json's figure (memory.MemoryFigures) and by
+    `total` is the count. Used by run.json's figure (observe.memory.MemoryFigures) and by
     `autograd-lab graph` (saved_bytes_by_hooks), so the two count alike."""
 
     def __init__(self, outlive: set[int], at_pack: bool = False):

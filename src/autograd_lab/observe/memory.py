@@ -11,7 +11,7 @@ Measured on the run's first real training step and first validation step (no ext
                            (end of forward): the storages of the saved tensors that backward
                            unpacks, each once, leaving out parameters, buffers and the resident
                            data set, which outlive the graph anyway (`torch.autograd.graph.
-                           saved_tensors_hooks`; graph.SavedBytes, the counter `autograd-lab
+                           saved_tensors_hooks`; observe.graph.SavedBytes, the counter `autograd-lab
                            graph` uses too)
   val_saved_bytes          the same for one validation step under eval.grad_mode: the graph
                            `enabled` builds (nothing runs backward there, so every saved
@@ -49,7 +49,7 @@ def _storages(tensors) -> dict[int, int]:
 
 
 def _counter(model: torch.nn.Module, trainer, at_pack: bool):
-    """graph.SavedBytes: the rule `autograd-lab graph` counts by, with this run's model and
+    """observe.graph.SavedBytes: the rule `autograd-lab graph` counts by, with this run's model and
     resident data set left out."""
 
     return SavedBytes(outliving(model, resident_tensors(trainer)), at_pack=at_pack)

@@ -77,7 +77,7 @@ def _stop_reason(trainer, cfg, diverged: int | None) -> str:
     return f"max_epochs: {trainer.current_epoch} epochs done"
 
 
-RESERVE = ".autograd_lab.reserve"  # lock.OWN_FILES lists it too
+RESERVE = ".autograd_lab.reserve"  # disk.lock.OWN_FILES lists it too
 
 RESERVE_BYTES = 1 << 20  # a run.json and the metrics.parquet of a long run with probes=full
 

@@ -37,7 +37,7 @@ class RunRecorder(L.Callback):
         self.hparams = hparams or {}
         self.whole_run: dict = {}  # more whole-run HParams metrics (parameter counts, ...)
         self.hparams_differ: set = set()  # the HParams keys the sweep varies: shown first
-        self.memory: dict = {}  # memory.MemoryFigures' exact byte counts, once measured
+        self.memory: dict = {}  # observe.memory.MemoryFigures' exact byte counts, once measured
         self.step_seconds: list[float] = []  # wall time of each step after an epoch's first
         self.last_val: tuple[float, float] | None = None  # the last validation's loss, acc
         self._last_batch_end = None

@@ -28,7 +28,7 @@ def load(path: Path, map_location=None) -> dict:
 
 def check_resumable(path: Path, config: dict, explicit: bool = False) -> dict:
     """The checkpoint if this run can continue from it, else a UserError that says which
-    setting differs. Keys that change no curve (config.RESUME_FREE_KEYS: an added logger, an LR
+    setting differs. Keys that change no curve (config.keys.RESUME_FREE_KEYS: an added logger, an LR
     monitor, ModelCheckpoint files, progress settings) may differ. `explicit`: the user gave it
     (ckpt_path=), so the advice is about that file, not about this run directory."""
     ckpt = load(path)

@@ -34,11 +34,11 @@ def read_run_json(run_dir: Path) -> tuple[dict | None, str | None]:
     """RUN_DIR/run.json as a dict: (record, None); (None, what is wrong, in plain words) when it
     does not parse or is not a JSON object; (None, None) when there is no run.json. A run
     directory where a file of the harness's is a symlink, FIFO, device or folder is not read:
-    lock.ForeignEntry, one line naming it (train, skip checks and summaries alike)."""
+    disk.lock.ForeignEntry, one line naming it (train, skip checks and summaries alike)."""
 
     check_entries(run_dir)
     path = Path(run_dir) / "run.json"
-    try:  # a symlink, FIFO, device or folder there: lock.ForeignEntry (one line), never a hang
+    try:  # a symlink, FIFO, device or folder there: disk.lock.ForeignEntry (one line), never a hang
         with os.fdopen(open_own(path), "rb") as f:
             data = f.read()
     except FileNotFoundError:
@@ -63,7 +63,7 @@ def metrics_problem(run_dir: Path, required: bool = True, steps=None) -> str | N
     least number of rows it must hold."""
 
     path = Path(run_dir) / "metrics.parquet"
-    try:  # a symlink, FIFO, device or folder there: lock.ForeignEntry (one line), never a hang
+    try:  # a symlink, FIFO, device or folder there: disk.lock.ForeignEntry (one line), never a hang
         file = os.fdopen(open_own(path), "rb")
     except FileNotFoundError:
         return "metrics.parquet is missing" if required else None
@@ -90,7 +90,7 @@ def metrics_problem(run_dir: Path, required: bool = True, steps=None) -> str | N
 def check_run_dir(run_dir: Path) -> None:
     """Refuse to write into a run directory that a newer autograd-lab wrote: its files would be
     overwritten by an older shape; or one where a file or folder of the harness's is something
-    else (a symlink, a FIFO, ...: lock.check_entries)."""
+    else (a symlink, a FIFO, ...: disk.lock.check_entries)."""
 
     check_entries(run_dir)
     record, _ = read_run_json(run_dir)

@@ -57,9 +57,9 @@ def _folder_identity(folder: Path) -> tuple[str, str | None] | None:
 def job_folder(name: str, _root_) -> str:
     """A sweep job's folder (conf/train.yaml hydra.sweep.subdir, resolved by Hydra as the job
     starts): the folder of the sweep that already holds a run of this job's result-relevant
-    config (config.identity_key), so the job IS that run (skipped if completed, continued if
+    config (config.keys.identity_key), so the job IS that run (skipped if completed, continued if
     interrupted) whatever spelling made it (seed=0 typed where it is the default, threads=2);
-    else the name from its overrides (config.path_safe)."""
+    else the name from its overrides (config.keys.path_safe)."""
     from omegaconf import OmegaConf
 
 
@@ -94,7 +94,7 @@ class OwnFilesCallback(Callback):
     """Before Hydra writes its files (.hydra/, train.log, multirun.yaml) into a run or sweep
     folder: one holding a symlink, FIFO, device or the wrong kind of entry where a file of
     Hydra's or the harness's goes is refused in one line, exit 2, nothing written
-    (lock.check_entries). The CLI and `python -m autograd_lab.train` alike; the run checks
+    (disk.lock.check_entries). The CLI and `python -m autograd_lab.train` alike; the run checks
     again when it takes the lock (a job folder made after this check)."""
 
     def on_run_start(self, config, **kwargs) -> None:
@@ -124,8 +124,8 @@ def _refuse(check) -> None:
 class PreflightCallback(Callback):
     """`python -m autograd_lab.train` gets the checks `autograd-lab train` makes, before Hydra
     makes any directory (Hydra calls on_run_start and on_multirun_start first): every job's
-    values, files and `_target_`s (config.check_overrides), one line each, exit 2. Under the
-    CLI, which checked already, and in the other ranks of a DDP job, it does nothing."""
+    values, files and `_target_`s (config.preflight.check_overrides), one line each, exit 2.
+    Under the CLI, which checked already, and in the other ranks of a DDP job, it does nothing."""
 
     def on_run_start(self, config, **kwargs) -> None:
         self._check(config, multirun=False)

@@ -40,7 +40,7 @@ def plot_stability(runs, curves, out_dir) -> Path:
 def figure_stability(runs, curves):
     """Sharpness over the steps, one curve per run (labelled by its learning rate), with each
     run's stability limit as a dashed line in the same colour; log y when the values span
-    decades. `runs`, `curves`: the frames of summary.load_runs / load_curves. A Figure."""
+    decades. `runs`, `curves`: the frames of sweep.runs.load_runs / load_curves. A Figure."""
 
     plt = pyplot()
 

@@ -191,7 +191,7 @@ def load_runs(path) -> pd.DataFrame:
 
 
 def _identity(config: dict) -> str:
-    """A configuration's identity: its result-relevant keys (config.comparable), as text."""
+    """A configuration's identity: its result-relevant keys (config.keys.comparable), as text."""
     import json
 
 
