@@ -142,7 +142,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # The checkpoint carries the data position and the datamodule restores it (checkpoint.py)
+    # The checkpoint carries the data position and the datamodule restores it (run/checkpoint.py)
     if "SLURM_JOB_ID" not in os.environ:  # srun installed but this is no SLURM job: no hint
         warnings.filterwarnings("ignore", message=".*The `srun` command is available on your "
                                 "system but is not used.*")

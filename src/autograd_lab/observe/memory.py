@@ -30,10 +30,6 @@ import torch
 from autograd_lab.observe.graph import SavedBytes, outliving
 from autograd_lab.observe.graph_view import resident_tensors
 
-# the atomic file writes live in files.py (torch-free, for `summarize`); the run's writers
-# import them from here as before
-
-
 FIGURES = ("param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_state_bytes",
            "saved_for_backward_bytes", "val_saved_bytes")
 

@@ -227,8 +227,13 @@ def write_layout(writer, layout_dict: dict) -> None:
 
 
 def layout_summary(layout_dict: dict):
-    """write_layout's Summary proto (the custom_scalars plugin's layout)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    """write_layout's Summary proto (the custom_scalars plugin's layout).
+
+    Written here, not by torch's add_custom_scalars / summary.custom_scalars: the `summary` run
+    (sweep/board.py) writes this proto without importing torch (summarize stays torch-free), and
+    its margin charts hold a series per tuple, where torch's take exactly three tags.
+    TensorBoard's own custom_scalar.summary.pb needs TensorFlow."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
     from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
     from tensorboard.compat.proto.types_pb2 import DT_STRING
@@ -246,9 +251,8 @@ def layout_summary(layout_dict: dict):
                     chart.margin.series.add(value=value, lower=lower, upper=upper)
     tensor = TensorProto(dtype=DT_STRING, string_val=[proto.SerializeToString()],
                          tensor_shape=TensorShapeProto())
-    meta = SummaryMetadata.FromString(metadata.create_summary_metadata().SerializeToString())
-    return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, metadata=meta,
-                                        tensor=tensor)])
+    return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, tensor=tensor,
+                                        metadata=metadata.create_summary_metadata())])
 
 
 # ---------------------------------------------------------------- the summary run
