@@ -98,8 +98,8 @@ def _register_resolvers() -> None:
 
     OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
     # a sweep job's folder (conf/train.yaml hydra.sweep.subdir): here its name from the
-    # overrides; the running app (sweep/callbacks.py) replaces it with the folder of the sweep that already
-    # holds the same run, if one does
+    # overrides; the running app (sweep/callbacks.py) replaces it with the folder of the sweep
+    # that already holds the same run, if one does
     OmegaConf.register_new_resolver(
         "autograd_lab_job_dir", lambda name, _root_: path_safe(name), replace=True)
     OmegaConf.register_new_resolver(
