@@ -32,18 +32,14 @@ def _compose(overrides: list[str], defaults: list[str]):
 
 
 def _model(cfg):
-    """The configured model with its variants applied (freeze, detach_at)."""
+    """The configured model with its variants applied (freeze, detach_at), by the training
+    run's own builder (run.build.build_network)."""
     import torch
 
-    from autograd_lab.model.networks import build_model
-    from autograd_lab.model.variants import detach_at, freeze
+    from autograd_lab.run.build import build_network
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
-    freeze(model, cfg.train.freeze)
-    if cfg.train.detach_at:
-        detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
-    return model
+    return build_network(cfg)[0]
 
 
 def _model_and_batch(cfg, seed_batch: bool = False):

@@ -1,6 +1,8 @@
 """The harness's own files, written atomically: a temporary file in the same folder, fsync,
 rename. A kill at any moment leaves the old file or the new one. No torch here: `summarize`
-writes its tables without importing it (records re-exports these for the run's writers)."""
+writes its tables without importing it (records re-exports these for the run's writers).
+Hand-written: the standard library has no atomic replace, and the package that had one
+(atomicwrites) is unmaintained; here the write also refuses a symlink or FIFO in the path."""
 
 from __future__ import annotations
 

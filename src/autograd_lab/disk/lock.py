@@ -5,6 +5,9 @@ with the same hydra.run.dir) would write into the same event files, checkpoint a
 first takes an exclusive `flock` on RUN_DIR/.autograd_lab.lock and holds it until it ends; the OS
 releases it when the process ends, however it ends, so a lock left by a killed process never
 blocks. The file says who holds it. No torch import here: the CLI checks before Hydra runs.
+Hand-written on fcntl, not filelock (installed with torch): the lock file names its holder for
+the one-line error, a second writer is refused at once, and it is opened without following a
+symlink or blocking on a FIFO (open_own).
 
 The files the harness (and Hydra for it) writes in a run directory are its own: `check_entries`
 refuses a run directory where one of their names holds a symlink (a write would land in the file

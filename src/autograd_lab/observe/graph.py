@@ -48,6 +48,12 @@ def _bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+def storage_bytes(tensors) -> dict[int, int]:
+    """{storage: bytes} of the tensors' storages, each once: the one rule every byte figure
+    counts by (a tensor's memory is its storage, whole; two views of it are one)."""
+    return {_key(t): _bytes(t) for t in tensors if isinstance(t, torch.Tensor)}
+
+
 @dataclass
 class Graph:
     nodes: list[dict] = field(default_factory=list)  # id, name, module, param, saved, saved_bytes
@@ -184,10 +190,8 @@ class SavedBytes:
         self.counting = True
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        if self.counting and not _is_parameter(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in self.outlive:
-                self.seen[storage.data_ptr()] = storage.nbytes()
+        if self.counting and not _is_parameter(t) and _key(t) not in self.outlive:
+            self.seen.update(storage_bytes([t]))
         return t  # handed back unchanged: the run's numbers are untouched
 
     def hooks(self):

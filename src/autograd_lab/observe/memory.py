@@ -27,21 +27,11 @@ import resource
 import lightning as L
 import torch
 
-from autograd_lab.observe.graph import SavedBytes, outliving
+from autograd_lab.observe.graph import SavedBytes, outliving, storage_bytes
 from autograd_lab.observe.graph_view import resident_tensors
 
 FIGURES = ("param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_state_bytes",
            "saved_for_backward_bytes", "val_saved_bytes")
-
-
-def _storages(tensors) -> dict[int, int]:
-    """{storage address: bytes} of the tensors' storages, each once."""
-    out = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            storage = t.untyped_storage()
-            out[storage.data_ptr()] = storage.nbytes()
-    return out
 
 
 def _counter(model: torch.nn.Module, trainer, at_pack: bool):
@@ -75,11 +65,11 @@ class MemoryFigures(L.Callback):
         state = [t for s in trainer.optimizers[0].state.values() for t in s.values()]
         self.figures.update({
             "saved_for_backward_bytes": self._train.total,
-            "param_bytes": sum(_storages(params).values()),
-            "trainable_param_bytes": sum(_storages(p for p in params if p.requires_grad)
+            "param_bytes": sum(storage_bytes(params).values()),
+            "trainable_param_bytes": sum(storage_bytes(p for p in params if p.requires_grad)
                                          .values()),
-            "grad_bytes": sum(_storages(p.grad for p in params if p.grad is not None).values()),
-            "optimizer_state_bytes": sum(_storages(state).values())})
+            "grad_bytes": sum(storage_bytes(p.grad for p in params if p.grad is not None).values()),
+            "optimizer_state_bytes": sum(storage_bytes(state).values())})
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if self._val is None and not trainer.sanity_checking:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 
+from autograd_lab.config.targets import arguments
 from autograd_lab.data.loader import CIFARDataModule, load_split_tensors
 from autograd_lab.errors import UserError, reason
 from autograd_lab.model.module import Classifier
@@ -15,8 +18,7 @@ from autograd_lab.model.networks import build_model
 from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
 from autograd_lab.observe.graph_view import TensorBoardGraph
 from autograd_lab.observe.memory import MemoryFigures, reset_peak_rss
-from autograd_lab.observe.probes import STATS, Probes
-from autograd_lab.observe.profiling import TorchProfiler
+from autograd_lab.observe.probes import STATS
 from autograd_lab.run.board import identifying_hparams, layout
 from autograd_lab.run.checkpoint import AtomicCheckpointIO, Checkpointer
 from autograd_lab.run.distributed import strategy
@@ -36,7 +38,6 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
            progress_bar: bool, loaded) -> Parts:
     """Data, model and its variants, module, loggers and callbacks from the config -> Trainer."""
     import lightning as L
-    import torch
 
 
     reset_peak_rss()
@@ -45,14 +46,10 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
     L.seed_everything(cfg.seed, verbose=False)
     # fail on data problems before any file is written
     datamodule = CIFARDataModule(cfg.data, cfg.seed, tensors=load_split_tensors(cfg.data))
-    model = build_model(cfg.model)
-    report = freeze(model, cfg.train.freeze)
+    model, report, det, hooks = build_network(cfg)
     record["params"] = {"trainable": report.trainable_params, "frozen": report.frozen_params,
                         "frozen_names": report.frozen}
-    hooks = []
-    if cfg.train.detach_at:
-        handle, det = detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
-        hooks.append(handle)
+    if det is not None:
         record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
                             "upstream_names": det.upstream}
     frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
@@ -72,8 +69,8 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
                           "frozen_params": report.frozen_params}
     recorder.layout = _layout(cfg)
     recorder.hparams_differ = _varied_keys()
-    probes = _probes(cfg, recorder)
-    profiler = _profiler(cfg, run_dir, recorder)
+    probes = _probes(cfg.probes, recorder, zero_grad=cfg.train.zero_grad)
+    profiler = _profiler(cfg.profiler, run_dir, recorder)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, signals, recorder)
 
     memory = MemoryFigures()
@@ -87,22 +84,31 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
     elif progress_bar:
         callbacks.append(StepProgressBar(recorder))
     callbacks.append(checkpointer)  # a Checkpoint callback: Lightning calls it after the others
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+    # the trainer node's own arguments (any Lightning Trainer argument; config/schema.py refuses
+    # the ones that break the harness's contract), then what the harness supplies
+    make_trainer = instantiate(arguments(cfg.trainer, "trainer"), _partial_=True,
+                               _convert_="all")
+    trainer = make_trainer(
         strategy=strategy(cfg, find_unused=bool(cfg.train.detach_at)),
-        deterministic=cfg.trainer.deterministic,
-        max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
-        check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
-        limit_val_batches=cfg.trainer.limit_val_batches,
         callbacks=callbacks, logger=loggers or False,
-        enable_checkpointing=True,  # the Checkpointer is there: Lightning adds no default one
-        enable_progress_bar=progress_bar is True, enable_model_summary=False,
-        num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(run_dir),
-        log_every_n_steps=1,  # what callbacks log (LearningRateMonitor) shows every step
+        enable_progress_bar=progress_bar is True, default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO(loaded=loaded)])
     return Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=recorder,
                   memory=memory, probes=probes, profiler=profiler, hooks=hooks, cfg=cfg,
                   run_dir=run_dir)
+
+
+def build_network(cfg) -> tuple:
+    """The configured model with its variants applied (train.freeze, train.detach_at): the one
+    builder of the training run and of the step-check and graph tools. Returns (model, freeze
+    report, detach report or None, hooks to remove once the run ends)."""
+    model = build_model(cfg.model)
+    report = freeze(model, cfg.train.freeze)
+    det, hooks = None, []
+    if cfg.train.detach_at:
+        handle, det = detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
+        hooks.append(handle)
+    return model, report, det, hooks
 
 
 def _instantiate(node, what: str, base, **kwargs):
@@ -201,20 +207,20 @@ class ddp_environment:
                 os.environ[k] = v
 
 
-def _probes(cfg, recorder) -> list:
-    if cfg.probes.mode == "off":
+def _probes(node, recorder, zero_grad: bool) -> list:
+    """The probes callback from its own node (conf/probes/*.yaml), made by instantiate."""
+    if node.mode == "off":
         return []
+    make = instantiate(arguments(node, "probes"), _partial_=True, _convert_="all")
+    return [make(recorder=recorder, zero_grad=zero_grad)]
 
-    options = {k: v for k, v in cfg.probes.items() if k != "mode"}
-    return [Probes(recorder, cfg.probes.mode, zero_grad=cfg.train.zero_grad, **options)]
 
-
-def _profiler(cfg, run_dir, recorder) -> list:
-    if cfg.profiler.name == "off":
+def _profiler(node, run_dir, recorder) -> list:
+    """The profiler callback from its own node (conf/profiler/*.yaml), made by instantiate."""
+    if node.name == "off":
         return []
-
-    options = {k: v for k, v in cfg.profiler.items() if k != "name"}
-    return [TorchProfiler(run_dir, recorder, trace_dir=run_dir / "profiler", **options)]
+    make = instantiate(arguments(node, "profiler"), _partial_=True, _convert_="all")
+    return [make(run_dir=run_dir, recorder=recorder, trace_dir=run_dir / "profiler")]
 
 
 def _load_data(cfg):
