@@ -60,7 +60,7 @@ class Board:
 def board(tmp_path_factory, data_root):
     import lightning as L
 
-    import autograd_lab.observe.graph as graph_module
+    import autograd_lab.observe.graph_view as graph_module
     from autograd_lab.cli import main as cli_main
     from autograd_lab.train import run
 
