@@ -4,6 +4,7 @@ wheel built offline and installed into a fresh venv that reuses the dev venv's d
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import yaml
 from conftest import REPO, cli, project_copy
 
 CONF = REPO / "conf"
-WHERE = ("import autograd_lab; from autograd_lab.config import CONF_DIR; "
+WHERE = ("import autograd_lab; from autograd_lab.config.keys import CONF_DIR; "
          "print(autograd_lab.__file__); print(CONF_DIR)")
 
 
@@ -137,12 +138,14 @@ def test_wheel_console_script_composes_from_the_installed_conf(wheel_venv, tmp_p
 
     probe = site / "autograd_lab" / "conf" / "model" / "installed_probe.yaml"
     assert not (CONF / "model" / probe.name).exists()
-    probe.write_text("name: installed_probe\n")
+    # a model node is a `_target_` node (conf/model/*.yaml)
+    probe_cfg = {"_target_": "autograd_lab.model.networks.SmallNet", "name": "installed_probe"}
+    probe.write_text(yaml.safe_dump(probe_cfg))
     try:
         out = run(exe, "train", "--cfg", "job", "data=synthetic", "model=installed_probe",
                   cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        assert yaml.safe_load(out.stdout)["model"] == {"name": "installed_probe"}
+        assert yaml.safe_load(out.stdout)["model"] == probe_cfg
     finally:
         probe.unlink()
 
@@ -161,4 +164,41 @@ def test_wheel_help_and_errors_list_the_installed_groups(wheel_venv, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("autograd-lab: error: model=nope: no such model; "
                                   "choices are: resnet18, smallnet")
+    assert list(tmp_path.iterdir()) == []
+
+
+SCAN = ("import json, sys; from hydra.core.plugins import Plugins; "
+        "from hydra.plugins.launcher import Launcher; "
+        "found = [c for c in Plugins.instance().discover(Launcher) "
+        "if c.__module__ == 'hydra_plugins.autograd_lab_slurm_launcher']; "
+        "print(json.dumps({'found': [f'{c.__module__}.{c.__name__}' for c in found], "
+        "'file': sys.modules['hydra_plugins.autograd_lab_slurm_launcher'].__file__, "
+        "'heavy': [m for m in ('torch', 'lightning', 'pandas') if m in sys.modules]}))")
+
+
+def test_wheel_hydra_plugin_scan_finds_the_slurm_launcher(wheel_venv, tmp_path):
+    """The wheel installs hydra_plugins/autograd_lab_slurm_launcher (and no hydra_plugins/
+    __init__.py, which would shadow Hydra's own launcher plugins); in the new venv Hydra's
+    plugin scan alone lists its SlurmLauncher, from the venv's copy, and importing it for the
+    scan pulls in no torch, Lightning or pandas; `hydra/launcher=slurm` composes to that class."""
+    wheel, venv, site = wheel_venv
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    assert "hydra_plugins/autograd_lab_slurm_launcher/__init__.py" in names
+    assert "hydra_plugins/__init__.py" not in names
+    out = run(venv / "bin" / "python", "-c", SCAN, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["found"] == ["hydra_plugins.autograd_lab_slurm_launcher.SlurmLauncher"]
+    assert Path(seen["file"]) == site / "hydra_plugins" / "autograd_lab_slurm_launcher" / \
+        "__init__.py"
+    assert seen["heavy"] == []
+    info = run(venv / "bin" / "autograd-lab", "train", "--info", "plugins", cwd=tmp_path)
+    assert info.returncode == 0, info.stderr
+    assert "hydra_plugins.autograd_lab_slurm_launcher " in info.stdout  # the scan's own table
+    composed = run(venv / "bin" / "autograd-lab", "train", "--cfg", "hydra",
+                   "hydra/launcher=slurm", "data=synthetic", cwd=tmp_path)
+    assert composed.returncode == 0, composed.stderr
+    launcher = yaml.safe_load(composed.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"] == "hydra_plugins.autograd_lab_slurm_launcher.SlurmLauncher"
     assert list(tmp_path.iterdir()) == []

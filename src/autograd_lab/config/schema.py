@@ -87,7 +87,9 @@ CHECKS: dict[str, tuple] = {
     "trainer.devices": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "trainer.strategy": (lambda v: v in ("auto", "ddp"), "auto or ddp (trainer=ddp)"),
     "trainer.deterministic": (lambda v: isinstance(v, bool), "true or false"),
-    "trainer.check_val_every_n_epoch": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.check_val_every_n_epoch": (lambda v: v is None or (is_int(v) and v >= 1),
+                                        "an integer >= 1, or null (val_check_interval=N "
+                                        "counts batches across epochs)"),
     "trainer.limit_val_batches": (lambda v: (is_int(v) and v >= 0)
                                   or (isinstance(v, float) and 0 <= v <= 1),
                                   "a fraction in [0, 1] or a whole number of batches"),
@@ -177,6 +179,11 @@ def validate(cfg) -> None:
     for key, (ok, why) in TRAINER_CONTRACT.items():
         if key in trainer and not ok(trainer[key]):
             raise UserError(f"trainer.{key}={show_value(trainer[key])}: refused: {why}")
+    if trainer.get("check_val_every_n_epoch", 1) is None and not isinstance(
+            trainer.get("val_check_interval"), int):
+        raise UserError("trainer.check_val_every_n_epoch=null: needs trainer.val_check_interval=N "
+                        "(validate every N training batches, counted across epochs)")
+    _check_val_interval(cfg, trainer)
     _check_paths(cfg)
     if trainer.get("devices", 1) > 1 and trainer.get("strategy") != "ddp":
         raise UserError(f"trainer.devices={trainer.get('devices')}: more than 1 needs trainer=ddp "
@@ -201,6 +208,25 @@ def validate(cfg) -> None:
     if optim.get("nesterov") and not optim.get("momentum"):
         raise UserError(f"optim.nesterov=true: needs optim.momentum > 0 "
                         f"(got {show_value(optim.get('momentum'))})")
+
+
+def _check_val_interval(cfg, trainer) -> None:
+    """An int val_check_interval counted within an epoch must fit in one (Lightning refuses it
+    only once the fit starts): the epoch's batches from the data sizes, where they are known."""
+    interval, data = trainer.get("val_check_interval"), cfg.get("data") or {}
+    if not is_int(interval) or trainer.get("check_val_every_n_epoch", 1) is None:
+        return
+    examples = {"cifar10": 50000, "synthetic": data.get("train_size")}.get(data.get("name"))
+    if not is_int(examples) or not is_int(data.get("batch_size")):
+        return
+    examples = min(examples, data.get("subset") or examples) // max(1, trainer.get("devices", 1))
+    batches, limit = -(-examples // data["batch_size"]), trainer.get("limit_train_batches")
+    batches = min(batches, limit) if is_int(limit) else int(batches * limit) \
+        if isinstance(limit, float) else batches
+    if interval > batches:
+        raise UserError(f"trainer.val_check_interval={interval}: an epoch has {batches} training "
+                        f"batches; give N <= {batches}, or trainer.check_val_every_n_epoch=null "
+                        f"to count batches across epochs")
 
 
 def _check_paths(cfg) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from autograd_lab.config.targets import arguments
@@ -87,7 +88,12 @@ def build_model(cfg) -> nn.Module:
     """The `model` node made by Hydra's instantiate (its `_target_`: SmallNet, resnet18, or any
     torch Module class check_targets lets through), with the harness's own keys left out
     (config.targets.OWN_KEYS: the name, the declared names, weights_path, which is loaded here)."""
-    model = instantiate(arguments(cfg, "model"), _convert_="all")
+    try:
+        model = instantiate(arguments(cfg, "model"), _convert_="all")
+    except InstantiationException as e:  # Hydra wraps what the builder raised
+        if isinstance(e.__cause__, UserError):  # a one-line problem (weights not cached)
+            raise e.__cause__ from None
+        raise
     if cfg.get("weights_path"):
         load_weights(model, Path(cfg.weights_path).expanduser())
     return model

@@ -19,8 +19,9 @@ is never requeued: its run.json says `failed`, whatever SLURM's state says. The 
 runs the same pickled call again, and the run continues from its checkpoint to the same curve.
 
 Hydra takes launcher classes only from its `hydra_plugins` namespace: the package installs
-hydra_plugins.autograd_lab_slurm_launcher (src/hydra_plugins/), which Hydra's plugin scan finds,
-and conf/hydra/launcher/slurm.yaml names that class.
+hydra_plugins.autograd_lab_slurm_launcher (src/hydra_plugins/), which Hydra's plugin scan finds
+(in an editable install, which the scan cannot see, slurm.yaml's callback registers it), and
+conf/hydra/launcher/slurm.yaml names that class.
 """
 
 from __future__ import annotations
