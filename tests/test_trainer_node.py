@@ -133,6 +133,7 @@ def test_any_trainer_argument_from_the_command_line_reaches_the_trainer(tmp_path
     ("trainer.val_check_interval=0", "a number of training batches >= 1"),
     ("trainer.check_val_every_n_epoch=null", "needs trainer.val_check_interval=N"),
     ("trainer.val_check_interval=3", "an epoch has 2 training batches; give N <= 2"),
+    ("trainer.precision=16-mixed train.zero_grad=false", "fp16's loss scaler divides the whole"),
     ("trainer.precison=bf16-mixed", "did you mean precision?"),
     # torch-free checks pass; the Trainer's own signature refuses the type
     ("trainer.detect_anomaly=sometimes", "Trainer's detect_anomaly must be true or false"),
@@ -142,7 +143,8 @@ def test_an_argument_against_the_contract_is_one_line_and_no_run(override, text,
     run_dir = tmp_path / "run"
     out = in_process(["train", "data=synthetic", "data.train_size=64", "data.test_size=32",
                       f"data.root={tmp_path / 'data'}", "trainer.max_steps=2",
-                      override, f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch, capsys)
+                      *override.split(), f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch,
+                     capsys)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"autograd-lab: error: {override.split('=')[0]}")

@@ -184,6 +184,12 @@ def validate(cfg) -> None:
         raise UserError("trainer.check_val_every_n_epoch=null: needs trainer.val_check_interval=N "
                         "(validate every N training batches, counted across epochs)")
     _check_val_interval(cfg, trainer)
+    if trainer.get("precision") == "16-mixed" and (cfg.get("train") or {}).get(
+            "zero_grad") is False:
+        raise UserError("trainer.precision=16-mixed with train.zero_grad=false: fp16's loss "
+                        "scaler divides the whole .grad by its scale at every step, so .grad "
+                        "would not accumulate as the seed's does; use trainer.precision="
+                        "bf16-mixed (no scaler) or 32-true")
     _check_paths(cfg)
     if trainer.get("devices", 1) > 1 and trainer.get("strategy") != "ddp":
         raise UserError(f"trainer.devices={trainer.get('devices')}: more than 1 needs trainer=ddp "

@@ -55,7 +55,7 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
     frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
 
     module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
-                        scheduler=_scheduler(cfg),
+                        scheduler=_scheduler(cfg.scheduler),
                         meta={"config": record["config"], "numerics": numerics()})
     user_callbacks = _callbacks(cfg, run_dir)
     loggers = _loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
@@ -114,7 +114,6 @@ def build_network(cfg) -> tuple:
 def _instantiate(node, what: str, base, **kwargs):
     """A Lightning callback or logger from a `_target_` node; one line if it is not one."""
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     target = node.get("_target_") if hasattr(node, "get") else None
     if not target:
@@ -157,13 +156,10 @@ def _loggers(cfg, run_dir: Path, purge_step: int | None) -> list:
     return out
 
 
-def _scheduler(cfg):
-    """(make(optimizer, total_steps), interval) for `scheduler=...`, or None."""
-    sched = cfg.scheduler
+def _scheduler(sched):
+    """(make(optimizer, total_steps), interval) for the `scheduler` node, or None."""
     if sched.name == "none":
         return None
-    from hydra.utils import instantiate
-
     horizon = sched.get("horizon")
 
     def make(optimizer, total_steps: int):
