@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import cli
+from conftest import in_process
 
 from autograd_lab.run.messages import busy_note
 
@@ -34,13 +34,26 @@ def test_no_load_average_says_nothing():
     assert busy_note(None, 2, 2) is None
 
 
-def test_a_busy_machine_is_named_once_at_the_start(tmp_path, data_root):
+def test_a_busy_machine_is_named_once_at_the_start(tmp_path, data_root, monkeypatch, capsys):
+    """`autograd-lab train` through its entry point in this process, AUTOGRAD_LAB_LOADAVG set
+    as the environment would set it; threads=2 sets this process's torch threads: restored."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        _busy_and_idle(tmp_path, data_root, monkeypatch, capsys)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _busy_and_idle(tmp_path, data_root, monkeypatch, capsys):
     args = ["train", "data=synthetic", "data.train_size=64", "data.test_size=32",
             "trainer.max_steps=3", "probes=off", f"data.root={data_root}", "threads=2",
             "trainer.progress_bar=false"]
     busy = str(float(os.cpu_count() or 1))  # every core looks busy
-    out = cli(*args, f"hydra.run.dir={tmp_path / 'busy'}", cwd=tmp_path,
-              env={"AUTOGRAD_LAB_LOADAVG": busy})
+    monkeypatch.setenv("AUTOGRAD_LAB_LOADAVG", busy)
+    out = in_process([*args, f"hydra.run.dir={tmp_path / 'busy'}"], tmp_path, monkeypatch,
+                     capsys)
     assert out.returncode == 0, out.stderr
     notes = [ln for ln in out.stderr.splitlines() if "this machine is busy" in ln]
     assert len(notes) == 1, out.stderr
@@ -54,8 +67,9 @@ def test_a_busy_machine_is_named_once_at_the_start(tmp_path, data_root):
     assert load == {"busy_cores": float(busy), "cores": os.cpu_count(), "threads": 2,
                     "busy": True}
 
-    quiet = cli(*args, f"hydra.run.dir={tmp_path / 'idle'}", cwd=tmp_path,
-                env={"AUTOGRAD_LAB_LOADAVG": "0"})
+    monkeypatch.setenv("AUTOGRAD_LAB_LOADAVG", "0")
+    quiet = in_process([*args, f"hydra.run.dir={tmp_path / 'idle'}"], tmp_path, monkeypatch,
+                       capsys)
     assert quiet.returncode == 0, quiet.stderr
     assert "busy" not in quiet.stderr
     assert json.loads((tmp_path / "idle" / "run.json").read_text())["load"]["busy"] is False

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import cli, make_cfg
+from conftest import cli, in_process, make_cfg
 
 from autograd_lab.model.module import build_optimizer
 from autograd_lab.model.networks import SmallNet
@@ -44,11 +44,13 @@ def test_step_check_identity_holds_and_fails_on_a_wrong_learning_rate(optim):
         assert not mismatch.ok, "a wrong momentum / betas went unnoticed"
 
 
-def test_step_check_command(tmp_path):
+def test_step_check_command(tmp_path, monkeypatch, capsys):
+    """The real script once; the mismatch through its entry point in this process."""
     ok = cli("step-check", "model=smallnet", "--seed-batch", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "predicted by the update rule" in ok.stdout and ": OK" in ok.stdout
-    bad = cli("step-check", "model=smallnet", "--check-lr", "0.02", cwd=tmp_path)
+    bad = in_process(["step-check", "model=smallnet", "--check-lr", "0.02"], tmp_path,
+                     monkeypatch, capsys)
     assert bad.returncode == 1 and "MISMATCH" in bad.stdout
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, make_cfg
+from conftest import cli, in_process, make_cfg
 
 SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1"]
 
@@ -18,13 +18,13 @@ def test_help_and_cfg_job_do_not_import_torch(tmp_path):
     code = ("import sys; from autograd_lab.cli import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'imported'; "
             "sys.exit(rc)")
+    outs = {}
     for args in (["train", "--help"], ["train", "--cfg", "job", "optim=adam"]):
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                              cwd=tmp_path, timeout=60)
         assert out.returncode == 0, out.stderr
-    assert "model: resnet18, smallnet" in subprocess.run(
-        [sys.executable, "-c", code, "train", "--help"], capture_output=True, text=True,
-        cwd=tmp_path).stdout
+        outs[args[1]] = out
+    assert "model: resnet18, smallnet" in outs["--help"].stdout
     assert not (tmp_path / "runs").exists()
 
 
@@ -36,7 +36,8 @@ def test_cfg_job_shows_the_composed_config(tmp_path):
 
 def test_python_dash_m_runs_the_same_app(tmp_path, data_root):
     out = subprocess.run([sys.executable, "-m", "autograd_lab.train", *SMALL,
-                          f"data.root={data_root}", f"hydra.run.dir={tmp_path / 'r'}"],
+                          "trainer.max_steps=2", f"data.root={data_root}",
+                          f"hydra.run.dir={tmp_path / 'r'}"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "completed"
@@ -67,14 +68,16 @@ def test_demo_runs_the_zero_grad_study_and_says_which_data(tmp_path):
 @pytest.mark.parametrize("study, runs", [
     ("zero_grad_study", 2), ("freeze_study", 3), ("detach_study", 6), ("eval_modes", 6),
     ("custom_function_study", 4)])
-def test_every_quick_study_runs_offline_and_shows_its_effect(study, runs, tmp_path, data_root):
+def test_every_quick_study_runs_offline_and_shows_its_effect(study, runs, tmp_path, data_root,
+                                                          monkeypatch, capsys):
     """size=quick, on synthetic data: each study shows what it is about. The zero-grad study
     runs exactly as a user's `size=quick` (320 steps: .grad's accumulation must show); the
-    others on a 64-example subset (what they compare does not depend on the length)."""
+    others on a 64-example subset (what they compare does not depend on the length). Through
+    the entry point in this process (test_multirun_names_job_dirs... runs the real script)."""
     short = [] if study == "zero_grad_study" else ["data.subset=64", "trainer.limit_val_batches=1"]
-    out = cli("train", "-m", f"experiment={study}", "data=synthetic", "size=quick",
-              f"data.root={data_root}", "data.train_size=2048", "data.test_size=256", *short,
-              f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    out = in_process(["train", "-m", f"experiment={study}", "data=synthetic", "size=quick",
+                      f"data.root={data_root}", "data.train_size=2048", "data.test_size=256",
+                      *short, f"hydra.sweep.dir={tmp_path}"], tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     records = [json.loads(p.read_text()) for p in tmp_path.glob("*/run.json")]
     assert len(records) == runs
@@ -156,14 +159,16 @@ def test_srun_on_path_outside_a_slurm_job_prints_no_hint(tmp_path, data_root):
     assert "srun" not in out.stderr + out.stdout
 
 
-def test_overrides_longer_than_a_file_name_still_name_a_directory(tmp_path, data_root):
+def test_overrides_longer_than_a_file_name_still_name_a_directory(tmp_path, data_root,
+                                                                 monkeypatch, capsys):
     """A sweep whose overrides make a directory name over 255 bytes: each job's directory is
     shortened with a stable hash (the full overrides stay in run.json), the sweep completes, and
-    the same command finds the same directories again (every job skipped)."""
+    the same command finds the same directories again (every job skipped). Both commands go
+    through the entry point in this process."""
     long = "x" * 300
     args = ["train", "-m", *SMALL, f"data.root={data_root}", f"study={long}", "seed=0,1",
-            "probes=off", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    first = cli(*args, cwd=tmp_path)
+            "probes=off", "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    first = in_process(args, tmp_path, monkeypatch, capsys)
     assert first.returncode == 0, first.stderr[-2000:]
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "run.json").exists())
     assert len(jobs) == 2
@@ -171,7 +176,7 @@ def test_overrides_longer_than_a_file_name_still_name_a_directory(tmp_path, data
     records = [json.loads((p / "run.json").read_text()) for p in jobs]
     assert all(f"study={long}" in r["overrides"] and r["status"] == "completed"
                for r in records)
-    again = cli(*args, cwd=tmp_path)
+    again = in_process(args, tmp_path, monkeypatch, capsys)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("already completed") == 2
     assert sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "run.json").exists()) == jobs

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import cli, losses, make_cfg
+from conftest import cli, in_process, losses, make_cfg
 from omegaconf import OmegaConf
 
 from autograd_lab.run.rundir import check_run_dir, finished_record
@@ -169,19 +169,21 @@ def test_summary_lists_broken_runs_and_summarises_the_rest(made, tmp_path):
     assert (out / "runs_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_rerun_after_a_truncated_metrics_file_is_not_skipped(tmp_path, data_root):
+def test_a_rerun_after_a_truncated_metrics_file_is_not_skipped(tmp_path, data_root, monkeypatch,
+                                                              capsys):
     """The same command again: not "already completed"; it continues from the run's final
-    checkpoint and writes the same metrics.parquet; a third time, it is skipped."""
+    checkpoint and writes the same metrics.parquet; a third time, it is skipped. (Each command
+    through the entry point in this process.)"""
     run_dir = tmp_path / "run"
     args = ["train", *SMALL, "trainer.progress_bar=false", f"data.root={data_root}",
             f"hydra.run.dir={run_dir}"]
-    first = cli(*args, cwd=tmp_path)
+    first = in_process(args, tmp_path, monkeypatch, capsys)
     assert first.returncode == 0, first.stderr
     reference = pd.read_parquet(run_dir / "metrics.parquet")
     reference_losses = losses(run_dir)
     _truncate(run_dir / "metrics.parquet")
 
-    again = cli(*args, cwd=tmp_path)
+    again = in_process(args, tmp_path, monkeypatch, capsys)
     assert again.returncode == 0, again.stderr
     assert "already completed" not in again.stderr and "skip " not in again.stderr
     assert "Traceback" not in again.stderr
@@ -193,7 +195,7 @@ def test_a_rerun_after_a_truncated_metrics_file_is_not_skipped(tmp_path, data_ro
     # what the code does: it continues from the final checkpoint, whose rows are the curve
     assert record["resumed"]["from_step"] == len(reference_losses)
 
-    third = cli(*args, cwd=tmp_path)
+    third = in_process(args, tmp_path, monkeypatch, capsys)
     assert third.returncode == 0 and "already completed" in third.stderr
 
 

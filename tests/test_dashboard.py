@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli
 
 SWEEP = ["-m", "data=synthetic", "data.train_size=256", "data.test_size=64",
          "trainer.max_epochs=2", "seed=0,1", "train.zero_grad=true,false"]
@@ -28,10 +27,16 @@ NAMES = ["seed=0,train.zero_grad=false", "seed=0,train.zero_grad=true",
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, data_root):
-    """The 2x2 sweep, run once, in a fresh folder: the sweep directory comes from the command."""
+    """The 2x2 sweep, run once, in a fresh folder, through the CLI's entry point in this process
+    (the server below is the real command): the sweep directory comes from the command."""
+    from autograd_lab.cli import main
+
     cwd = tmp_path_factory.mktemp("dash")
-    out = cli("train", *SWEEP, f"data.root={data_root}", cwd=cwd)
-    assert out.returncode == 0, out.stderr
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(cwd)
+        m.setattr(sys, "argv", list(sys.argv))
+        code = main(["train", *SWEEP, f"data.root={data_root}"])
+    assert code == 0
     (folder,) = (cwd / "multirun").iterdir()  # multirun/<constant overrides>
     assert folder.name == "data.test_size=64,data.train_size=256,data=synthetic," \
                           "trainer.max_epochs=2"

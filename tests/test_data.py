@@ -133,26 +133,26 @@ def _plant(path: Path, obj) -> str:
     return hashlib.md5(blob).hexdigest()
 
 
-def test_a_planted_pickle_with_a_matching_manifest_runs_nothing(tmp_path):
+def test_a_planted_pickle_with_a_matching_manifest_runs_nothing(tmp_path, monkeypatch, capsys):
     """The attack: replace batches.meta in a synthetic folder with a code-running pickle and
-    update its md5 in manifest.json. The CLI refuses the file in one line; the command in it
-    never ran (its marker file does not exist)."""
+    update its md5 in manifest.json. The CLI (its entry point, in this process) refuses the file
+    in one line; the command in it never ran (its marker file does not exist)."""
     import json
 
-    from conftest import cli
+    from conftest import in_process
 
     marker = tmp_path / "ran"
     args = ["train", "data=synthetic", f"data.root={tmp_path / 'data'}", "data.train_size=64",
             "data.test_size=32", "trainer.max_steps=2", "trainer.progress_bar=false",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    first = cli(*args, cwd=tmp_path)
+    first = in_process(args, tmp_path, monkeypatch, capsys)
     assert first.returncode == 0, first.stderr[-2000:]
     base = next((tmp_path / "data" / "synthetic").glob("*/cifar-10-batches-py"))
     manifest = json.loads((base / "manifest.json").read_text())
     manifest["batches.meta"] = _plant(base / "batches.meta",
                                       {"label_names": _RunsCode(marker)})
     (base / "manifest.json").write_text(json.dumps(manifest))
-    second = cli(*args, "resume=false", cwd=tmp_path)
+    second = in_process([*args, "resume=false"], tmp_path, monkeypatch, capsys)
     assert not marker.exists(), "the planted pickle ran its command"
     assert second.returncode == 2, second.stderr[-2000:]
     lines = [ln for ln in second.stderr.splitlines() if ln.strip()]

@@ -1,9 +1,10 @@
 """Failing writes keep the record (issue 23, section 4): a disk that fills up under probes=full, a
 read-only csv/ folder, and a stop signal while the synthetic data set is being written. Each
-through the real CLI: one line naming where, the exit code the README gives, no traceback, and
-the run's record files there (the earlier ones kept). Real file systems (tmpfs, a read-only bind
-mount: the tests run as root, as CI does); every wait has a generous timeout and nothing asserts
-a duration."""
+through the CLI (a real process where a signal or a concurrent disk filler needs one, its
+entry point in-process otherwise): one line naming where, the exit code the README gives, no
+traceback, and the run's record files there (the earlier ones kept). Real file systems (tmpfs,
+a read-only bind mount: the tests run as root, as CI does); every wait has a generous timeout
+and nothing asserts a duration."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, fill_disk_once
+from conftest import fill_disk_once, in_process
 
 EXE = Path(sys.executable).parent / "autograd-lab"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -28,12 +29,16 @@ def _sha(path: Path) -> str:
 
 
 def test_a_full_disk_under_full_probes_ends_in_one_line_with_its_record(small_disk, tmp_path,
-                                                                       data_root):
+                                                                       data_root, monkeypatch,
+                                                                       capsys):
     """probes=full logs many values a step through Lightning's TensorBoard logger, which turns
     the disk's OSError into `ValueError: you tried to log ...`: today a traceback, exit 1, and
     no run.json or metrics.parquet. Now: the run's start line and one line naming where and why,
     exit 1; the last checkpoint still loads; run.json says failed with that reason and
-    metrics.parquet parses with every step that was run."""
+    metrics.parquet parses with every step that was run. The CLI's entry point runs in this
+    process; a thread fills the disk once the first checkpoint is there."""
+    import threading
+
     import pandas as pd
     import torch
 
@@ -41,16 +46,24 @@ def test_a_full_disk_under_full_probes_ends_in_one_line_with_its_record(small_di
     args = ["train", "data=synthetic", f"data.root={data_root}", "data.train_size=10000",
             "data.test_size=256", "trainer.max_epochs=2", "checkpoint.every_n_steps=20",
             "probes=full", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([str(EXE), *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    fill_disk_once(small_disk, ckpt, proc, timeout=300)
+
+    class Running:  # what fill_disk_once polls: None while the run goes on
+        code = None
+
+        def poll(self):
+            return self.code
+
+    running = Running()
+    filler = threading.Thread(target=fill_disk_once, args=(small_disk, ckpt, running, 300))
+    filler.start()
     try:
-        err = proc.communicate(timeout=600)[1]
+        out = in_process(args, tmp_path, monkeypatch, capsys)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 1, err[-3000:]
+        running.code = -1
+        filler.join()
+    err = out.stderr
+    assert out.returncode == 1, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[0].endswith(": starting"), err[-3000:]
     assert len(lines) == 2 and "Traceback" not in err and "you tried to log" not in err, err
@@ -66,8 +79,8 @@ def test_a_full_disk_under_full_probes_ends_in_one_line_with_its_record(small_di
     assert not (run_dir / ".autograd_lab.reserve").exists()
 
 
-def test_a_read_only_csv_folder_stops_a_fresh_start_in_one_line_and_keeps_the_record(tmp_path,
-                                                                                   data_root):
+def test_a_read_only_csv_folder_stops_a_fresh_start_in_one_line_and_keeps_the_record(
+        tmp_path, data_root, monkeypatch, capsys):
     """A run with logger=[tensorboard,csv] completed; its csv/ folder is now on a read-only
     mount. Starting it over (resume=false) must clear the earlier run's files: today the
     clean-up deletes run.json, then dies on csv/metrics.csv with an EROFS traceback. Now: one
@@ -77,7 +90,7 @@ def test_a_read_only_csv_folder_stops_a_fresh_start_in_one_line_and_keeps_the_re
     args = ["train", "data=synthetic", f"data.root={data_root}", "data.train_size=64",
             "data.test_size=32", "trainer.max_steps=2", "probes=off", "logger=[tensorboard,csv]",
             "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
-    first = cli(*args, cwd=tmp_path, timeout=300)
+    first = in_process(args, tmp_path, monkeypatch, capsys)  # the CLI's entry point, in-process
     assert first.returncode == 0, first.stderr
     kept = {name: _sha(run_dir / name) for name in ("run.json", "metrics.parquet",
                                                     "checkpoints/last.ckpt", "csv/metrics.csv")}
@@ -85,7 +98,7 @@ def test_a_read_only_csv_folder_stops_a_fresh_start_in_one_line_and_keeps_the_re
     subprocess.run(["mount", "--bind", str(csv), str(csv)], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(csv)], check=True)
-        again = cli(*args, "resume=false", cwd=tmp_path, timeout=300)
+        again = in_process([*args, "resume=false"], tmp_path, monkeypatch, capsys)
     finally:
         subprocess.run(["umount", "-l", str(csv)], check=False)
     assert again.returncode == 1, again.stderr[-3000:]
@@ -97,8 +110,8 @@ def test_a_read_only_csv_folder_stops_a_fresh_start_in_one_line_and_keeps_the_re
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
-def test_a_read_only_csv_folder_on_a_fresh_run_fails_in_one_line_with_its_record(tmp_path,
-                                                                               data_root):
+def test_a_read_only_csv_folder_on_a_fresh_run_fails_in_one_line_with_its_record(
+        tmp_path, data_root, monkeypatch, capsys):
     """A new run directory whose (empty) csv/ folder is on a read-only mount, logger=
     [tensorboard,csv]: today the clean-up at start dies with an EROFS traceback (a read-only
     folder refuses even the unlink of an absent file) and writes no run.json. Now: the start
@@ -112,10 +125,10 @@ def test_a_read_only_csv_folder_on_a_fresh_run_fails_in_one_line_with_its_record
     subprocess.run(["mount", "--bind", str(csv), str(csv)], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(csv)], check=True)
-        out = cli("train", "data=synthetic", f"data.root={data_root}", "data.train_size=64",
-                  "data.test_size=32", "trainer.max_steps=2", "probes=off",
-                  "logger=[tensorboard,csv]", "trainer.progress_bar=false",
-                  f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300)
+        out = in_process(["train", "data=synthetic", f"data.root={data_root}",
+                          "data.train_size=64", "data.test_size=32", "trainer.max_steps=2",
+                          "probes=off", "logger=[tensorboard,csv]", "trainer.progress_bar=false",
+                          f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch, capsys)
     finally:
         subprocess.run(["umount", "-l", str(csv)], check=False)
     assert out.returncode == 1, out.stderr[-3000:]
@@ -130,7 +143,8 @@ def test_a_read_only_csv_folder_on_a_fresh_run_fails_in_one_line_with_its_record
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_while_synthetic_data_is_written_is_an_interruption(signum, tmp_path):
+def test_a_stop_signal_while_synthetic_data_is_written_is_an_interruption(signum, tmp_path,
+                                                                         monkeypatch, capsys):
     """SIGINT or SIGTERM while the synthetic data set is being made (a fresh data.root, a size
     that takes seconds to make): today a traceback, exit 1, run.json `failed`. Now as at any
     other moment: exit 128 + the signal, the interrupted line, run.json `interrupted`; the same
@@ -162,6 +176,6 @@ def test_a_stop_signal_while_synthetic_data_is_written_is_an_interruption(signum
         f"again"), lines
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted" and name in record["error"]
-    again = cli(*args, cwd=tmp_path, timeout=600)
+    again = in_process(args, tmp_path, monkeypatch, capsys)  # the signal needed a process
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, cli, fill_disk_once, losses, make_cfg
+from conftest import SMALL, cli, fill_disk_once, in_process, losses, make_cfg
 
 from autograd_lab.disk.lock import LOCK_NAME, RunLock
 
@@ -25,14 +25,14 @@ def _digests(folder: Path) -> dict:
 
 @pytest.mark.parametrize("explicit_dir", [True, False])
 def test_a_second_process_on_a_run_directory_is_refused_and_changes_nothing(
-        explicit_dir, tmp_path, data_root):
+        explicit_dir, tmp_path, data_root, monkeypatch, capsys):
     """While this process holds a run directory's lock, `autograd-lab train` on the same
     directory exits 2 with one line naming the holder (pid, host) and leaves every file as it
     was, for an explicit hydra.run.dir (checked before Hydra runs) and for the directory the
     overrides name (runs/<overrides>)."""
     args = ["train", *SMALL, f"data.root={data_root}", "trainer.max_steps=2"]
-    first = cli(*args, *([f"hydra.run.dir={tmp_path / 'run'}"] if explicit_dir else []),
-                cwd=tmp_path)
+    first = in_process([*args, *([f"hydra.run.dir={tmp_path / 'run'}"] if explicit_dir else [])],
+                       tmp_path, monkeypatch, capsys)  # the first run needs no process of its own
     assert first.returncode == 0, first.stderr
     run_dir = tmp_path / "run" if explicit_dir else next((tmp_path / "runs").iterdir())
     before = _digests(run_dir)
@@ -53,14 +53,14 @@ def test_a_second_process_on_a_run_directory_is_refused_and_changes_nothing(
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
-def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path, data_root):
+def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path, data_root, monkeypatch, capsys):
     """The OS drops a dead process's flock: a lock file that names a long-gone pid is no
     obstacle, and the run completes."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "gone", "since": "x"}))
-    out = cli("train", *SMALL, f"data.root={data_root}", "trainer.max_steps=2",
-              f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    out = in_process(["train", *SMALL, f"data.root={data_root}", "trainer.max_steps=2",
+                      f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
@@ -126,10 +126,11 @@ def test_every_stop_signal_saves_at_a_step_and_resumes_exactly(signum, tmp_path,
 
 
 def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
-        small_disk, tmp_path, data_root):
+        small_disk, tmp_path, data_root, monkeypatch, capsys):
     """The run directory's file system fills up after the first periodic checkpoint: the run
     ends failed, exit 1, one line naming where and why; the checkpoint it had still loads.
-    Once space is back, the same command continues from it to the uninterrupted curve."""
+    Once space is back, the same command (through the CLI's entry point, in-process) continues
+    from it to the uninterrupted curve."""
     import torch
 
     from autograd_lab.train import run
@@ -154,8 +155,7 @@ def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
     assert 0 < saved["global_step"] < 626
 
     (small_disk / "filler").unlink()
-    again = subprocess.run([str(exe), *args], cwd=tmp_path, capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    again = in_process(args, tmp_path, monkeypatch, capsys)
     assert again.returncode == 0, again.stderr
     record = json.loads((small_disk / "run" / "run.json").read_text())
     assert record["status"] == "completed" and record["resumed"]["from_step"] > 0

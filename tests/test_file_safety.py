@@ -1,8 +1,10 @@
 """The files the harness writes are its own (issue 23, section 2): a run or sweep folder where a
 file of the harness's (or Hydra's) is a symlink, a FIFO, a device, or a folder where a file goes
 (a file where a folder goes) is refused in one line naming it, exit 2, and the thing planted
-there (the symlink's target, the FIFO) is left exactly as it was. Through the real CLI; every
-call has a timeout, so a regression that blocks on a FIFO fails instead of hanging."""
+there (the symlink's target, the FIFO) is left exactly as it was. Through the CLI: the FIFO,
+lock, summarize and `python -m` cases run the installed script in its own process, every call
+with a timeout, so a regression that blocks on a FIFO fails instead of hanging; the symlink and
+wrong-kind cases (nothing there can block) go through its entry point in this process."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, make_cfg
+from conftest import cli, in_process, make_cfg
 
 from autograd_lab.disk.lock import LOCK_NAME, RunLock
 
@@ -46,11 +48,17 @@ def _victim(tmp_path: Path) -> tuple[Path, bytes]:
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory) -> Path:
     """One completed run (run.json, metrics.parquet, checkpoints/last.ckpt, .hydra/, train.log),
-    made once through the CLI; tests copy it."""
+    made once through the CLI's entry point (in this process: it only makes the files the tests
+    copy); tests copy it."""
+    from autograd_lab.cli import main
+
     where = tmp_path_factory.mktemp("done")
-    out = cli("train", *TINY, f"data.root={where / 'data'}", f"hydra.run.dir={where / 'run'}",
-              cwd=where, timeout=TIMEOUT)
-    assert out.returncode == 0, out.stderr
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(where)
+        code = main(["train", *TINY, f"data.root={where / 'data'}",
+                     f"hydra.run.dir={where / 'run'}"])
+    assert code == 0
+    assert json.loads((where / "run" / "run.json").read_text())["status"] == "completed"
     return where / "run"
 
 
@@ -62,7 +70,8 @@ def _copy(done_run: Path, to: Path) -> Path:
 # ------------------------------------------------------------------ symlinks: never written through
 @pytest.mark.parametrize("name", [LOCK_NAME, "run.json", "metrics.parquet", "train.log",
                                   ".hydra/config.yaml", "checkpoints/last.ckpt"])
-def test_a_symlink_where_a_run_writes_is_refused_and_its_target_untouched(name, tmp_path):
+def test_a_symlink_where_a_run_writes_is_refused_and_its_target_untouched(name, tmp_path,
+                                                                          monkeypatch, capsys):
     """A file of the harness's (the lock, run.json, ...) or of Hydra's (.hydra/config.yaml,
     train.log) that is a symlink to another file: `train` refuses in one line naming it, before
     anything is written; the target keeps its bytes. Today the lock's target is truncated and
@@ -71,20 +80,23 @@ def test_a_symlink_where_a_run_writes_is_refused_and_its_target_untouched(name, 
     run_dir = tmp_path / "run"
     (run_dir / name).parent.mkdir(parents=True)
     (run_dir / name).symlink_to(victim)
-    out = cli("train", *TINY, f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
-              cwd=tmp_path, timeout=TIMEOUT)
+    out = in_process(["train", *TINY, f"data.root={tmp_path / 'data'}",
+                      f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch, capsys)
     _one_line(out, str(run_dir / name), ": a symlink")
     assert victim.read_bytes() == content
     assert (run_dir / name).is_symlink() and os.readlink(run_dir / name) == str(victim)
     assert not (run_dir / "run.json").exists() or name == "run.json"
 
 
-def test_the_run_folder_the_overrides_name_is_checked_before_hydra_writes(tmp_path):
+def test_the_run_folder_the_overrides_name_is_checked_before_hydra_writes(tmp_path, monkeypatch,
+                                                                          capsys):
     """Without hydra.run.dir (runs/<overrides>), on both entry points (`autograd-lab train` and
     `python -m autograd_lab.train`): Hydra's train.log and .hydra/ files are checked before Hydra
-    opens them (a Hydra callback), so a symlink there is refused and its target untouched."""
+    opens them (a Hydra callback), so a symlink there is refused and its target untouched. (The
+    first run, which only makes the folder, goes through the entry point in this process.)"""
     victim, content = _victim(tmp_path)
-    first = cli("train", *TINY, f"data.root={tmp_path / 'data'}", cwd=tmp_path, timeout=TIMEOUT)
+    first = in_process(["train", *TINY, f"data.root={tmp_path / 'data'}"], tmp_path, monkeypatch,
+                       capsys)
     assert first.returncode == 0, first.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     shutil.rmtree(run_dir)
@@ -129,7 +141,8 @@ def test_a_symlinked_summary_folder_is_refused_and_its_target_untouched(done_run
     assert (elsewhere / "runs.csv").read_text() == "the user's own table\n"
 
 
-def test_a_sweep_job_folder_holding_a_symlink_is_refused_before_any_job_runs(tmp_path):
+def test_a_sweep_job_folder_holding_a_symlink_is_refused_before_any_job_runs(tmp_path,
+                                                                             monkeypatch, capsys):
     """In a multirun, each existing job folder of the sweep is checked before Hydra writes into
     any of them: a job folder whose .hydra/config.yaml is a symlink stops the sweep in one line,
     exit 2, and the target keeps its bytes (today Hydra writes the job's config into it)."""
@@ -137,8 +150,8 @@ def test_a_sweep_job_folder_holding_a_symlink_is_refused_before_any_job_runs(tmp
     sweep = tmp_path / "sweep"
     (sweep / "seed=1" / ".hydra").mkdir(parents=True)
     (sweep / "seed=1" / ".hydra" / "config.yaml").symlink_to(victim)
-    out = cli("train", "-m", *TINY, f"data.root={tmp_path / 'data'}", "seed=0,1",
-              f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=TIMEOUT)
+    out = in_process(["train", "-m", *TINY, f"data.root={tmp_path / 'data'}", "seed=0,1",
+                      f"hydra.sweep.dir={sweep}"], tmp_path, monkeypatch, capsys)
     _one_line(out, str(sweep / "seed=1" / ".hydra" / "config.yaml"), ": a symlink")
     assert victim.read_bytes() == content
     assert sorted(p.name for p in sweep.iterdir()) == ["seed=1"]  # no job ran, no multirun.yaml
@@ -182,7 +195,7 @@ def test_summarize_refuses_a_fifo_in_a_run_without_hanging(name, done_run, tmp_p
     ("checkpoints", "file", "a file"),
 ])
 def test_the_wrong_kind_of_entry_is_refused_and_left_as_it_is(name, make, what, done_run,
-                                                              tmp_path):
+                                                              tmp_path, monkeypatch, capsys):
     """A folder where the lock, run.json or last.ckpt goes, a file where checkpoints/ goes: one
     line naming it, exit 2, and the user's folder (with a file in it) or file left as it was
     (today a traceback, or the folder deleted). For a run that completed before, too: its
@@ -200,8 +213,8 @@ def test_the_wrong_kind_of_entry_is_refused_and_left_as_it_is(name, make, what, 
         target.write_text("mine")
     kept = {p: p.read_bytes() for p in (run_dir / "run.json", run_dir / "metrics.parquet")
             if p.is_file()}
-    out = cli("train", *TINY, f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}",
-              "resume=false", cwd=tmp_path, timeout=TIMEOUT)
+    out = in_process(["train", *TINY, f"data.root={tmp_path / 'data'}",
+                      f"hydra.run.dir={run_dir}", "resume=false"], tmp_path, monkeypatch, capsys)
     _one_line(out, f"{target}: {what}")
     if make == "dir":
         assert (target / "notes.txt").read_text() == "mine"

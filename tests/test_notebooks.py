@@ -20,6 +20,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from conftest import in_process
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +221,8 @@ def test_multirun_bad_override_is_the_cli_one_line_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_run_returns_run_json_and_metrics_parquet_and_the_cli_finds_it(tmp_path, monkeypatch):
+def test_run_returns_run_json_and_metrics_parquet_and_the_cli_finds_it(tmp_path, monkeypatch,
+                                                                       capsys):
     import autograd_lab as al
 
     monkeypatch.chdir(tmp_path)
@@ -238,9 +240,9 @@ def test_run_returns_run_json_and_metrics_parquet_and_the_cli_finds_it(tmp_path,
     assert result.loss().tolist() == loss.value.tolist() and result.loss().index.tolist() == \
         [0, 1, 2, 3]
     stamp = (result.run_dir / "run.json").stat().st_mtime_ns
-    # the CLI, given the same overrides in the same folder, finds this run and skips it
-    cli = subprocess.run([str(BIN / "autograd-lab"), "train", *overrides], capture_output=True,
-                         text=True, env=_env(), timeout=120)
+    # the CLI (its entry point, in this process), given the same overrides in the same folder,
+    # finds this run and skips it
+    cli = in_process(["train", *overrides], tmp_path, monkeypatch, capsys)
     assert cli.returncode == 0, cli.stderr
     assert "skip" in cli.stderr + cli.stdout
     again = al.run(overrides)

@@ -2,7 +2,8 @@
 
 A mistake in a callback's, a logger's or a scheduler's arguments, a data set larger than the
 machine's memory, an interpolation Hydra cannot resolve, and one bad job among the hundreds of a
-sweep: each is one line through the real `autograd-lab` command (and `python -m
+sweep: each is one line through the `autograd-lab` command (the bad-value matrix through its
+entry point, cli.main, in this process; the rest through the installed script and `python -m
 autograd_lab.train`), exit 2, no traceback, and nothing made in the folder: no runs/, no
 multirun/, no data. Resuming with an added logger or LR monitor (they change no curve) continues
 to the uninterrupted run's curve; a ModelCheckpoint file from another config is refused, naming
@@ -20,7 +21,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli, losses, make_cfg
+from conftest import cli, in_process, losses, make_cfg
 from test_resume import OVERRIDES, SendSignal, _reference, _rows
 
 SMALL = ["data=synthetic", "data.train_size=64", "data.test_size=32", "trainer.max_steps=2",
@@ -70,9 +71,9 @@ CASES = {  # what the user types -> what the one line must name (the key, the va
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_a_bad_value_is_one_line_before_anything_runs(name, tmp_path):
+def test_a_bad_value_is_one_line_before_anything_runs(name, tmp_path, monkeypatch, capsys):
     args, words = CASES[name]
-    out = cli("train", *SMALL, *args, cwd=tmp_path, timeout=180)
+    out = in_process(["train", *SMALL, *args], tmp_path, monkeypatch, capsys)
     _refused(out, tmp_path, *words)
 
 
@@ -198,10 +199,11 @@ def test_resuming_with_an_added_logger_or_lr_monitor_continues(name, tmp_path, d
 
 
 def test_a_model_checkpoint_file_of_another_config_is_refused_naming_the_difference(
-        tmp_path, data_root):
+        tmp_path, data_root, monkeypatch, capsys):
     """ckpt_path= is the user's choice of file: refused in one line naming the key that
     differs and both values, and the advice is about that file, never resume=false or another
-    run directory (neither would help)."""
+    run directory (neither would help). `autograd-lab train` through its entry point in this
+    process; `python -m autograd_lab.train` in its own."""
     from autograd_lab.train import run
 
     base = [*SMALL[:-2], "trainer.max_steps=4", "probes=off", f"data.root={data_root}"]
@@ -210,8 +212,8 @@ def test_a_model_checkpoint_file_of_another_config_is_refused_naming_the_differe
         tmp_path / "first")
     files = sorted((tmp_path / "first" / "checkpoints").glob("epoch=*.ckpt"))
     assert files, "ModelCheckpoint wrote no file"
-    out = cli("train", *base, "optim.lr=0.5", f"ckpt_path='{files[0]}'",
-              f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path, timeout=240)
+    out = in_process(["train", *base, "optim.lr=0.5", f"ckpt_path='{files[0]}'",
+                      f"hydra.run.dir={tmp_path / 'second'}"], tmp_path, monkeypatch, capsys)
     assert out.returncode == 2, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("autograd-lab: error:")]
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-from conftest import cli, losses
+from conftest import cli, in_process, losses
 
 PROFILE = ("profiler=torch", "profiler.wait=1", "profiler.warmup=1", "profiler.active=3")
 
@@ -64,23 +64,29 @@ def test_a_frozen_backbone_leaves_no_convolution_backward(train_run):
     assert "AddmmBackward0" in set(pairs.backward_node)
 
 
-def test_profile_command_prints_both_tables(tmp_path, data_root):
+def test_profile_command_prints_both_tables(tmp_path, data_root, monkeypatch, capsys):
+    """The installed script profiles a run; the seed's single-op mode through the same entry
+    point in this process."""
     out = cli("profile", f"data.root={data_root}", "data.train_size=256", "data.test_size=128",
               f"hydra.run.dir={tmp_path / 'p'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "ops by self CPU time" in out.stdout and "ConvolutionBackward0" in out.stdout
     assert (tmp_path / "p" / "profile_fwd_bwd.csv").is_file()
-    seed = cli("profile", "--op", "conv1d", "--iterations", "20", "--backward", cwd=tmp_path)
+    seed = in_process(["profile", "--op", "conv1d", "--iterations", "20", "--backward"],
+                      tmp_path, monkeypatch, capsys)
     assert seed.returncode == 0, seed.stderr
     assert "Self CPU time total" in seed.stdout and "aten::conv1d" in seed.stdout
     assert "ConvolutionBackward0" in seed.stdout
 
 
-def test_the_sweep_summary_compares_step_time_breakdowns(tmp_path, data_root):
+def test_the_sweep_summary_compares_step_time_breakdowns(tmp_path, data_root, monkeypatch,
+                                                        capsys):
+    """`train -m` through its entry point in this process (test_cli runs the real script)."""
     sweep = tmp_path / "sweep"
-    out = cli("train", "-m", "data=synthetic", f"data.root={data_root}", "data.train_size=256",
-              "data.test_size=128", "trainer.max_epochs=1", *PROFILE,
-              "variant=none,frozen_backbone", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    out = in_process(["train", "-m", "data=synthetic", f"data.root={data_root}",
+                      "data.train_size=256", "data.test_size=128", "trainer.max_epochs=1",
+                      *PROFILE, "variant=none,frozen_backbone", f"hydra.sweep.dir={sweep}"],
+                     tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     runs = pd.read_csv(sweep / "summary" / "runs.csv")
     records = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/run.json")}

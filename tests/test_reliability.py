@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from conftest import REPO, cli
+from conftest import REPO, cli, in_process
 
 PACKAGE = REPO / "src" / "autograd_lab"
 STATUSES = {"completed", "diverged", "failed", "interrupted"}
@@ -104,7 +104,7 @@ def _wait_until_it_writes(proc: subprocess.Popen, sweep: Path, since: float) -> 
         time.sleep(0.05)
 
 
-def test_kills_at_random_moments_leave_no_torn_file(tmp_path, data_root):
+def test_kills_at_random_moments_leave_no_torn_file(tmp_path, data_root, monkeypatch, capsys):
     """12 kills (SIGKILL, SIGTERM, SIGINT) at random moments of a sweep that checkpoints and
     flushes often; after each, every file parses and every status is one of the four.
 
@@ -112,7 +112,8 @@ def test_kills_at_random_moments_leave_no_torn_file(tmp_path, data_root):
     write in the sweep folder (so the kills land in the sweep's work on a fast machine and a
     slow one alike), 1 kill in 4 comes within a second of the start (before the sweep folder or
     a job's files exist, or in start-up), and a run that finished the whole sweep before
-    its kill is followed by one with resume=false, which rewrites every file again."""
+    its kill is followed by one with resume=false, which rewrites every file again. The same
+    command, run once more through the CLI's entry point, then finishes the sweep."""
     rng = random.Random(1234)
     sweep = tmp_path / "sweep"
     exe = Path(sys.executable).parent / "autograd-lab"
@@ -142,8 +143,8 @@ def test_kills_at_random_moments_leave_no_torn_file(tmp_path, data_root):
         if sweep.exists():
             _check_every_file(sweep)
     assert kills == 12, (kills, attempts)
-    final = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=300)  # the same command finishes the sweep
+    # the same command (no kill now: its entry point, in this process) finishes the sweep
+    final = in_process(args[1:], tmp_path, monkeypatch, capsys)
     assert final.returncode == 0, final.stderr[-2000:]
     assert _check_every_file(sweep) == {"completed": 6}
     assert len(pd.read_parquet(sweep / "summary" / "runs.parquet")) == 6

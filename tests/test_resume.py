@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import losses, make_cfg
+from conftest import in_process, losses, make_cfg
 
 from autograd_lab.train import run
 
@@ -152,18 +152,33 @@ CLI_ARGS = ["train", "data=synthetic", "data.train_size=2048", "data.test_size=1
 
 
 @pytest.fixture(scope="module")
-def cli_reference(tmp_path_factory, data_root) -> Path:
-    where = tmp_path_factory.mktemp("cli_reference")
-    reference = _cli(*CLI_ARGS, f"data.root={data_root}", "hydra.run.dir=ref", cwd=where)
-    assert reference.wait(300) == 0, reference.stderr.read()
-    return where / "ref"
+def _cli_reference_cache() -> dict:
+    return {}
+
+
+@pytest.fixture
+def cli_reference(_cli_reference_cache, tmp_path_factory, data_root, monkeypatch,
+                  capsys) -> Path:
+    """The uninterrupted run of the same command, once a module, through the CLI's entry point
+    in this process (the same config; no kill needs its own process here)."""
+    if "ref" not in _cli_reference_cache:
+        where = tmp_path_factory.mktemp("cli_reference")
+        with monkeypatch.context() as m:
+            reference = in_process([*CLI_ARGS, f"data.root={data_root}", "hydra.run.dir=ref"],
+                                   where, m, capsys)
+        assert reference.returncode == 0, reference.stderr
+        _cli_reference_cache["ref"] = where / "ref"
+    return _cli_reference_cache["ref"]
 
 
 # SIGTERM from outside is covered by test_ddp.py (to rank 0 of two) and in-process above
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
-def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cli_reference):
-    """Through the real CLI: a kill from outside mid-run, then the same command again.
-    SIGKILL leaves only the periodic checkpoint; SIGINT saves one at the current step."""
+def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cli_reference,
+                                                 monkeypatch, capsys):
+    """Through the real CLI: a kill from outside mid-run, then the same command again (after
+    SIGINT as a process, as the user runs it; after SIGKILL through the CLI's entry point in this
+    process). SIGKILL leaves only the periodic checkpoint; SIGINT saves one at the current step.
+    A third time, in-process, it is skipped."""
     args = [*CLI_ARGS, f"data.root={data_root}"]
 
     proc = _cli(*args, cwd=tmp_path)  # lands in runs/<overrides>, found again by the re-run
@@ -193,9 +208,14 @@ def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cl
             f"saved: re-run the same command to continue")
         assert record["error"] in stderr.splitlines()[-1]
 
-    again = _cli(*args, cwd=tmp_path)
-    assert again.wait(300) == 0, again.stderr.read()
-    said = again.stderr.read().splitlines()
+    if signum == signal.SIGINT:
+        again = _cli(*args, cwd=tmp_path)
+        assert again.wait(300) == 0, again.stderr.read()
+        said = again.stderr.read().splitlines()
+    else:
+        again = in_process(args, tmp_path, monkeypatch, capsys)
+        assert again.returncode == 0, again.stderr
+        said = again.stderr.splitlines()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["resumed"]["from_step"] > 0
     assert said[0] == (f"autograd-lab: {where}: resuming from step "
@@ -226,9 +246,9 @@ def test_the_same_command_continues_after_a_kill(signum, tmp_path, data_root, cl
         assert [e.step for e in events] == rows.step.tolist(), name
         np.testing.assert_allclose([e.value for e in events], rows.value, rtol=1e-6)
 
-    skipped = _cli(*args, cwd=tmp_path)  # a third time: completed, nothing to do
-    assert skipped.wait(120) == 0
-    assert skipped.stderr.read().splitlines() == [
+    skipped = in_process(args, tmp_path, monkeypatch, capsys)  # a third time: nothing to do
+    assert skipped.returncode == 0
+    assert skipped.stderr.splitlines() == [
         f"autograd-lab: {where}: skipped, already completed with this config (resume=false runs "
         f"it again)"]
 

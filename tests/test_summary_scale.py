@@ -1,5 +1,6 @@
-"""Summaries at scale, through `autograd-lab summarize` on a few hundred synthetic run
-directories in the harness's format (scripts/bench_summary.py's make_runs): figures of normal
+"""Summaries at scale, through `autograd-lab summarize` (its entry point in-process; a real
+process where it is killed) on a few hundred synthetic run directories in the harness's format
+(scripts/bench_summary.py's make_runs): figures of normal
 size with a bounded legend (a numeric swept key as a colour scale and an x-axis), seed-band
 runs only for groups of several seeds, one configuration counted once however its folders are
 named, a sweep without jobs yet, and nothing half-written, even when a summary is killed."""
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import cli
+from conftest import in_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_summary import make_runs  # noqa: E402
@@ -76,13 +77,22 @@ def _check_summary(summary: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lr_sweep(tmp_path_factory) -> Path:
-    """N runs at N learning rates (one seed each), summarised once through the CLI."""
-    folder = tmp_path_factory.mktemp("scale") / "lr_sweep"
-    make_runs(folder, N, steps=60)
-    out = cli("summarize", str(folder), cwd=folder.parent, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return folder
+def _lr_sweep_cache() -> dict:
+    return {}
+
+
+@pytest.fixture
+def lr_sweep(_lr_sweep_cache, tmp_path_factory, monkeypatch, capsys) -> Path:
+    """N runs at N learning rates (one seed each), summarised once a module through the CLI's
+    entry point (in-process)."""
+    if "folder" not in _lr_sweep_cache:
+        folder = tmp_path_factory.mktemp("scale") / "lr_sweep"
+        make_runs(folder, N, steps=60)
+        with monkeypatch.context() as m:
+            out = in_process(["summarize", str(folder)], folder.parent, m, capsys)
+        assert out.returncode == 0, out.stderr[-2000:]
+        _lr_sweep_cache["folder"] = folder
+    return _lr_sweep_cache["folder"]
 
 
 def test_figures_keep_a_normal_size_and_a_bounded_legend(lr_sweep):
@@ -112,13 +122,13 @@ def test_groups_of_one_run_get_no_seed_band_runs(lr_sweep):
     assert f"{N} runs: {N} completed." in md
 
 
-def test_seed_bands_only_for_groups_of_several_seeds(tmp_path):
+def test_seed_bands_only_for_groups_of_several_seeds(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "sweep"
     made = make_runs(folder, 30, steps=20, seeds=2)  # 15 learning rates x 2 seeds
     for run in made[:6]:  # 3 of them keep one seed
         if run.name.endswith("seed=1"):
             shutil.rmtree(run)
-    out = cli("summarize", str(folder), cwd=tmp_path)
+    out = in_process(["summarize", str(folder)], tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr[-2000:]
     groups = _check_summary(folder / "summary")["groups"]
     assert len(groups) == 12, [g.name for g in groups]
@@ -135,7 +145,8 @@ def test_seed_bands_only_for_groups_of_several_seeds(tmp_path):
     assert got == pytest.approx(per_run.max(axis=1).tolist(), rel=1e-6)
 
 
-def test_one_configuration_is_counted_once_whatever_its_folder_is_called(tmp_path):
+def test_one_configuration_is_counted_once_whatever_its_folder_is_called(tmp_path, monkeypatch,
+                                                                         capsys):
     """`train.zero_grad=true/` and `seed=0,train.zero_grad=true/` holding the same resolved
     configuration are one run: n=1, not seed 0 pooled twice; the completed one is counted."""
     folder = tmp_path / "sweep"
@@ -146,7 +157,7 @@ def test_one_configuration_is_counted_once_whatever_its_folder_is_called(tmp_pat
     record = json.loads((twin / "run.json").read_text())
     record.update(status="interrupted", error="killed")  # the same config, interrupted
     (twin / "run.json").write_text(json.dumps(record))
-    out = cli("summarize", str(folder), cwd=tmp_path)
+    out = in_process(["summarize", str(folder)], tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr[-2000:]
     runs = pd.read_csv(folder / "summary" / "runs.csv")
     assert dict(zip(runs.run, runs.status, strict=True))[twin.name] == "duplicate"
@@ -159,11 +170,11 @@ def test_one_configuration_is_counted_once_whatever_its_folder_is_called(tmp_pat
     assert "Runs that did not complete" not in md  # the interrupted twin is that run
 
 
-def test_a_sweep_without_jobs_yet_summarises_as_no_runs_yet(tmp_path):
+def test_a_sweep_without_jobs_yet_summarises_as_no_runs_yet(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "sweep"
     folder.mkdir()
     (folder / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")  # Hydra's first file
-    out = cli("summarize", str(folder), cwd=tmp_path)
+    out = in_process(["summarize", str(folder)], tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     assert "No runs yet" in (folder / "summary" / "summary.md").read_text()
     assert "No runs yet" in out.stdout
@@ -172,13 +183,13 @@ def test_a_sweep_without_jobs_yet_summarises_as_no_runs_yet(tmp_path):
     assert len(load_runs(folder)) == 0
 
 
-def test_a_summary_killed_at_any_moment_leaves_whole_files(tmp_path):
+def test_a_summary_killed_at_any_moment_leaves_whole_files(tmp_path, monkeypatch, capsys):
     """SIGKILL at random moments of `summarize` (a folder with seed bands and an earlier
     summary): every file left parses whole and every band run is complete; the next summary
     is whole and has no leftovers."""
     folder = tmp_path / "sweep"
     make_runs(folder, 120, steps=40, seeds=2)
-    out = cli("summarize", str(folder), cwd=tmp_path, timeout=600)
+    out = in_process(["summarize", str(folder)], tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr[-2000:]
     rng, start = random.Random(7), time.perf_counter()
     for _ in range(4):
@@ -198,7 +209,7 @@ def test_a_summary_killed_at_any_moment_leaves_whole_files(tmp_path):
                 _events_complete(path)
         assert len([d for d in summary.iterdir() if d.is_dir() and ".tmp" not in d.name]) == 60
         assert time.perf_counter() - start < 400, "bounded in time"
-    out = cli("summarize", str(folder), cwd=tmp_path, timeout=600)
+    out = in_process(["summarize", str(folder)], tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(_check_summary(folder / "summary")["groups"]) == 60
 

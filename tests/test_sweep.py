@@ -1,5 +1,6 @@
-"""Sweeps through the real CLI: failures don't sink them, finished jobs are skipped, summaries
-agree with the run records they came from."""
+"""Sweeps through the CLI (its entry point, cli.main, in this process; the real console script
+where a kill needs a process of its own): failures don't sink them, finished jobs are skipped,
+summaries agree with the run records they came from."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import cli
+from conftest import cli, in_process
 
 from autograd_lab.sweep.runs import load_curves, load_runs
 from autograd_lab.text import fmt_number
@@ -26,11 +27,12 @@ def _records(sweep: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/run.json")}
 
 
-def test_failing_and_diverging_jobs_do_not_sink_the_sweep(tmp_path, data_root):
+def test_failing_and_diverging_jobs_do_not_sink_the_sweep(tmp_path, data_root, monkeypatch,
+                                                         capsys):
     sweep = tmp_path / "sweep"
-    out = cli("train", "-m", *SMALL, f"data.root={data_root}", "log.flush_every_s=0.001",
-              f"model.weights_path=null,{tmp_path / 'missing.pt'}", "optim.lr=0.001,1e8",
-              f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    out = in_process(["train", "-m", *SMALL, f"data.root={data_root}", "log.flush_every_s=0.001",
+                      f"model.weights_path=null,{tmp_path / 'missing.pt'}", "optim.lr=0.001,1e8",
+                      f"hydra.sweep.dir={sweep}"], tmp_path, monkeypatch, capsys)
     assert out.returncode == 1  # one line per failed run, non-zero exit
     assert "Traceback" not in out.stderr
     failed_lines = [ln for ln in out.stderr.splitlines() if ln.startswith("failed: ")]
@@ -54,10 +56,11 @@ def test_failing_and_diverging_jobs_do_not_sink_the_sweep(tmp_path, data_root):
     assert len([ln for ln in table.splitlines() if " failed " in ln]) == 2
 
 
-def test_summary_numbers_come_from_the_run_records(tmp_path, data_root):
+def test_summary_numbers_come_from_the_run_records(tmp_path, data_root, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
-    out = cli("train", "-m", "experiment=zero_grad_study", *SMALL, f"data.root={data_root}",
-              "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    out = in_process(["train", "-m", "experiment=zero_grad_study", *SMALL,
+                      f"data.root={data_root}", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+                     tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     # the command that opens it, pasteable as is where the sweep was started (the venv's own
     # console script; the folder as the user would type it, relative to where they are)
@@ -84,7 +87,8 @@ def test_summary_numbers_come_from_the_run_records(tmp_path, data_root):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rerunning_an_interrupted_sweep_skips_finished_jobs(tmp_path, data_root):
+def test_rerunning_an_interrupted_sweep_skips_finished_jobs(tmp_path, data_root, monkeypatch,
+                                                           capsys):
     sweep = tmp_path / "sweep"
     args = ["train", "-m", *SMALL, f"data.root={data_root}", "seed=0,1,2,3",
             f"hydra.sweep.dir={sweep}"]
@@ -99,19 +103,19 @@ def test_rerunning_an_interrupted_sweep_skips_finished_jobs(tmp_path, data_root)
     done = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/run.json")
             if json.loads(p.read_text())["status"] == "completed"}
     assert 1 <= len(done) < 4
-    out = cli(*args, cwd=tmp_path)
+    out = in_process(args, tmp_path, monkeypatch, capsys)  # the kill needed a process; this not
     assert out.returncode == 0, out.stderr
     assert out.stderr.count(": skipped, already completed with this config") == len(done)
     records = _records(sweep)
     assert len(records) == 4 and all(r["status"] == "completed" for r in records.values())
     for name, mtime in done.items():  # finished jobs were not run again
         assert (sweep / name / "run.json").stat().st_mtime_ns == mtime
-    again = cli(*args, "resume=false", cwd=tmp_path)
+    again = in_process([*args, "resume=false"], tmp_path, monkeypatch, capsys)
     assert again.returncode == 0 and "skipped" not in again.stderr
 
 
 @pytest.mark.parametrize("make", ["empty", "unrelated", "newer"])
-def test_summarize_refuses_folders_without_runs(make, tmp_path):
+def test_summarize_refuses_folders_without_runs(make, tmp_path, monkeypatch, capsys):
     target = tmp_path / "d"
     target.mkdir()
     if make == "unrelated":
@@ -119,7 +123,7 @@ def test_summarize_refuses_folders_without_runs(make, tmp_path):
     if make == "newer":
         (target / "run").mkdir()
         (target / "run" / "run.json").write_text(json.dumps({"format_version": 99}))
-    out = cli("summarize", str(target), cwd=tmp_path)
+    out = in_process(["summarize", str(target)], tmp_path, monkeypatch, capsys)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert str(target) in out.stderr
     assert ("newer" in out.stderr) if make == "newer" else ("no runs found" in out.stderr)
@@ -128,11 +132,13 @@ def test_summarize_refuses_folders_without_runs(make, tmp_path):
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_complete_and_summarise_with_one_thread_per_job(launcher, tmp_path,
-                                                                           data_root):
+                                                                           data_root, monkeypatch,
+                                                                           capsys):
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    out = cli("train", "-m", f"hydra/launcher={launcher}", *extra, *SMALL,
-              f"data.root={data_root}", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    out = in_process(["train", "-m", f"hydra/launcher={launcher}", *extra, *SMALL,
+                      f"data.root={data_root}", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+                     tmp_path, monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     records = _records(sweep)
     assert len(records) == 2 and all(r["status"] == "completed" for r in records.values())
@@ -167,10 +173,15 @@ def test_a_job_killed_before_its_record_is_listed_as_interrupted(tmp_path):
 
 
 def test_rerunning_a_sweep_command_finds_its_folder_and_runs_only_what_is_new(tmp_path,
-                                                                             data_root):
+                                                                             data_root,
+                                                                             monkeypatch, capsys):
     """No hydra.sweep.dir: the folder is named from the command, so the same command skips
     every job, and a new value of the swept key runs only its own job."""
     args = ["train", "-m", *SMALL, f"data.root={data_root}", "trainer.max_steps=2"]
+
+    def cli(*args, cwd):
+        return in_process(args, cwd, monkeypatch, capsys)
+
     first = cli(*args, "seed=0,1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     (sweep,) = (tmp_path / "multirun").iterdir()

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from conftest import cli, in_process
+from conftest import in_process
 
 from autograd_lab.config.compose import compose
 from autograd_lab.config.keys import identity_key
@@ -33,10 +33,16 @@ def test_identity_leaves_out_spelling_and_non_result_keys():
     assert identity_key(compose(["data=synthetic", "optim.lr=0.01"])) != base
 
 
-def test_the_readme_seed_sweep_after_the_demo_reuses_the_demo_runs(tmp_path, data_root):
+def test_the_readme_seed_sweep_after_the_demo_reuses_the_demo_runs(tmp_path, data_root,
+                                                                   monkeypatch, capsys):
     """`make demo`, then `autograd-lab train -m experiment=zero_grad_study data=synthetic
-    seed=0,1`: the seed=0 jobs are the demo's runs (skipped), the folder holds 4 runs, not 6."""
+    seed=0,1` (both through the CLI's entry point, in-process): the seed=0 jobs are the demo's
+    runs (skipped), the folder holds 4 runs, not 6."""
     tiny = [*TINY, f"data.root={data_root}"]
+
+    def cli(*args, cwd):
+        return in_process(args, cwd, monkeypatch, capsys)
+
     first = cli("demo", *tiny, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     (sweep,) = [p for p in (tmp_path / "multirun" / "zero_grad_study").iterdir()]

@@ -111,8 +111,8 @@ def board(tmp_path_factory, data_root):
                 break
             time.sleep(0.2)
         yield b
-    finally:
-        proc.send_signal(signal.SIGINT)
+    finally:  # SIGTERM: the command's own handler stops it, whatever SIGINT's disposition
+        proc.send_signal(signal.SIGTERM)  # (Ctrl-C itself: test_tensorboard_server.py)
         proc.wait(30)
 
 
