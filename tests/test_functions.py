@@ -1,4 +1,4 @@
-"""Tests for autograd_lab.functions: oracles are torch built-ins and closed forms."""
+"""Tests for autograd_lab.model.functions: oracles are torch built-ins and closed forms."""
 
 import copy
 

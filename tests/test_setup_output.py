@@ -44,7 +44,7 @@ def test_editable_install_prints_no_setuptools_warnings(tmp_path):
     assert out.returncode == 0, text[-3000:]
     assert "would be ignored" not in text, text[:3000]
     assert len(text.splitlines()) < 60, text[:3000]
-    where = subprocess.run([python, "-c", "from autograd_lab.config import CONF_DIR; "
+    where = subprocess.run([python, "-c", "from autograd_lab.config.keys import CONF_DIR; "
                             "print(CONF_DIR)"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=120)
     assert Path(where.stdout.strip()) == source / "conf", where.stderr
