@@ -4,6 +4,7 @@ closed nodes refused, duplicate runs named. Torch-free."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import os
@@ -212,7 +213,7 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
         shipped = shipped_targets()
         problems: list[str] = []  # every problem of every job, each once, reported together
         jobs = []  # every job, checked before the first one starts
-        for job in sweep_jobs(compose, fixed, sweeps, parser):
+        for job in sweep_jobs(compose, fixed, sweeps, parser, composed=(base, cfg)):
             try:
                 job = resolved(job)
             except UserError as e:
@@ -270,13 +271,14 @@ def duplicate_runs(jobs: list[dict], sweeps: dict) -> list[str]:
     return []
 
 
-def sweep_jobs(compose, fixed: list[str], sweeps: dict, parser):
+def sweep_jobs(compose, fixed: list[str], sweeps: dict, parser, composed=None):
     """Every job of a sweep as Hydra would compose it, quickly: one compose per combination of
     the swept config groups (and of swept +/~ overrides, which change the config's shape), and
     for each of those every combination of the swept plain values set on that config, as
     Hydra's own ConfigLoader sets a value override (OmegaConf.update, merge=True). A 1,000-job
-    sweep of values costs one compose, not 1,000. Yields each job's config, resolved (plain)."""
-    from omegaconf import OmegaConf
+    sweep of values costs one compose, not 1,000, and none when `composed` (overrides, config
+    with its hydra node) already is that config. Yields each job's config, resolved (plain)."""
+    from omegaconf import OmegaConf, open_dict
 
     def is_value(o) -> bool:
         key = o.key_or_group
@@ -292,7 +294,13 @@ def sweep_jobs(compose, fixed: list[str], sweeps: dict, parser):
     parsed = functools.lru_cache(maxsize=None)(parser.parse_override)
     for shape_combo in itertools.product(*shape_choices):
         first = [choices[0] for choices in value_choices]
-        cfg = _compose(compose, fixed + list(shape_combo) + first, return_hydra=False)
+        overrides = fixed + list(shape_combo) + first
+        if composed is not None and sorted(overrides) == sorted(composed[0]):
+            cfg = copy.deepcopy(composed[1])  # less its hydra node, as Hydra's run_job does
+            with open_dict(cfg):
+                del cfg["hydra"]
+        else:
+            cfg = _compose(compose, overrides, return_hydra=False)
         base = None
         for value_combo in itertools.product(*value_choices):
             for text in value_combo:  # every job sets every swept value: nothing leaks over
