@@ -229,7 +229,7 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
             signals.finishing = True  # a late signal must not cut the last writes short
             write_record(parts, record, run_dir, t0, rank_zero)
             if rank_zero and not record.get("_write_failed"):
-                run.messages.ended(record, run_dir)
+                messages.ended(record, run_dir)
     if record.get("_write_failed"):
         unwritten = record.get("_unwritten")
         raise WriteFailed(record["error"] + (f" ({' and '.join(unwritten)} not updated: the "

@@ -256,8 +256,8 @@ def _check_paths(cfg) -> None:
 
 
 def check_devices(cfg) -> None:
-    """The accelerator and device count exist on this machine. Imports torch only when a
-    device is asked for by name or more than one device is asked for."""
+    """The accelerator, device count and precision exist on this machine. Imports torch only
+    when a device is asked for by name, more than one device, or 16-mixed on `auto`."""
     trainer = cfg.get("trainer") or {}
     accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", 1)
     fp16 = trainer.get("precision") == "16-mixed"
