@@ -152,19 +152,24 @@ def test_an_argument_against_the_contract_is_one_line_and_no_run(override, text,
     assert not run_dir.exists()
 
 
-def test_fp16_mixed_on_a_cpu_is_refused_before_torch_is_imported(tmp_path):
-    """On a CPU Lightning would run bf16-mixed under the 16-mixed name (with a warning)."""
+@pytest.mark.parametrize("overrides, line", [
+    # on a CPU Lightning would run bf16-mixed under the 16-mixed name (with a warning)
+    (["trainer.accelerator=cpu", "trainer.precision=16-mixed"],
+     "trainer.precision=16-mixed: fp16 mixed precision needs a CUDA GPU (on a CPU Lightning "
+     "would run bf16-mixed under the 16-mixed name); choices here: 32-true, bf16-mixed"),
+    (["trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2: refused: must "
+     "be 1: the step is written out under manual optimisation, one optimizer step per batch "
+     "(Lightning accumulates only under automatic optimisation); for a bigger batch set "
+     "data.batch_size"),
+])
+def test_the_trainer_refusals_come_before_torch_is_imported(overrides, line, tmp_path):
     code = ("import sys\nfrom autograd_lab.cli import main\n"
-            "code = main(['train', 'data=synthetic', 'trainer.accelerator=cpu', "
-            "'trainer.precision=16-mixed', 'hydra.run.dir=run'])\n"
+            f"code = main(['train', 'data=synthetic', *{overrides!r}, 'hydra.run.dir=run'])\n"
             "print('torch' in sys.modules, code)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.split() == ["False", "2"], out.stderr
-    assert out.stderr.strip() == (
-        "autograd-lab: error: trainer.precision=16-mixed: fp16 mixed precision needs a CUDA GPU "
-        "(on a CPU Lightning would run bf16-mixed under the 16-mixed name); choices here: "
-        "32-true, bf16-mixed")
+    assert out.stderr.strip() == f"autograd-lab: error: {line}"
     assert not (tmp_path / "run").exists()
 
 
