@@ -134,6 +134,7 @@ def test_any_trainer_argument_from_the_command_line_reaches_the_trainer(tmp_path
     ("trainer.check_val_every_n_epoch=null", "needs trainer.val_check_interval=N"),
     ("trainer.val_check_interval=3", "an epoch has 2 training batches; give N <= 2"),
     ("trainer.precision=16-mixed train.zero_grad=false", "fp16's loss scaler divides the whole"),
+    ("trainer.profiler=simple profiler=torch", "one profiler at a time"),
     ("trainer.precison=bf16-mixed", "did you mean precision?"),
     # torch-free checks pass; the Trainer's own signature refuses the type
     ("trainer.detect_anomaly=sometimes", "Trainer's detect_anomaly must be true or false"),

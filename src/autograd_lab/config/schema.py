@@ -197,6 +197,10 @@ def validate(cfg) -> None:
     if trainer.get("strategy") == "ddp" and (cfg.get("profiler") or {}).get("name") == "torch":
         raise UserError("profiler=torch with trainer=ddp: profile a single-device run "
                         "(profiler=torch trainer=default); choices here: profiler=off")
+    if trainer.get("profiler") is not None and (cfg.get("profiler") or {}).get("name") == "torch":
+        raise UserError(f"trainer.profiler={show_value(trainer['profiler'])} with profiler=torch: "
+                        f"one profiler at a time (two would fight over torch.profiler); use "
+                        f"profiler=off, or trainer.profiler=null")
     for name, node in (cfg.get("callbacks") or {}).items():
         check_known_callback(f"callbacks.{name}", node)
         monitor = node.get("monitor") if hasattr(node, "get") else None
