@@ -21,7 +21,7 @@ DOC = ROOT / "docs" / "architecture.md"
 # The layers, lowest first: a module may import its own layer's modules and lower layers' only.
 # Entry points (the faces) may import lazily, to keep `--help` and bad input free of torch.
 LAYERS = (("leaves", ("errors", "text")), ("files and config", ("disk", "config")),
-          ("data and model", ("data", "model")), ("observe", ("observe",)), ("run", ("run",)),
+          ("data and model", ("data", "model")), ("observe", ("observe",)), ("job", ("job",)),
           ("sweep", ("sweep",)), ("faces", ("cli", "api", "train")))
 ENTRY_POINTS = ("autograd_lab", "autograd_lab.api", "autograd_lab.train", "autograd_lab.cli")
 MAX_LINES = 350

@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--data-root", default=tempfile.mkdtemp(prefix="bench_dashboard_"))
     args = p.parse_args()
 
-    import autograd_lab.run.recorder as recorder  # it calls the board's writers
+    import autograd_lab.job.recorder as recorder  # it calls the board's writers
     from autograd_lab.config.compose import compose
     from autograd_lab.observe.graph_view import TensorBoardGraph
     from autograd_lab.train import run

@@ -10,7 +10,7 @@ import os
 import pytest
 from conftest import in_process
 
-from autograd_lab.run.messages import busy_note
+from autograd_lab.job.messages import busy_note
 
 
 @pytest.mark.parametrize("load,cores,threads,busy", [
@@ -84,7 +84,7 @@ def test_busy_cores_counts_another_process_spinning_and_not_this_ones_past_work(
     import sys
     import time
 
-    from autograd_lab.run.messages import machine_load
+    from autograd_lab.job.messages import machine_load
 
     end = time.perf_counter() + 0.5
     while time.perf_counter() < end:  # this process's own earlier work

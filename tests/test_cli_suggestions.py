@@ -11,9 +11,9 @@ from conftest import cli
 
 @pytest.mark.parametrize("args, line", [
     (["trainer.max_epoch=3"], "autograd-lab: error: trainer.max_epoch: no such key (did you "
-                              "mean max_epochs or max_steps?); keys in trainer are: "),
+                              "mean max_epochs or min_epochs?); keys in trainer are: "),
     (["+trainer.max_epoch=3"], "autograd-lab: error: +trainer.max_epoch: trainer has no key "
-                               "'max_epoch' (did you mean max_epochs or max_steps?); nothing "
+                               "'max_epoch' (did you mean max_epochs or min_epochs?); nothing "
                                "would read it: keys in trainer are: "),
     (["optim.lrr=0.1"], "autograd-lab: error: optim.lrr: no such key (did you mean lr?); keys "
                         "in optim are: lr, momentum, name, nesterov, weight_decay"),

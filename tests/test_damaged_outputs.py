@@ -16,7 +16,7 @@ import pytest
 from conftest import cli, in_process, losses, make_cfg
 from omegaconf import OmegaConf
 
-from autograd_lab.run.rundir import check_run_dir, finished_record
+from autograd_lab.job.rundir import check_run_dir, finished_record
 from autograd_lab.sweep.runs import load_curves, load_runs
 from autograd_lab.sweep.summary import SummaryCallback, summarize
 from autograd_lab.text import fmt_number

@@ -170,7 +170,7 @@ def test_a_second_signal_during_the_last_writes_still_leaves_the_record(tmp_path
                                                                        monkeypatch):
     """A SIGTERM that lands while the run writes metrics.parquet and run.json (a second Ctrl-C,
     a scheduler's follow-up signal) does not cut them short: both are written."""
-    import autograd_lab.run.record as records  # the module that writes metrics.parquet
+    import autograd_lab.job.record as records  # the module that writes metrics.parquet
     from autograd_lab.train import run
 
     original = records.write_parquet

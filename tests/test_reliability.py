@@ -52,7 +52,7 @@ def test_many_jobs_in_one_process_leak_nothing(tmp_path, data_root):
 def _check_every_file(sweep: Path) -> dict[str, int]:
     """Everything under the sweep parses; returns the count of each status."""
     from autograd_lab.errors import UserError
-    from autograd_lab.run.resumable import load
+    from autograd_lab.job.resumable import load
     from autograd_lab.sweep.runs import load_runs
 
     statuses: dict[str, int] = {}

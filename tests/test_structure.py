@@ -24,7 +24,7 @@ def test_the_reader_sees_the_imports_it_must_see():
     """The oracle for the checks below: imports known to exist, at the top and inside a
     function, are found (a reader that found nothing would pass every check)."""
     pairs = {(a, b): lazy for a, b, _, lazy in EDGES}
-    assert pairs[("autograd_lab.run.recorder", "autograd_lab.run.board")] is False
+    assert pairs[("autograd_lab.job.recorder", "autograd_lab.job.board")] is False
     assert pairs[("autograd_lab.cli.commands", "autograd_lab.train")] is True  # lazy, an entry
     assert len(arch.modules()) > 40 and len(EDGES) > 100
     # and a circle is a circle: the same reader on a made-up pair
@@ -93,6 +93,16 @@ def test_each_list_of_keys_has_one_home():
                 and len(shared) >= 0.5 * min(len(xs), len(ys))):
             twice.append(f"{a} and {b} share {sorted(shared)}")
     assert twice == []
+
+
+def test_no_module_is_named_like_a_function_of_the_package():
+    """`al.run(...)` in a notebook: a subpackage `autograd_lab.run`, once imported (training
+    imports it), would replace the package's `run` function with the module."""
+    import autograd_lab
+
+    names = {name.split(".")[1] for name in arch.modules() if name.count(".") >= 1}
+    assert "train" in names and "sweep" in names  # the reader sees the package's parts
+    assert set(autograd_lab.__all__) & names == set()
 
 
 def test_the_architecture_page_shows_the_code_as_it_is():

@@ -112,7 +112,7 @@ def test_sweep_table_says_the_step_of_an_earlier_validation():
     step, and one at the last step without."""
     import pandas as pd
 
-    from autograd_lab.run.messages import sweep_table
+    from autograd_lab.job.messages import sweep_table
 
     runs = pd.DataFrame([
         {"run": "a", "status": "completed", "train_loss": 1.5, "val_loss": 2.3171, "val_acc": 0.1,

@@ -137,7 +137,7 @@ def run(overrides=(), run_dir=None, *, callbacks=(), threads: int | None = None,
     from autograd_lab.config.compose import compose
     from autograd_lab.config.preflight import check_overrides
     from autograd_lab.config.schema import validate
-    from autograd_lab.run.rundir import finished_record, read_run_json
+    from autograd_lab.job.rundir import finished_record, read_run_json
 
     overrides = [str(o) for o in overrides]
     check_overrides(overrides, multirun=False)
@@ -149,7 +149,7 @@ def run(overrides=(), run_dir=None, *, callbacks=(), threads: int | None = None,
     if cfg.resume:
         done = finished_record(run_dir, OmegaConf.to_container(cfg, resolve=True))
         if done is not None:
-            from autograd_lab.run.messages import skipped_line
+            from autograd_lab.job.messages import skipped_line
 
             print(skipped_line(run_dir))  # the CLI's words
             return Run(run_dir, done, skipped=True)

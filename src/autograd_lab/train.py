@@ -38,18 +38,18 @@ def main(cfg: DictConfig) -> dict | None:
         slurm = SlurmJob.current(hc)
     try:
         validate(cfg)
-        from autograd_lab.run.rundir import finished_record
+        from autograd_lab.job.rundir import finished_record
 
         if cfg.resume:
             done = finished_record(run_dir, OmegaConf.to_container(cfg, resolve=True))
             if done is not None:
-                from autograd_lab.run.messages import skipped
+                from autograd_lab.job.messages import skipped
 
                 skipped(run_dir)
                 return done
         parallel = _parallel_launcher(hc)
         if parallel and slurm is None:  # a joblib/submitit worker ends with the sweep that
-            from autograd_lab.run.distributed import (
+            from autograd_lab.job.distributed import (
                 die_with_parent,  # started it (SLURM ends its own jobs)
             )
 
@@ -94,12 +94,12 @@ def _record_failure(run_dir: Path, cfg, error: str) -> None:
     run() wrote, or one a newer version wrote, is left as it is."""
     from autograd_lab.disk.files import write_json
     from autograd_lab.disk.lock import is_rank_zero
-    from autograd_lab.run.build import group_choices, task_overrides
+    from autograd_lab.job.build import group_choices, task_overrides
 
     if not is_rank_zero():
         return
     from autograd_lab.disk.lock import ForeignEntry
-    from autograd_lab.run.rundir import read_run_json
+    from autograd_lab.job.rundir import read_run_json
 
     try:
         old, _ = read_run_json(run_dir)  # None for a missing or broken record
@@ -142,7 +142,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # The checkpoint carries the data position and the datamodule restores it (run/checkpoint.py)
+    # The checkpoint carries the data position and the datamodule restores it (job/checkpoint.py)
     if "SLURM_JOB_ID" not in os.environ:  # srun installed but this is no SLURM job: no hint
         warnings.filterwarnings("ignore", message=".*The `srun` command is available on your "
                                 "system but is not used.*")
@@ -174,9 +174,9 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     """
     _quiet_libraries()
     from autograd_lab.config.targets import check_arguments, check_targets
-    from autograd_lab.run.build import build_parts, group_choices, task_overrides
-    from autograd_lab.run.fit import WriteFailed, fit_run, reserve_space, resume_point
-    from autograd_lab.run.record import versions, write_record
+    from autograd_lab.job.build import build_parts, group_choices, task_overrides
+    from autograd_lab.job.fit import WriteFailed, fit_run, reserve_space, resume_point
+    from autograd_lab.job.record import versions, write_record
 
     check_targets(cfg)  # every path (the API too): no _target_ but a class of its kind is made
     check_arguments(cfg)  # and its arguments fit its signature, before anything is written
@@ -185,7 +185,7 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     if threads or cfg.threads:  # set, not hoped: parallel jobs must not fight for the cores
         torch.set_num_threads(threads or cfg.threads)
     from autograd_lab.disk.lock import RunLock, is_rank_zero
-    from autograd_lab.run.checkpoint import RunInterrupted, StopSignals
+    from autograd_lab.job.checkpoint import RunInterrupted, StopSignals
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -196,13 +196,13 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
         try:  # decided before anything is written: a bad checkpoint or run dir loses nothing
             ckpt_path, resumed, ckpt = resume_point(cfg, run_dir, config, clear=rank_zero)
         except RunInterrupted as e:  # a stop signal while a checkpoint is read: no record yet
-            from autograd_lab.run.messages import log, shown
+            from autograd_lab.job.messages import log, shown
 
             log.warning(f"autograd-lab: {shown(run_dir)}: {e}; run the same command again")
             raise SystemExit(e.exit_code) from None
         if rank_zero:
             reserve_space(run_dir)  # so a full disk still gets run.json and metrics.parquet
-        import autograd_lab.run.messages as messages
+        import autograd_lab.job.messages as messages
 
         if rank_zero:
             messages.starting(run_dir, resumed)

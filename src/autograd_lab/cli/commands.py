@@ -81,7 +81,7 @@ def _check_ckpt_path(overrides: list[str]) -> None:
     """A checkpoint given as ckpt_path= must be one this config can continue from: refused in
     one line before Hydra makes the run directory. Imports torch only when ckpt_path= is given."""
     if any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
-        from autograd_lab.run.resumable import check_ckpt_path_override
+        from autograd_lab.job.resumable import check_ckpt_path_override
 
         check_ckpt_path_override(overrides)
 

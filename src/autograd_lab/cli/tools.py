@@ -36,7 +36,7 @@ def _model(cfg):
     run's own builder (run.build.build_network)."""
     import torch
 
-    from autograd_lab.run.build import build_network
+    from autograd_lab.job.build import build_network
 
     torch.manual_seed(cfg.seed)
     return build_network(cfg)[0]

@@ -3,7 +3,7 @@ it, for the CLI's checks, the Python API, the tools and the tests. Torch-free.""
 
 from __future__ import annotations
 
-from autograd_lab.config.keys import CONF_DIR, MISSING, get_dotted
+from autograd_lab.config.keys import CONF_DIR, MISSING, get_dotted, settable_keys
 from autograd_lab.errors import UserError, did_you_mean, first_line
 
 
@@ -88,8 +88,9 @@ def _composition_message(e, overrides: list[str], compose) -> str:
                 node = get_dotted(cfg, parent) if parent else cfg
                 if node is not MISSING and hasattr(node, "keys"):
                     where = f"keys in {parent}" if parent else "top-level keys and groups"
-                    return (f"{key}: no such key{did_you_mean(leaf, node.keys())}; {where} "
-                            f"are: {', '.join(sorted(node.keys()))}")
+                    keys = settable_keys(node)
+                    return (f"{key}: no such key{did_you_mean(leaf, keys)}; {where} "
+                            f"are: {', '.join(keys)}")
             except Exception:  # the other overrides are broken too: fall back to Hydra's words
                 pass
     return first_line(text)

@@ -22,13 +22,20 @@ NON_RESULT_KEYS = ("resume", "ckpt_path", "threads", "data.root", "data.download
                    "trainer.progress_bar", "log.flush_every_s", "log.progress_every_s",
                    "checkpoint.every_n_steps")
 
-# The config groups whose choice names a run: HParams columns (run/board.py, even when nobody
+# The config groups whose choice names a run: HParams columns (job/board.py, even when nobody
 # typed them) and the keys a summary may group by (sweep/runs.py, where it varies). The one list.
 GROUPS = ("model", "data", "optim", "variant", "experiment", "size", "probes", "profiler",
           "scheduler", "trainer")
 
 # What the module self.log()s (callback_metrics): what callbacks like EarlyStopping may monitor.
 LOGGED_METRICS = ("val/loss", "val/acc")
+
+
+def settable_keys(node) -> list[str]:
+    """A config node's keys a user sets, sorted: Hydra's own (`_target_`, `_partial_`, ...)
+    left out of the lists an error line shows."""
+    return sorted(str(k) for k in node.keys() if not (str(k).startswith("_")
+                                                      and str(k).endswith("_")))
 
 
 def is_result_key(dotted: str) -> bool:

@@ -28,6 +28,7 @@ from autograd_lab.config.keys import (
     is_result_key,
     path_safe,
     resolved,
+    settable_keys,
 )
 from autograd_lab.config.resources import data_problems, memory_problems
 from autograd_lab.config.schema import check_devices, validate
@@ -152,7 +153,7 @@ def _refuse_added_keys(compose, parsed, base: list[str]) -> None:
         node = get_dotted(cfg, parent)
         if node is MISSING or not hasattr(node, "keys"):
             continue  # a node that does not exist: Hydra's own message says so
-        keys = sorted(str(k) for k in node.keys())
+        keys = settable_keys(node)
         raise UserError(f"+{o.key_or_group}: {parent} has no key {leaf!r}"
                         + did_you_mean(leaf, keys)
                         + f"; nothing would read it: keys in {parent} are: {', '.join(keys)}")

@@ -94,7 +94,7 @@ OWN_KEYS = {
     "profiler": ("name",),
 }
 
-# Arguments the harness passes itself (run/build.py), so a node need not give them. The
+# Arguments the harness passes itself (job/build.py), so a node need not give them. The
 # trainer node lists its own as null (config/schema.py TRAINER_CONTRACT refuses any other value).
 SUPPLIED_ARGUMENTS = {"logger": ("save_dir", "purge_step"), "scheduler": ("optimizer",),
                       "optim": ("params",), "probes": ("recorder", "zero_grad"),

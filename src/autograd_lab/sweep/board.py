@@ -10,7 +10,7 @@ from pathlib import Path
 from autograd_lab.config.keys import path_safe
 from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.disk.lock import foreign
-from autograd_lab.run.board import BAND_METRICS, BANDS, band_tag, layout_summary
+from autograd_lab.job.board import BAND_METRICS, BANDS, band_tag, layout_summary
 from autograd_lab.sweep.figures import group_curves
 
 

@@ -17,8 +17,8 @@ from autograd_lab.config.keys import identity_key, path_safe
 from autograd_lab.config.targets import check_targets
 from autograd_lab.disk.lock import check_entries, check_sweep_dir, is_rank_zero
 from autograd_lab.errors import UserError, report
-from autograd_lab.run.resumable import check_ckpt_path_override
-from autograd_lab.run.rundir import read_run_json
+from autograd_lab.job.resumable import check_ckpt_path_override
+from autograd_lab.job.rundir import read_run_json
 
 # ---------------------------------------------------------------- one folder per run of a sweep
 _IDENTITIES: dict = {}  # (job folder, file, its mtime and size) -> (identity key, status)

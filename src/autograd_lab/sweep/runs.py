@@ -22,7 +22,7 @@ from autograd_lab.config.keys import GROUPS, comparable, flatten, is_result_key
 from autograd_lab.disk.formats import RUN_FORMAT_VERSION, newer_format
 from autograd_lab.disk.lock import OWN_DIRS
 from autograd_lab.errors import UserError, clip
-from autograd_lab.run.rundir import json_kind, metrics_problem, read_run_json
+from autograd_lab.job.rundir import json_kind, metrics_problem, read_run_json
 from autograd_lab.sweep.slurm_queue import read_marker, slurm_job_states
 
 METRICS = ["train_loss", "best_train_loss", "val_loss", "val_acc", "val_step", "steps"]

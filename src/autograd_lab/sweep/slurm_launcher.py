@@ -19,7 +19,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 
 from autograd_lab.disk.files import write_json
 from autograd_lab.errors import UserError
-from autograd_lab.run.rundir import finished_record, read_run_json
+from autograd_lab.job.rundir import finished_record, read_run_json
 from autograd_lab.sweep.slurm_queue import (
     DEFAULT_MAX_REQUEUES,
     MARKER,

@@ -14,7 +14,7 @@ from autograd_lab.config.keys import path_safe
 from autograd_lab.disk.files import atomic_write_bytes, write_csv, write_parquet
 from autograd_lab.disk.lock import RunLock
 from autograd_lab.errors import UserError, clip, error_text
-from autograd_lab.run.messages import sweep_table, tensorboard_hint
+from autograd_lab.job.messages import sweep_table, tensorboard_hint
 from autograd_lab.sweep.board import write_summary_run
 from autograd_lab.sweep.figures import figure_cost, figure_curves, figure_stability
 from autograd_lab.sweep.runs import load_curves, load_runs

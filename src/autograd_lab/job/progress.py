@@ -8,8 +8,8 @@ import time
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from autograd_lab.run.messages import log
-from autograd_lab.run.recorder import RunRecorder
+from autograd_lab.job.messages import log
+from autograd_lab.job.recorder import RunRecorder
 from autograd_lab.text import fmt_number, number
 
 

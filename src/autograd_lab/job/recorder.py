@@ -19,7 +19,7 @@ from pathlib import Path
 
 import lightning as L
 
-from autograd_lab.run.board import whole_run_metrics, write_hparams, write_layout
+from autograd_lab.job.board import whole_run_metrics, write_hparams, write_layout
 
 
 # ------------------------------------------------------------------ the recorder

@@ -27,7 +27,7 @@ import math
 
 from autograd_lab.config.keys import GROUPS, is_result_key
 from autograd_lab.config.schema import CHECKS
-from autograd_lab.run.rundir import final_metrics
+from autograd_lab.job.rundir import final_metrics
 
 # HParams metrics: (tag, what the column shows). The first three are the run's own curves:
 # HParams shows a tag's last value, which is the final one.

@@ -13,18 +13,18 @@ from hydra.utils import instantiate
 from autograd_lab.config.targets import arguments
 from autograd_lab.data.loader import CIFARDataModule, load_split_tensors
 from autograd_lab.errors import UserError, reason
+from autograd_lab.job.board import identifying_hparams, layout
+from autograd_lab.job.checkpoint import AtomicCheckpointIO, Checkpointer
+from autograd_lab.job.distributed import strategy
+from autograd_lab.job.progress import ProgressLines, StepProgressBar
+from autograd_lab.job.recorder import RunRecorder
+from autograd_lab.job.resumable import numerics
 from autograd_lab.model.module import Classifier
 from autograd_lab.model.networks import build_model
 from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
 from autograd_lab.observe.graph_view import TensorBoardGraph
 from autograd_lab.observe.memory import MemoryFigures, reset_peak_rss
 from autograd_lab.observe.probes import STATS
-from autograd_lab.run.board import identifying_hparams, layout
-from autograd_lab.run.checkpoint import AtomicCheckpointIO, Checkpointer
-from autograd_lab.run.distributed import strategy
-from autograd_lab.run.progress import ProgressLines, StepProgressBar
-from autograd_lab.run.recorder import RunRecorder
-from autograd_lab.run.resumable import numerics
 
 
 class Parts:

@@ -32,8 +32,8 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.disk.formats import CHECKPOINT
+from autograd_lab.job.resumable import load
 from autograd_lab.model.module import at_max_steps
-from autograd_lab.run.resumable import load
 
 # The stop signals: Ctrl-C, kill/preemption, a closed terminal or ssh session, and the two that
 # schedulers send before a time limit (SLURM's --signal; submitit's preemption signal is USR2)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from autograd_lab.disk.files import write_json, write_parquet
 from autograd_lab.errors import write_failure
+from autograd_lab.job.build import Parts
+from autograd_lab.job.fit import release_space
+from autograd_lab.job.rundir import final_metrics
 from autograd_lab.observe.memory import peak_rss_mib
-from autograd_lab.run.build import Parts
-from autograd_lab.run.fit import release_space
-from autograd_lab.run.rundir import final_metrics
 
 
 def write_record(parts: Parts | None, record: dict, run_dir: Path, t0: float,

@@ -12,10 +12,10 @@ from pathlib import Path
 from autograd_lab.disk.formats import CHECKPOINT
 from autograd_lab.disk.lock import open_own
 from autograd_lab.errors import EXIT_INTERRUPTED, UserError, write_failure
-from autograd_lab.run.build import Parts, ddp_environment
-from autograd_lab.run.checkpoint import RunInterrupted
-from autograd_lab.run.resumable import check_resumable, numerics_changed
-from autograd_lab.run.rundir import check_run_dir
+from autograd_lab.job.build import Parts, ddp_environment
+from autograd_lab.job.checkpoint import RunInterrupted
+from autograd_lab.job.resumable import check_resumable, numerics_changed
+from autograd_lab.job.rundir import check_run_dir
 
 
 class WriteFailed(UserError):
