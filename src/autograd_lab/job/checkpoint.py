@@ -202,6 +202,12 @@ class Checkpointer(Checkpoint):
         self._at_epoch_end = bool(state.get("at_epoch_end", False))
 
     def save(self, trainer) -> None:
+        # the loggers' files first (Logger.save: TensorBoard's writer flushed, the CSV written),
+        # then the checkpoint: a run killed after this save (SIGKILL, power loss) and continued
+        # from it finds every step before it in TensorBoard too, not only in its own rows
+        self.recorder.flush(trainer)
+        for logger in trainer.loggers:
+            logger.save()
         trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
 
 
