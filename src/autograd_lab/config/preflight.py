@@ -31,7 +31,7 @@ from autograd_lab.config.keys import (
     settable_keys,
 )
 from autograd_lab.config.resources import data_problems, memory_problems
-from autograd_lab.config.schema import check_devices, validate
+from autograd_lab.config.schema import CHECKS, check_devices, validate
 from autograd_lab.config.targets import check_arguments, check_targets, shipped_targets
 from autograd_lab.errors import UserError, did_you_mean, first_line
 
@@ -232,7 +232,8 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
         if files and not problems:  # a run follows, importing these classes anyway
             for job in jobs:
                 try:
-                    check_arguments(job)
+                    check_arguments(job, typed=[o.key_or_group for o in parsed
+                                                if o.key_or_group not in CHECKS])
                 except UserError as e:
                     problems.append(str(e))
     GlobalHydra.instance().clear()

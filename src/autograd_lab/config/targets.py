@@ -262,12 +262,14 @@ def check_known_callback(where: str, node) -> None:
                             f"{key} must be {valid}")
 
 
-def check_arguments(cfg) -> None:
+def check_arguments(cfg, typed: list[str] | None = None) -> None:
     """Every argument a node of `target_nodes` passes to its class, checked against
     the class's own signature before anything runs: a name it does not take, a value that does
     not fit the parameter's type annotation, a required one missing, and the ranges of
     CALLBACK_CHECKS. Imports the classes (Lightning, torch): the CLI calls it once the torch-free
-    checks have passed, and after check_targets has vetted every `_target_`."""
+    checks have passed, and after check_targets has vetted every `_target_`. `typed`: the keys
+    the command line set that the torch-free CHECKS do not; a node none of them reaches is as
+    the shipped configs and presets give it (tested): its class is not imported for it."""
     cfg = resolved(cfg)
     horizon = (cfg.get("scheduler") or {}).get("horizon")
     for where, node, group in target_nodes(cfg):
@@ -275,6 +277,9 @@ def check_arguments(cfg) -> None:
             continue  # check_targets reports these
         if freeze(node) in _shipped_nodes():  # as shipped (and tested): no import needed
             continue
+        if typed is not None and not any(key == where or key.startswith(where + ".")
+                                         or where.startswith(key + ".") for key in typed):
+            continue  # nothing typed reaches it: as the configs give it
         supplied = (*SUPPLIED_ARGUMENTS.get(group, ()), *([horizon] if group == "scheduler"
                                                          and horizon else []))
         args = {k: v for k, v in arguments(node, group).items()  # less the trainer node's
