@@ -27,6 +27,14 @@ def command_path() -> str:
         return shlex.quote(str(exe))
 
 
+def as_typed(value) -> str:
+    """A config value as it is typed on a command line: true, not True (booleans read back from
+    a frame or a run record are often the strings "True"/"False")."""
+    if isinstance(value, bool) or str(value) in ("True", "False"):
+        return str(value).lower()
+    return str(value)
+
+
 def number(x, digits: int = 3) -> str:
 
     return fmt_number(x, digits)

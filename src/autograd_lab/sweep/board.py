@@ -12,13 +12,7 @@ from autograd_lab.disk.files import atomic_write_bytes
 from autograd_lab.disk.lock import foreign
 from autograd_lab.job.board import BAND_METRICS, BANDS, band_tag, layout_summary
 from autograd_lab.sweep.figures import group_curves
-
-
-def _text(value) -> str:
-    """A key's value as typed on a command line (true, not True)."""
-    if isinstance(value, bool) or str(value) in ("True", "False"):
-        return str(value).lower()
-    return str(value)
+from autograd_lab.text import as_typed
 
 
 def band_frames(runs, curves, by: list[str]) -> dict:
@@ -276,7 +270,7 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     folder = Path(folder)
     keys = [k for k in by if k != "seed"]
     done = runs[runs.status.isin(["completed", "diverged"])]
-    size = done.groupby([done[k].map(_text) for k in keys])["run"].transform("size") if keys \
+    size = done.groupby([done[k].map(as_typed) for k in keys])["run"].transform("size") if keys \
         else pd.Series(len(done), index=done.index)
     bands = {label: metrics for label, metrics in band_frames(done[size > 1], curves,
                                                               by).items()

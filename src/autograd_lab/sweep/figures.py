@@ -14,8 +14,8 @@ from autograd_lab.sweep.tables import (
     data_name,
     group_label,
     key_values_text,
-    value_text,
 )
+from autograd_lab.text import as_typed
 
 
 # ------------------------------------------------------------------ the study's figure
@@ -131,7 +131,7 @@ def group_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], metr
     rows = curves[curves.name == metric]
     if rows.empty or runs.empty:
         return {}
-    texts = [runs[k].map(value_text).tolist() for k in keys]
+    texts = [runs[k].map(as_typed).tolist() for k in keys]
     tuples = list(zip(*texts, strict=True)) if keys else [()] * len(runs)
     ids = ["\x1f".join(t) for t in tuples]  # one plain label a group for pandas
     group_of = pd.Series(ids, index=runs.run.astype(str).values)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from autograd_lab.sweep.runs import LABELS
-from autograd_lab.text import fmt_number
+from autograd_lab.text import as_typed, fmt_number
 
 # The summary tables: (column, header, scale). Bytes are shown in MiB.
 RESULTS = (("train_loss", "train loss", 1.0), ("best_train_loss", "best train loss", 1.0),
@@ -31,10 +31,6 @@ def _short(key: str, keys: list[str]) -> str:
     return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
 
 
-def value_text(value) -> str:
-    return str(value).lower() if str(value) in ("True", "False") else str(value)
-
-
 def group_table(runs: pd.DataFrame, by: list[str], columns=RESULTS + COST) -> pd.DataFrame:
     """Per group of runs (the keys in `by`, seeds pooled): n, and each column's mean, with
     ± std where n > 1; completed runs only (the others are listed on their own). One pandas
@@ -46,7 +42,7 @@ def group_table(runs: pd.DataFrame, by: list[str], columns=RESULTS + COST) -> pd
     keys = [k for k in by if k != "seed"]
     values = pd.DataFrame({c: pd.to_numeric(done[c], errors="coerce").astype(float) * k
                            for c, _, k in cols}, index=done.index)
-    grouped = values.groupby([done[k].map(value_text) for k in keys] if keys
+    grouped = values.groupby([done[k].map(as_typed) for k in keys] if keys
                              else np.zeros(len(done), dtype=int), sort=True)
     size, mean, std, count = grouped.size(), grouped.mean(), grouped.std(), grouped.count()
     rows = []
@@ -76,7 +72,7 @@ def group_label(study, key_values: dict) -> str:
 
 def key_values_text(key_values: dict) -> str:
     keys = list(key_values)
-    return ", ".join(f"{_short(k, keys)}={value_text(v)}" for k, v in key_values.items())
+    return ", ".join(f"{_short(k, keys)}={as_typed(v)}" for k, v in key_values.items())
 
 
 def study_of(runs: pd.DataFrame) -> pd.Series:
