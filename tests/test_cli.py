@@ -295,3 +295,17 @@ def test_without_a_terminal_a_run_prints_plain_progress_lines(tmp_path, data_roo
         pattern.match(ln).group(2)) == 1)  # after the first validation it is shown too
     assert "\r" not in out.stderr and "it/s" not in out.stderr + out.stdout  # no bar
     assert lines[0].endswith(": starting") and lines[-1].startswith("  tensorboard: ")
+
+
+@pytest.mark.parametrize("args", [["train", "--help"], ["--help"]])
+def test_help_piped_into_a_reader_that_leaves_ends_quietly(tmp_path, args):
+    """`autograd-lab train --help | head`: the reader closes the pipe; the command ends as the
+    shell's tools do (exit 141, 128 + SIGPIPE, or 0 if all was written), with nothing on stderr
+    (it said "autograd-lab: error: [Errno 32] Broken pipe", or a traceback for --help)."""
+    exe = Path(sys.executable).parent / "autograd-lab"
+    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait(60) in (0, 141), err
+    assert err == "", err

@@ -33,6 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `autograd-lab train --help | head`: the reader has gone; end as
+        # the shell's own tools do, quietly, with stdout pointed at /dev/null so that Python's
+        # final flush does not fail again (the Python documentation's recipe for SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command its reader left
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -57,6 +57,8 @@ def train(args: list[str]) -> int:
         train_app.main()
     except SystemExit as e:  # Hydra and the app exit with a code: pass it on
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BrokenPipeError:  # `--help | head`: the reader left; cli.main ends quietly
+        raise
     except Exception as e:  # Hydra's own argument checks raise before any job runs
         from autograd_lab.errors import first_line
 
