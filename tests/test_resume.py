@@ -269,3 +269,19 @@ def test_starting_over_removes_only_this_harness_files(tmp_path, data_root):
     assert (run_dir / "checkpoints" / "mine.pt").exists()
     assert (run_dir / "notes.txt").exists()
     assert old_events and not set(old_events) & set(run_dir.glob("events.*"))  # one curve
+
+
+def test_a_resumed_attempts_event_file_sorts_after_the_file_it_continues(tmp_path):
+    """TensorBoard reads a folder's event files in name order, and a name starts with the second
+    its writer was made: an attempt resumed within the second of the one it continues (a notebook
+    with torch loaded; the kill test above, in this process) must wait for the next second, or
+    its steps hide the earlier attempt's (seen: TensorBoard's train/loss began at the resumed
+    step)."""
+    from autograd_lab.job.build import _after_earlier_event_files
+
+    now = int(time.time())
+    earlier = tmp_path / f"events.out.tfevents.{now:010d}.host.99999.0"
+    earlier.write_bytes(b"")
+    _after_earlier_event_files(tmp_path)
+    mine = f"events.out.tfevents.{int(time.time()):010d}.host.1.0"
+    assert sorted([mine, earlier.name])[-1] == mine

@@ -152,8 +152,23 @@ def _loggers(cfg, run_dir: Path, purge_step: int | None) -> list:
         if purge_step is not None and str(node.get("_target_", "")).endswith(
                 "TensorBoardLogger"):
             extra["purge_step"] = purge_step  # TensorBoard drops the killed attempt's events
+            _after_earlier_event_files(run_dir)
         out.append(_instantiate(node, f"logger.{name}", Logger, **extra))
     return out
+
+
+def _after_earlier_event_files(run_dir: Path) -> None:
+    """TensorBoard reads a folder's event files in the order of their names, which start with
+    the second their writer was made (events.out.tfevents.<second>.<host>.<pid>...). A resumed
+    attempt made in the same second as the one it continues (a short run killed at once, a
+    notebook that has torch loaded already) could sort first, and its steps would then hide the
+    earlier attempt's. Wait, at most a second, until this attempt's file sorts last."""
+    import time
+
+    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
 
 
 def _scheduler(sched):
