@@ -105,7 +105,7 @@ def circles(edges) -> list[list[str]]:
 
 
 def part(name: str) -> str:
-    """The subpackage (or top-level module) a module belongs to: `run`, `errors`, `cli`."""
+    """The subpackage (or top-level module) a module belongs to: `job`, `errors`, `cli`."""
     parts = name.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
 

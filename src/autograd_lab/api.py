@@ -33,7 +33,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autograd_lab.config.compose import compose
+from autograd_lab.config.preflight import check_overrides
+from autograd_lab.config.schema import validate
 from autograd_lab.errors import UserError
+from autograd_lab.job.messages import skipped_line
+from autograd_lab.job.rundir import finished_record, read_run_json
+from autograd_lab.sweep.runs import load_curves, load_runs
+from autograd_lab.sweep.summary import plot_study
+from autograd_lab.text import console_script
+from autograd_lab.train import run as train_run
 
 # what torch's profiler (kineto) prints from C++ at start and stop, straight to file descriptor 2
 _NATIVE_NOISE = re.compile(r"^(USDT|STAGE|INFO|WARNING|ERROR):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
@@ -98,7 +107,6 @@ class Run:
     def curves(self, name: str | None = None):
         """metrics.parquet as a frame (run, step, epoch, name, value); `name` picks one
         series, e.g. "train/loss" or "probes/grad_norm/all"."""
-        from autograd_lab.sweep.runs import load_curves
 
         frame = _plain(load_curves(self.run_dir))
         return frame if name is None else frame[frame.name == name].reset_index(drop=True)
@@ -110,7 +118,6 @@ class Run:
 
     def figures(self, by: list[str] | None = None) -> list:
         """The summary's figures for this run (sweep.summary.plot_study)."""
-        from autograd_lab.sweep.summary import plot_study
 
         return plot_study(self.run_dir, by=by)
 
@@ -134,10 +141,6 @@ def run(overrides=(), run_dir=None, *, callbacks=(), threads: int | None = None,
     """
     from omegaconf import OmegaConf
 
-    from autograd_lab.config.compose import compose
-    from autograd_lab.config.preflight import check_overrides
-    from autograd_lab.config.schema import validate
-    from autograd_lab.job.rundir import finished_record, read_run_json
 
     overrides = [str(o) for o in overrides]
     check_overrides(overrides, multirun=False)
@@ -149,11 +152,9 @@ def run(overrides=(), run_dir=None, *, callbacks=(), threads: int | None = None,
     if cfg.resume:
         done = finished_record(run_dir, OmegaConf.to_container(cfg, resolve=True))
         if done is not None:
-            from autograd_lab.job.messages import skipped_line
 
             print(skipped_line(run_dir))  # the CLI's words
             return Run(run_dir, done, skipped=True)
-    from autograd_lab.train import run as train_run
 
     # a progress bar is wanted live: in a terminal it shares the stderr `quiet` holds back
     with quiet() if not progress_bar else contextlib.nullcontext():
@@ -179,20 +180,17 @@ class Sweep:
     @property
     def runs(self):
         """One row per job (sweep.runs.load_runs): swept keys, status, metrics, time, memory."""
-        from autograd_lab.sweep.runs import load_runs
 
         return load_runs(self.sweep_dir)
 
     def curves(self, name: str | None = None):
         """Every job's metrics.parquet, long format, with a `run` column (load_curves)."""
-        from autograd_lab.sweep.runs import load_curves
 
         frame = _plain(load_curves(self.sweep_dir))
         return frame if name is None else frame[frame.name == name].reset_index(drop=True)
 
     def figures(self, by: list[str] | None = None) -> list:
         """The same figures as the sweep's summary PNGs (sweep.summary.plot_study)."""
-        from autograd_lab.sweep.summary import plot_study
 
         return plot_study(self.sweep_dir, by=by)
 
@@ -205,7 +203,6 @@ class Sweep:
 
 def cli_command() -> list[str]:
     """This environment's `autograd-lab` (the console script beside this Python)."""
-    from autograd_lab.text import console_script
 
     if (script := console_script()) is not None:
         return [str(script)]
@@ -224,7 +221,6 @@ def multirun(study: str | None = None, overrides=(), *, root="multirun",
     comes. A bad override raises UserError with the CLI's one-line message; a sweep in which
     some job failed returns normally (see `.failed` and each run's status).
     """
-    from autograd_lab.config.preflight import check_overrides
 
     args = ([f"experiment={study}"] if study else []) + [str(o) for o in overrides]
     plan = check_overrides(args, multirun=True)  # one line for a bad override, before any job

@@ -12,7 +12,6 @@ import sys
 
 from autograd_lab.cli.commands import demo, summarize, train
 from autograd_lab.cli.tensorboard import tensorboard
-from autograd_lab.cli.tools import graph, profile, step_check
 from autograd_lab.errors import UserError, report
 
 COMMANDS = {
@@ -55,9 +54,13 @@ def _run(argv: list[str]) -> int:
         argv = ["train", *argv]
     command, rest = argv[0], argv[1:]
     try:
-        handler = {"train": train, "demo": demo, "profile": profile, "summarize": summarize,
-                   "step-check": step_check, "graph": graph,
+        handler = {"train": train, "demo": demo, "summarize": summarize,
                    "tensorboard": tensorboard}.get(command)
+        if command in ("step-check", "graph", "profile"):  # torch and the training builders:
+            from autograd_lab.cli import tools  # imported for these commands only
+
+            handler = {"step-check": tools.step_check, "graph": tools.graph,
+                       "profile": tools.profile}[command]
         if handler is not None:
             return handler(rest)
         raise UserError(f"unknown command {command!r}; commands are: {', '.join(COMMANDS)}")

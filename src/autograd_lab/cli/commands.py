@@ -7,10 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+import autograd_lab.config.preflight as preflight
+import autograd_lab.train as train_app
 from autograd_lab.config.preflight import check_overrides
 from autograd_lab.config.resources import cifar10_present
 from autograd_lab.config.targets import refuse_running_code
-from autograd_lab.errors import UserError
+from autograd_lab.disk.lock import SWEEP_DIRS, check_entries, check_free
+from autograd_lab.errors import UserError, first_line
+from autograd_lab.job.resumable import check_ckpt_path_override
 
 # Hydra flags that only print help or install things: no config is composed, nothing to check.
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
@@ -47,10 +51,8 @@ def train(args: list[str]) -> int:
             # right after the user's overrides: Hydra's argparse takes the overrides as one run
             # of words, so words after a flag (`-m a=1 --cfg hydra X`) would be unrecognized
             args = [*args[:last + 1], *plan.hydra_overrides(args), *args[last + 1:]]
-    import autograd_lab.train as train_app
 
     sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else "autograd-lab", *args]
-    import autograd_lab.config.preflight as preflight
 
     preflight.CHECKED_BY_CLI = checked  # the app's own preflight need not compose it all again
     try:
@@ -60,7 +62,6 @@ def train(args: list[str]) -> int:
     except BrokenPipeError:  # `--help | head`: the reader left; cli.main ends quietly
         raise
     except Exception as e:  # Hydra's own argument checks raise before any job runs
-        from autograd_lab.errors import first_line
 
         raise UserError(first_line(str(e))) from None
     finally:
@@ -83,7 +84,6 @@ def _check_ckpt_path(overrides: list[str]) -> None:
     """A checkpoint given as ckpt_path= must be one this config can continue from: refused in
     one line before Hydra makes the run directory. Imports torch only when ckpt_path= is given."""
     if any(o.lstrip("+").startswith("ckpt_path=") for o in overrides):
-        from autograd_lab.job.resumable import check_ckpt_path_override
 
         check_ckpt_path_override(overrides)
 
@@ -111,7 +111,6 @@ def _check_output_dir(args: list[str], multirun: bool) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{shown}: cannot write to {probe}; choose a folder you can write to")
     if given is not None and not multirun:  # a run directory another process is writing
-        from autograd_lab.disk.lock import check_entries, check_free
 
         check_free(path)
         check_entries(path)  # a symlink, FIFO, ... where a file of ours goes (sweep.OwnFiles-
@@ -139,7 +138,6 @@ def summarize(args: list[str]) -> int:
     parser.add_argument("--by", nargs="+", default=None,
                         help="config keys to group by (default: the keys that differ)")
     opts = parser.parse_args(args)
-    from autograd_lab.disk.lock import SWEEP_DIRS, check_entries
     from autograd_lab.sweep.summary import summarize as write_summary
 
     check_entries(opts.dir, SWEEP_DIRS, ())  # summary/ a symlink: its files would go elsewhere

@@ -7,8 +7,24 @@ import json
 from pathlib import Path
 
 from autograd_lab.cli.commands import train
+from autograd_lab.config.compose import compose
 from autograd_lab.config.preflight import check_overrides
+from autograd_lab.config.schema import validate
+from autograd_lab.data.loader import load_split_tensors, normalize
 from autograd_lab.errors import UserError
+from autograd_lab.job.build import build_network
+from autograd_lab.model.module import build_optimizer
+from autograd_lab.observe.graph import saved_bytes_by_hooks as hook_count
+from autograd_lab.observe.graph import walk
+from autograd_lab.observe.graph_view import (
+    first_batch,
+    graph_def,
+    module_scopes,
+    render,
+    write_graph,
+)
+from autograd_lab.observe.profiling import fwd_bwd_table, profile_op
+from autograd_lab.observe.step_check import step_check as check
 from autograd_lab.text import command_path
 
 
@@ -20,8 +36,6 @@ def _split(args: list[str]) -> tuple[list[str], list[str]]:
 
 def _compose(overrides: list[str], defaults: list[str]):
     """The training config for the overrides (checked first: bad input is one line)."""
-    from autograd_lab.config.compose import compose
-    from autograd_lab.config.schema import validate
 
     keys = {o.split("=", 1)[0] for o in overrides}
     full = [d for d in defaults if d.split("=", 1)[0] not in keys] + overrides
@@ -36,7 +50,6 @@ def _model(cfg):
     run's own builder (run.build.build_network)."""
     import torch
 
-    from autograd_lab.job.build import build_network
 
     torch.manual_seed(cfg.seed)
     return build_network(cfg)[0]
@@ -47,7 +60,6 @@ def _model_and_batch(cfg, seed_batch: bool = False):
     images with soft random targets when `seed_batch`)."""
     import torch
 
-    from autograd_lab.data.loader import load_split_tensors, normalize
 
     model = _model(cfg)
     if seed_batch:  # 64x64 as the seed's ResNet18 cell; SmallNet's Linear(588) needs 32x32
@@ -77,8 +89,6 @@ def step_check(args: list[str]) -> int:
     seed_sgd = [] if any(o.startswith("optim=") for o in overrides) else \
         ["optim.lr=0.01", "optim.momentum=0"]  # the seed's cell: SGD(lr=1e-2)
     cfg = _compose(overrides, ["model=resnet18", "data=synthetic", *seed_sgd])
-    from autograd_lab.model.module import build_optimizer
-    from autograd_lab.observe.step_check import step_check as check
 
     model, x, y = _model_and_batch(cfg, opts.seed_batch)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -111,15 +121,6 @@ def graph(args: list[str]) -> int:
     cfg = _compose(overrides, ["data=synthetic"])
     import torch.nn.functional as F
 
-    from autograd_lab.observe.graph import saved_bytes_by_hooks as hook_count
-    from autograd_lab.observe.graph import walk
-    from autograd_lab.observe.graph_view import (
-        first_batch,
-        graph_def,
-        module_scopes,
-        render,
-        write_graph,
-    )
 
     model = _model(cfg)
     model.train()
@@ -180,7 +181,6 @@ def profile(args: list[str]) -> int:
         parser.add_argument("--backward", action="store_true",
                             help="also run backward, to see each op's derivative function")
         opts = parser.parse_args(args)
-        from autograd_lab.observe.profiling import fwd_bwd_table, profile_op
 
         prof = profile_op(opts.op, opts.iterations, opts.backward)
         print(prof.key_averages().table(sort_by="self_cpu_time_total"))  # as the seed prints it

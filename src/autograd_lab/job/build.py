@@ -19,6 +19,7 @@ from autograd_lab.job.distributed import strategy
 from autograd_lab.job.progress import ProgressLines, StepProgressBar
 from autograd_lab.job.recorder import RunRecorder
 from autograd_lab.job.resumable import numerics
+from autograd_lab.job.rundir import group_choices, task_overrides
 from autograd_lab.model.module import Classifier
 from autograd_lab.model.networks import build_model
 from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
@@ -271,17 +272,3 @@ def _layout(cfg) -> dict:
                   noise_scale=probes.mode != "off" and bool(probes.get("gns_every_n_steps")))
 
 
-def group_choices() -> dict:
-    """The config-group options this run was composed from (model, data, variant, ...)."""
-    try:
-        choices = HydraConfig.get().runtime.choices
-    except ValueError:
-        return {}
-    return {k: v for k, v in choices.items() if not k.startswith("hydra")}
-
-
-def task_overrides() -> list[str]:
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # not inside a Hydra job (called from Python)
-        return []

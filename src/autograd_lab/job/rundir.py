@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+
 from autograd_lab.config.keys import comparable
 from autograd_lab.disk.formats import RUN_FORMAT_VERSION, newer_format
 from autograd_lab.disk.lock import check_entries, open_own
@@ -137,3 +139,19 @@ def final_metrics(frame) -> dict:
             out["val_step"] = int(vals.step.iloc[-1])
     out["steps"] = len(losses)  # rows 0..n-1; a diverged run stops before the bad step
     return out
+
+
+def group_choices() -> dict:
+    """The config-group options this run was composed from (model, data, variant, ...)."""
+    try:
+        choices = HydraConfig.get().runtime.choices
+    except ValueError:
+        return {}
+    return {k: v for k, v in choices.items() if not k.startswith("hydra")}
+
+
+def task_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (called from Python)
+        return []
