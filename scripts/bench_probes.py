@@ -6,12 +6,18 @@
 2. cost: each second-order probe per call (ms) at its defaults (conf/probes/full.yaml), against
    the time of one training step at batch 32, and its share of a run at its default interval:
    call / (interval x step).
+3. spectrum: the spectrum probe's parts per call at full.yaml's defaults (the Hessian block's
+   graph, Hutchinson's trace, the top-k Lanczos, the density by stochastic Lanczos quadrature,
+   and the whole call), at 1 torch thread and at torch's default, in seconds and in training
+   steps (batch 32), and the whole call's share of a run at its default interval.
 
     .venv/bin/python scripts/bench_probes.py                  # both parts, CPU
     .venv/bin/python scripts/bench_probes.py --part cost --device cuda --models resnet18
+    .venv/bin/python scripts/bench_probes.py --part spectrum        # the spectrum probe, CPU
 
 On a CPU, ResNet18's sharpness call at 1024 examples takes minutes: `--resnet-examples` measures
-it on fewer examples and scales linearly to the default (said in the output).
+it (and the spectrum probe) on fewer examples and scales linearly to the default (said in the
+output).
 """
 
 from __future__ import annotations
@@ -126,21 +132,88 @@ def _cost_one(name: str, device: torch.device, resnet_examples: int) -> None:
               f"{ms / (every * step_ms):.1%} of the run")
 
 
+def spectrum_cost(models: list[str], device: torch.device, threads: list[int | None],
+                  resnet_examples: int) -> None:
+    default_threads = torch.get_num_threads()
+    for name in models:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads or default_threads)
+            label = f"{n_threads} thread" if n_threads else f"default ({default_threads}) threads"
+            _spectrum_one(name, device, label, resnet_examples)
+    torch.set_num_threads(default_threads)
+
+
+def _spectrum_one(name: str, device: torch.device, label: str, resnet_examples: int) -> None:
+    from autograd_lab.model.networks import SmallNet, resnet18
+    from autograd_lab.observe.curvature import (
+        HessianBlock,
+        hutchinson_trace,
+        lanczos_top_k,
+        slq_density,
+    )
+
+    n_spec, every = FULL["spectrum_examples"], FULL["spectrum_every_n_steps"]
+    k, top_iters = FULL["spectrum_top_k"], FULL["spectrum_top_iters"]
+    samples, runs, iters = FULL["hutchinson_samples"], FULL["slq_runs"], FULL["slq_iters"]
+    bins = FULL["spectrum_bins"]
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = (SmallNet() if name == "smallnet" else resnet18()).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(n_spec, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (n_spec,), generator=g).to(device)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x[:32]), y[:32]).backward()
+        opt.step()
+
+    step_ms = _timed(step, 20, device)
+    examples = n_spec if name == "smallnet" or device.type == "cuda" else resnet_examples
+    scale = n_spec / examples
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, examples, 32)]
+    repeats = 3 if examples == n_spec and name == "smallnet" else 1
+    block = HessianBlock(model, batches)
+    gen = torch.Generator().manual_seed(1)
+    parts = {
+        "graph (forward + first backward)": lambda: HessianBlock(model, batches),
+        f"trace ({samples} Rademacher products)": lambda: hutchinson_trace(block, samples, gen),
+        f"top-{k} ({top_iters} Lanczos steps)":
+            lambda: lanczos_top_k(block.hvp, block.n, k, top_iters, gen, block.like),
+        f"density ({runs} x {iters} Lanczos steps, {bins} bins)":
+            lambda: slq_density(block, runs, iters, bins, gen)}
+    note = f"; measured on {examples} examples, scaled x{scale:g}" if scale != 1 else ""
+    print(f"{name} on {device}, {label}: training step (batch 32) {step_ms:.2f} ms; "
+          f"spectrum probe on {n_spec} examples{note}:")
+    total = 0.0
+    for what, fn in parts.items():
+        seconds = _timed(fn, repeats, device) * scale / 1e3
+        total += seconds
+        print(f"  {what}: {seconds:.2f} s per call = {seconds * 1e3 / step_ms:.0f} steps")
+    print(f"  whole call: {total:.2f} s = {total * 1e3 / step_ms:.0f} steps; every "
+          f"{every} steps: {total * 1e3 / (every * step_ms):.1%} of the run")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["overhead", "cost", "all"], default="all")
+    ap.add_argument("--part", choices=["overhead", "cost", "spectrum", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=256, help="steps per overhead run")
     ap.add_argument("--models", nargs="+", default=["smallnet", "resnet18"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--resnet-examples", type=int, default=64)
+    ap.add_argument("--spectrum-threads", type=int, nargs="+", default=[1, 0],
+                    help="torch threads for --part spectrum (0: torch's default)")
     args = ap.parse_args()
     if args.part in ("overhead", "all"):
         overhead(args.repeats, args.threads, args.steps)
     if args.part in ("cost", "all"):
         torch.set_num_threads(args.threads[0])
         cost(args.models, torch.device(args.device), args.resnet_examples)
+    if args.part in ("spectrum", "all"):
+        spectrum_cost(args.models, torch.device(args.device),
+                      [n or None for n in args.spectrum_threads], args.resnet_examples)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,8 @@ def test_the_summary_run_has_the_seed_bands_recomputed_from_metrics(sweep, serve
                                        rtol=1e-6)
             assert (per_run.max(axis=1) > per_run.min(axis=1)).any()  # two seeds differ
     images = server("/data/plugin/images/tags")
-    assert sorted(images["summary"]) == ["summary/runs_cost", "summary/runs_loss"]  # its PNGs
+    assert sorted(images["summary"]) == ["summary/runs_cost", "summary/runs_diff",
+                                        "summary/runs_loss"]  # its PNGs
 
 
 def test_a_loss_that_spans_decades_gets_log10_bands(tmp_path):

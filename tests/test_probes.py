@@ -132,8 +132,11 @@ def test_probes_do_not_change_the_curve_and_full_adds_histograms_and_second_orde
     _, full = train_run("probes=full", "probes.every_n_steps=1", "probes.sharpness_every_n_steps=2",
                         "probes.histogram_every_n_steps=2", "probes.sharpness_iters=2",
                         "probes.sharpness_examples=8", "probes.gns_every_n_steps=3",
-                        "probes.gns_batch_size=8", "probes.gns_small_batch_size=4", *common,
-                        callbacks=[full_end])
+                        "probes.gns_batch_size=8", "probes.gns_small_batch_size=4",
+                        "probes.spectrum_every_n_steps=3", "probes.spectrum_examples=8",
+                        "probes.hutchinson_samples=2", "probes.spectrum_top_k=2",
+                        "probes.spectrum_top_iters=2", "probes.slq_runs=1", "probes.slq_iters=2",
+                        *common, callbacks=[full_end])
     assert losses(off) == losses(full)
     vals = [pd.read_parquet(d / "metrics.parquet").query("name == 'val/loss'").value.tolist()
             for d in (off, full)]
@@ -143,12 +146,14 @@ def test_probes_do_not_change_the_curve_and_full_adds_histograms_and_second_orde
     frame = pd.read_parquet(full / "metrics.parquet")
     assert sorted(frame[frame.name == "probes/sharpness"].step) == [0, 2, 4]
     assert sorted(frame[frame.name == "probes/gns_trace_sigma"].step) == [0, 3]
+    assert sorted(frame[frame.name == "probes/hessian_trace/layer1"].step) == [0, 3]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(full), size_guidance={"histograms": 0})
     acc.Reload()
     assert "weights/fc.weight" in acc.Tags()["histograms"]
     assert "grads/layer1.0.conv1.weight" in acc.Tags()["histograms"]
+    assert "probes/hessian_density" in acc.Tags()["histograms"]
     assert not any(n.startswith("probes/") for n in pd.read_parquet(off / "metrics.parquet").name)
 
 
@@ -158,10 +163,13 @@ def test_probes_run_for_every_variant(variant, train_run):
     record, run_dir = train_run(f"variant={variant}", "probes=full", "probes.every_n_steps=4",
                                 "probes.sharpness_every_n_steps=8", "probes.sharpness_iters=2",
                                 "probes.sharpness_examples=16", "probes.gns_every_n_steps=8",
-                                "probes.gns_batch_size=16")
+                                "probes.gns_batch_size=16", "probes.spectrum_every_n_steps=8",
+                                "probes.spectrum_examples=16", "probes.hutchinson_samples=2",
+                                "probes.spectrum_top_iters=3", "probes.slq_iters=3")
     assert record["status"] == "completed", record["error"]
     frame = pd.read_parquet(run_dir / "metrics.parquet")
     names = set(frame.name)
     assert {"probes/grad_norm/conv", "probes/update_ratio/fc", "probes/cos_prev/all",
-            "probes/sharpness", "probes/stability_limit", "probes/grad_noise_scale"} <= names
+            "probes/sharpness", "probes/stability_limit", "probes/grad_noise_scale",
+            "probes/hessian_trace/all", "probes/hessian_top/1"} <= names
     assert frame[frame.name.str.startswith("probes/")].step.max() == 12

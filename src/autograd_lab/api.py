@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autograd_lab.cli.landscape import compute as landscape_compute
 from autograd_lab.config.compose import compose
 from autograd_lab.config.preflight import check_overrides
 from autograd_lab.config.schema import validate
@@ -121,6 +122,11 @@ class Run:
 
         return plot_study(self.run_dir, by=by)
 
+    def landscape(self, **options):
+        """A loss-landscape slice of this run, written to run_dir/landscape/ and its
+        TensorBoard: `landscape(self.run_dir, **options)` (see `landscape`)."""
+        return landscape(self.run_dir, **options)
+
     def __repr__(self) -> str:
         final = self.record.get("final") or {}
         loss = final.get("train_loss")
@@ -164,6 +170,27 @@ def run(overrides=(), run_dir=None, *, callbacks=(), threads: int | None = None,
     if written is None:
         written = {k: v for k, v in record.items() if not k.startswith("_")}
     return Run(run_dir, written)
+
+
+def landscape(path, *, to=None, plane: bool = False, directions: str = "random",
+              alphas=(-0.5, 1.5), points: int = 51, grid: int = 25, span: float | None = None,
+              examples: int = 2048, batch_size: int = 1024, seed: int = 0,
+              include_bias: bool = False, include_bn: bool = False, hessian_iters: int = 20,
+              pairs: str | None = None, name: str | None = None, progress: bool = False,
+              device: str | None = None, data_root: str | None = None,
+              threads: int | None = None):
+    """`autograd-lab landscape` from Python: a line from a run's initial to its final weights
+    (or `to` another run's final weights), a plane through its final weights (`plane=True`;
+    `directions="hessian"`: the top-2 Hessian eigenvectors), or with `pairs=KEY` on a sweep
+    folder the line between each seed's runs that differ in KEY. Returns the slice (`.frame`:
+    its points, `.trajectory`, `.files`) or, for `pairs`, the pairs table. A bad argument
+    raises UserError with the CLI's one-line message."""
+    return landscape_compute(path, to=to, plane=plane, directions=directions, alphas=alphas,
+                             points=points, grid=grid, span=span, examples=examples,
+                             batch_size=batch_size, seed=seed, include_bias=include_bias,
+                             include_bn=include_bn, hessian_iters=hessian_iters, pairs=pairs,
+                             name=name, progress=progress, device=device, data_root=data_root,
+                             threads=threads)
 
 
 # ----------------------------------------------------------------------------------- a sweep

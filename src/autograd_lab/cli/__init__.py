@@ -11,6 +11,7 @@ import os
 import sys
 
 from autograd_lab.cli.commands import demo, summarize, train
+from autograd_lab.cli.landscape import landscape
 from autograd_lab.cli.tensorboard import tensorboard
 from autograd_lab.errors import UserError, report
 
@@ -23,6 +24,7 @@ COMMANDS = {
     "summarize": "DIR [--by KEY ...]: summary/ for any folder of runs (tables, curves, plots)",
     "profile": "a short profiled training run (or --op conv1d, the seed's case): op tables",
     "tensorboard": "[DIR ...] [--port N]: TensorBoard on 127.0.0.1 with every step kept",
+    "landscape": "RUN_DIR [--to RUN | --plane] | SWEEP --pairs KEY: loss-landscape slices",
 }
 
 
@@ -55,7 +57,7 @@ def _run(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     try:
         handler = {"train": train, "demo": demo, "summarize": summarize,
-                   "tensorboard": tensorboard}.get(command)
+                   "tensorboard": tensorboard, "landscape": landscape}.get(command)
         if command in ("step-check", "graph", "profile"):  # torch and the training builders:
             from autograd_lab.cli import tools  # imported for these commands only
 

@@ -187,7 +187,7 @@ def write_hparams(writer, hparams: dict, metrics: dict, step: int, status: str,
 
 
 def layout(probe_stats=(), profiler: bool = False, in_sweep: bool = False,
-           sharpness: bool = False, noise_scale: bool = False) -> dict:
+           sharpness: bool = False, noise_scale: bool = False, spectrum: bool = False) -> dict:
     """The Custom Scalars layout of a run, as torch's add_custom_scalars takes it: categories in
     order, each {chart title: [kind, [tag regexes]]}."""
     curves = {"train/loss (every optimizer step)": ["Multiline", [r"^train/loss$"]],
@@ -206,6 +206,13 @@ def layout(probe_stats=(), profiler: bool = False, in_sweep: bool = False,
         second_order["gradient noise scale B_simple"] = ["Multiline",
                                                          [r"^probes/grad_noise_scale$"]]
         second_order["noise scale parts: tr(Sigma), |G|^2"] = ["Multiline", [r"^probes/gns_"]]
+    if spectrum:
+        second_order["Hessian trace per layer group (Hutchinson)"] = [
+            "Multiline", [r"^probes/hessian_trace/"]]
+        second_order["Hessian trace standard errors"] = [
+            "Multiline", [r"^probes/hessian_trace_se/"]]
+        second_order["Hessian top-k eigenvalues (Lanczos)"] = [
+            "Multiline", [r"^probes/hessian_top/"]]
     if second_order:
         out["training dynamics"] = second_order
     if probe_stats:

@@ -269,6 +269,7 @@ def _layout(cfg) -> dict:
     return layout(probe_stats=STATS if probes.mode != "off" else (),
                   profiler=cfg.profiler.name != "off", in_sweep=in_sweep,
                   sharpness=probes.mode != "off" and bool(probes.get("sharpness_every_n_steps")),
-                  noise_scale=probes.mode != "off" and bool(probes.get("gns_every_n_steps")))
+                  noise_scale=probes.mode != "off" and bool(probes.get("gns_every_n_steps")),
+                  spectrum=probes.mode != "off" and bool(probes.get("spectrum_every_n_steps")))
 
 

@@ -45,6 +45,7 @@ class RunRecorder(L.Callback):
         self.rows: dict[str, list] = {"step": [], "epoch": [], "name": [], "value": []}
         self.loggers: list = []
         self.sources: list = []  # e.g. probes: objects with drain() -> [(step, epoch, values)]
+        self.parquet_only: tuple[str, ...] = ()  # name prefixes kept for metrics.parquet only
         self.diverged_at: int | None = None
         self.train_seconds = 0.0
         self.train_images = 0
@@ -82,8 +83,15 @@ class RunRecorder(L.Callback):
             self.rows["epoch"].append(epoch)
             self.rows["name"].append(name)
             self.rows["value"].append(float(value))
-        for logger in self.loggers:
+        values = self._for_loggers(values)
+        for logger in self.loggers if values else ():
             logger.log_metrics(values, step)
+
+    def _for_loggers(self, values: dict) -> dict:
+        """All but the parquet-only values (the Hessian density's bins: a histogram in TB)."""
+        if not self.parquet_only:
+            return values
+        return {k: v for k, v in values.items() if not k.startswith(self.parquet_only)}
 
     def flush(self, trainer=None, pl_module=None) -> None:
         """Per-step values from the device to the rows and loggers: one host sync."""
@@ -158,7 +166,8 @@ class RunRecorder(L.Callback):
                 for step, values in others:
                     logger.log_metrics(values, step)
             for step, values in by_step.items():
-                if everything or step >= self.resumed_from:
+                values = self._for_loggers(values)
+                if values and (everything or step >= self.resumed_from):
                     logger.log_metrics(values, step)
 
     def read_killed_csv(self, loggers) -> None:

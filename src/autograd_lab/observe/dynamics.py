@@ -13,7 +13,8 @@ grad noise scale   B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018): the ba
 
 Everything here evaluates the model through `torch.func.functional_call` with copies of its
 buffers, so BatchNorm running statistics never move, and takes gradients with
-`torch.autograd.grad`, so `.grad` is never touched. Random draws come from the caller's
+`torch.autograd.grad`, so `.grad` is never touched; the Hessian-vector products and Lanczos live
+in curvature.py. Random draws come from the caller's
 generator only. `plot_stability` draws the stability study's figure from a sweep's frames.
 """
 
@@ -24,88 +25,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from autograd_lab.observe.curvature import (
+    HessianBlock,
+    buffer_copies,
+    flat,
+    lanczos_top_eigenvalue,
+    mean_loss,
+    trainable,
+)
+
 
 # ------------------------------------------------------------------ helpers
-def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters the optimizer trains (frozen ones excluded)."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the buffers: a train-mode BatchNorm updates these, never the model's own."""
-    return {n: b.clone() for n, b in model.named_buffers()}
-
-
 def has_train_batchnorm(model: nn.Module) -> bool:
     """A BatchNorm in train mode mixes the examples of a batch: no per-example gradient."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
                for m in model.modules())
 
 
-def _loss(model, buffers, x, y) -> torch.Tensor:
-    return F.cross_entropy(functional_call(model, buffers, (x,), strict=False), y)
-
-
-def _flat(ts) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
 # ------------------------------------------------------------------ sharpness
-def lanczos_top_eigenvalue(hvp, n: int, iters: int, generator: torch.Generator,
-                           like: torch.Tensor) -> torch.Tensor:
-    """Largest (algebraic) eigenvalue of a symmetric n x n operator given as v -> Hv.
-
-    Lanczos with full reorthogonalisation: `iters` operator applications build an orthonormal
-    Krylov basis; the tridiagonal matrix's top eigenvalue converges to the operator's much faster
-    than power iteration, and is exact once iters >= n. No host sync until the end."""
-    v = torch.randn(n, generator=generator, dtype=torch.float64).to(like)
-    basis = [v / v.norm()]
-    alphas, betas = [], []
-    for j in range(min(iters, n)):
-        w = hvp(basis[j])
-        alphas.append(w @ basis[j])
-        q = torch.stack(basis)  # (j+1, n)
-        w = w - q.T @ (q @ w)   # Gram-Schmidt against the whole basis, twice for stability
-        w = w - q.T @ (q @ w)
-        if j + 1 < min(iters, n):
-            b = w.norm()
-            betas.append(b)
-            basis.append(w / b.clamp_min(1e-30))
-    a = torch.stack(alphas).double()
-    t = torch.diag(a)
-    if betas:
-        b = torch.stack(betas).double()
-        t = t + torch.diag(b, 1) + torch.diag(b, -1)
-    return torch.linalg.eigvalsh(t)[-1]
-
-
 def sharpness(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
               iters: int = 20, generator: torch.Generator | None = None) -> torch.Tensor:
     """Top eigenvalue of the Hessian of the mean cross-entropy over `batches` (weighted by their
     sizes, so the loss is the mean over all their examples; a train-mode BatchNorm normalises
     each batch by itself, as in training), with respect to the trainable parameters the loss
-    reaches (frozen ones, and those a detach cuts off, have no Hessian block)."""
+    reaches (frozen ones, and those a detach cuts off, have no Hessian block): Lanczos on the
+    Hessian-vector products of curvature.py."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    named = trainable(model)
-    buffers = buffer_copies(model)
-    total = sum(len(y) for _, y in batches)
-    with torch.enable_grad():
-        loss = sum(_loss(model, buffers, x, y) * (len(y) / total) for x, y in batches)
-        params = list(named.values())
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        live = [(p, g) for p, g in zip(params, grads, strict=True)
-                if g is not None and g.requires_grad]
-        params, grads = [p for p, _ in live], [g for _, g in live]
-        sizes = [p.numel() for p in params]
-
-        def hvp(v: torch.Tensor) -> torch.Tensor:
-            vs = [c.view_as(p) for c, p in zip(v.split(sizes), params, strict=True)]
-            hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True,
-                                     allow_unused=True)
-            return _flat([torch.zeros_like(p) if h is None else h
-                          for h, p in zip(hv, params, strict=True)])
-
-        return lanczos_top_eigenvalue(hvp, sum(sizes), iters, generator, like=params[0]).detach()
+    block = HessianBlock(model, batches)
+    return lanczos_top_eigenvalue(block.hvp, block.n, iters, generator, like=block.like).detach()
 
 
 def stability_limit(optimizer: torch.optim.Optimizer) -> float | None:
@@ -173,9 +120,9 @@ def two_batch_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     with torch.enable_grad():
         for j in range(k):
             sl = slice(j * small, (j + 1) * small)
-            gs = torch.autograd.grad(_loss(model, buffers, x[sl], y[sl]), params,
+            gs = torch.autograd.grad(mean_loss(model, buffers, x[sl], y[sl]), params,
                                      allow_unused=True)
-            g = _flat([torch.zeros_like(p) if t is None else t
+            g = flat([torch.zeros_like(p) if t is None else t
                        for t, p in zip(gs, params, strict=True)]).double()
             total = g if total is None else total + g
             sq = g @ g

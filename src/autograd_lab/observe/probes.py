@@ -14,20 +14,25 @@ layer1, ...) and for `all`:
   grad_none      how many parameter tensors have .grad None (frozen or cut off by a detach)
 
 and overall `frozen_max_change`, the largest |dw| of any frozen parameter (must stay 0).
-`full` adds weight and gradient histograms, and turns on the two second-order probes of
-dynamics.py at sparser intervals (any mode but off runs them when their interval is > 0):
+`full` adds weight and gradient histograms, and turns on the second-order probes (dynamics.py,
+spectrum.py) at sparser intervals (any mode but off runs them when their interval is > 0):
 
   sharpness         the top Hessian eigenvalue of the training loss on a probe set drawn once per
                     run, next to stability_limit (2/lr for plain SGD): every
                     sharpness_every_n_steps, at the weights the step about to run starts from
   grad_noise_scale  B_simple = tr(Sigma)/|G|^2 and its parts gns_trace_sigma and gns_grad_sq,
                     from its own draws of the training set: every gns_every_n_steps
+  spectrum          the Hessian's trace per layer group (Hutchinson, with standard errors), its
+                    top-k eigenvalues and its spectral density (stochastic Lanczos quadrature),
+                    on the first spectrum_examples draws of the sharpness probe set, at the
+                    weights the step about to run starts from: every spectrum_every_n_steps
+                    (spectrum.py names the rows; the density is a TensorBoard histogram)
 
 Nothing is synced per step: statistics are 0-d device tensors, stacked into one row per probe
 and handed to the RunRecorder, which writes them with the loss at its next flush. The probes
 never touch .grad, the weights, BatchNorm buffers or the global RNG, so they cannot change the
 curve they measure. The second-order probes have their own generators and evaluate the model
-with copies of its buffers (dynamics.py).
+with copies of its buffers (curvature.py).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from autograd_lab.observe.dynamics import (
     stability_limit,
     two_batch_noise,
 )
+from autograd_lab.observe.spectrum import DENSITY, is_spectrum, spectrum_row, write_density
 
 GNS_METHODS = ("auto", "per_example", "two_batch")
 
@@ -62,7 +68,10 @@ class Probes(L.Callback):
                  sharpness_examples: int = 1024, sharpness_iters: int = 20,
                  sharpness_batch_size: int | None = None, gns_every_n_steps: int = 0,
                  gns_method: str = "auto", gns_batch_size: int = 256,
-                 gns_small_batch_size: int | None = None, zero_grad: bool = True):
+                 gns_small_batch_size: int | None = None, spectrum_every_n_steps: int = 0,
+                 spectrum_examples: int = 256, spectrum_top_k: int = 5,
+                 spectrum_top_iters: int = 20, hutchinson_samples: int = 10, slq_runs: int = 1,
+                 slq_iters: int = 30, spectrum_bins: int = 100, zero_grad: bool = True):
         if gns_method not in GNS_METHODS:
             raise UserError(f"probes.gns_method={gns_method!r}: choices are: "
                             f"{', '.join(GNS_METHODS)}")
@@ -73,11 +82,17 @@ class Probes(L.Callback):
         self.gns_every, self.gns_method, self.gns_batch = gns_every_n_steps, gns_method, \
             gns_batch_size
         self.gns_small = gns_small_batch_size
+        self.spectrum_every, self.spectrum_examples = spectrum_every_n_steps, spectrum_examples
+        self.spectrum_args = {"top_k": spectrum_top_k, "top_iters": spectrum_top_iters,
+                              "samples": hutchinson_samples, "runs": slq_runs,
+                              "iters": slq_iters, "bins": spectrum_bins}
         self.gns_method_used: str | None = None  # per_example or two_batch, once decided
         self.pending: list[tuple[int, int, list[str], torch.Tensor]] = []
         self.frozen_max_change = 0.0
         self._restored: dict | None = None
         recorder.sources.append(self)
+        if spectrum_every_n_steps:  # the density's bins: metrics.parquet only, not scalars
+            recorder.parquet_only = (*recorder.parquet_only, DENSITY)
 
     # -- set-up: parameter list, group index, initial weights
     def on_train_start(self, trainer, pl_module):
@@ -100,7 +115,8 @@ class Probes(L.Callback):
         # the second-order probes' own random numbers: the training RNG never moves
         self.sharp_gen = torch.Generator().manual_seed(1)
         self.gns_gen = torch.Generator().manual_seed(2)
-        if self.sharp_every or self.gns_every:
+        self.spectrum_gen = torch.Generator().manual_seed(3)
+        if self.sharp_every or self.gns_every or self.spectrum_every:
             self._second_order_setup(trainer, pl_module)
         if self._restored is not None:  # resuming: the run's own initial weights and history
             r, self._restored = self._restored, None
@@ -109,6 +125,8 @@ class Probes(L.Callback):
             if "sharp_gen" in r:  # (checkpoints from before the second-order probes lack them)
                 self.sharp_gen.set_state(r["sharp_gen"])
                 self.gns_gen.set_state(r["gns_gen"])
+            if "spectrum_gen" in r:  # (nor those from before the spectrum probe this one)
+                self.spectrum_gen.set_state(r["spectrum_gen"])
             self.frozen_max_change = r["frozen_max_change"]
 
     def _second_order_setup(self, trainer, pl_module) -> None:
@@ -120,8 +138,9 @@ class Probes(L.Callback):
         self.normalize = normalize
         n = len(self.data_y)
         train_batch = min(loader.batch_size, n)
-        draw = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:self.sharp_examples]
-        self.probe_idx = draw.to(self.data_y.device)
+        draw = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(self.data_y.device)
+        self.probe_idx = draw[:self.sharp_examples]
+        self.spectrum_idx = draw[:self.spectrum_examples]  # nested: the same first draws
         self.sharp_batch = self.sharp_batch or train_batch
         self.gns_small = self.gns_small or train_batch
 
@@ -148,6 +167,7 @@ class Probes(L.Callback):
             return {}
         return {"w0": self.w0, "snapshots": self.snapshots,
                 "sharp_gen": self.sharp_gen.get_state(), "gns_gen": self.gns_gen.get_state(),
+                "spectrum_gen": self.spectrum_gen.get_state(),
                 "frozen_max_change": self.frozen_max_change}
 
     def load_state_dict(self, state: dict) -> None:
@@ -165,6 +185,10 @@ class Probes(L.Callback):
             self._sharpness(trainer, pl_module, step)
         if self.gns_every and step % self.gns_every == 0:
             self._noise_scale(trainer, pl_module, step)
+        if self.spectrum_every and step % self.spectrum_every == 0:
+            names, row = spectrum_row(pl_module.model, self._probe_batches(self.spectrum_idx),
+                                      generator=self.spectrum_gen, **self.spectrum_args)
+            self.pending.append((step, trainer.current_epoch, names, row))
         if step % self.every == 0:
             self.w_before = [p.detach().clone() for p in self.params]
         if self.mode == "full" and step % self.hist_every == 0 and self.recorder.writer:
@@ -240,11 +264,14 @@ class Probes(L.Callback):
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.normalize(self.data_x[idx]), self.data_y[idx]
 
+    def _probe_batches(self, idx) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A probe set in batches of sharpness_batch_size (the spectrum's too)."""
+        return [self._batch(idx[lo:lo + self.sharp_batch])
+                for lo in range(0, len(idx), self.sharp_batch)]
+
     def _sharpness(self, trainer, pl_module, step: int) -> None:
-        idx = self.probe_idx
-        batches = [self._batch(idx[lo:lo + self.sharp_batch])
-                   for lo in range(0, len(idx), self.sharp_batch)]
-        eig = sharpness(pl_module.model, batches, self.sharp_iters, self.sharp_gen)
+        eig = sharpness(pl_module.model, self._probe_batches(self.probe_idx), self.sharp_iters,
+                        self.sharp_gen)
         limit = stability_limit(trainer.optimizers[0])
         if limit is None:  # Adam: no raw-Hessian threshold to compare with
             self.pending.append((step, trainer.current_epoch, SHARPNESS[:1], eig.view(1)))
@@ -272,5 +299,8 @@ class Probes(L.Callback):
             out.append((step, epoch, dict(zip(names, values, strict=True))))
             if names is self.columns:
                 self.frozen_max_change = max(self.frozen_max_change, values[-1])
+            elif is_spectrum(names) and self.recorder.writer is not None and (
+                    self.recorder.diverged_at is None or step < self.recorder.diverged_at):
+                write_density(self.recorder.writer, step, out[-1][2])
         self.pending.clear()
         return out

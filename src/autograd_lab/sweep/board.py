@@ -49,6 +49,8 @@ def band_frames(runs, curves, by: list[str]) -> dict:
 # rename (never half-written), and no earlier summary's events stay beside it.
 EVENTS = "events.out.tfevents.0.autograd_lab_summary"
 
+DIFFS = "step-by-step differences: variant − reference of the same seed (mean, min-max)"
+
 
 def _crc32c_table():
     """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78): the checksum of TensorBoard's
@@ -160,19 +162,27 @@ def _scalar_value_prefix(tag: str) -> bytes:
 
 
 def band_events(metrics: dict, log_metrics: set) -> _Events:
-    """One group's seed-band run: one event a step, every band value of that step in it. The
-    Summary protos are serialised here directly (Summary{repeated Value value = 1}, Value{tag =
-    1, simple_value = 2}: protobuf's wire format, what Summary(...).SerializeToString() gives):
-    hundreds of thousands of protobuf objects would take most of a summary's time.
-    test_summary_scale reads the values back with TensorBoard's EventAccumulator."""
+    """One group's seed-band run: one event a step, every band value of that step in it."""
+    events = _Events()
+    at_step = band_values(metrics, log_metrics)
+    for step in sorted(at_step):
+        events.add_serialized_summary(b"".join(at_step[step]), step)
+    return events
+
+
+def band_values(metrics: dict, log_metrics: set, tag=band_tag) -> dict:
+    """{step: [serialised Summary.Value]} of bands ({metric: frame of mean, min, max by step}),
+    tagged `tag(metric, stat)`. The Summary protos are serialised here directly (Summary{repeated
+    Value value = 1}, Value{tag = 1, simple_value = 2}: protobuf's wire format, what
+    Summary(...).SerializeToString() gives): hundreds of thousands of protobuf objects would
+    take most of a summary's time. test_summary_scale reads them back with EventAccumulator."""
     import struct
 
-    events = _Events()
     at_step: dict = {}  # step -> [serialised Summary.Value, ...]
     for metric, frame in metrics.items():
         for stat in ("mean", "min", "max"):
-            prefix = _scalar_value_prefix(band_tag(metric, stat))
-            log_prefix = _scalar_value_prefix(band_tag(f"{metric}/log10", stat))
+            prefix = _scalar_value_prefix(tag(metric, stat))
+            log_prefix = _scalar_value_prefix(tag(f"{metric}/log10", stat))
             for step, value in zip(frame.index.tolist(), frame[stat].tolist(), strict=True):
                 values = at_step.setdefault(int(step), [])
                 value_bytes = prefix + struct.pack("<f", value)
@@ -180,9 +190,7 @@ def band_events(metrics: dict, log_metrics: set) -> _Events:
                 if metric in log_metrics and value > 0:
                     value_bytes = log_prefix + struct.pack("<f", math.log10(value))
                     values.append(b"\x0a" + _varint(len(value_bytes)) + value_bytes)
-    for step in sorted(at_step):
-        events.add_serialized_summary(b"".join(at_step[step]), step)
-    return events
+    return at_step
 
 
 def _scalars(values: dict):
@@ -253,14 +261,15 @@ def _umask() -> int:
     return mask
 
 
-def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> None:
+def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=(), diffs=None) -> None:
     """folder (a sweep's summary/) as TensorBoard runs: `summary` (the layout and the summary
     PNGs as images) and one `summary/<group>` run per group of several seeds, holding the
     per-step mean, min and max over the seeds (`seed_bands/<metric>/mean|min|max`):
     TensorBoard colours a chart's lines by run, so each group gets its own colour and name. A
     group of one run has no band (its run is the line). Each run's events file is written whole
     and renamed into place, so a kill leaves the old summary run or the new one; the group
-    runs of an earlier summary that this one has not are removed after."""
+    runs of an earlier summary that this one has not are removed after. `diffs`: ({step:
+    [serialised Summary.Value]}, {chart: ...}) of sweep.diff.tensorboard_diffs, in `summary`."""
     import shutil
 
     import numpy as np
@@ -308,9 +317,13 @@ def write_summary_run(folder: Path, runs, curves, by: list[str], pngs=()) -> Non
     # order (seen in headless Chromium): written reversed, they read train/loss first
     charts = dict(reversed(list(charts.items())))
     events = _Events()
-    events.add_summary(layout_summary({BANDS: charts}))
+    diff_values, diff_charts = diffs or ({}, {})
+    events.add_summary(layout_summary({BANDS: charts, **({DIFFS: diff_charts} if diff_charts
+                                                         else {})}))
     for png in pngs:
         events.add_summary(_png_summary(f"summary/{Path(png).stem}", Path(png).read_bytes()))
+    for step in sorted(diff_values):
+        events.add_serialized_summary(b"".join(diff_values[step]), step)
 
     atomic_write_bytes(folder / EVENTS, events.data())  # the `summary` run, replaced whole
     for old in folder.glob("events.out.tfevents.*"):  # an earlier summary's, other names

@@ -16,14 +16,25 @@ from autograd_lab.disk.lock import RunLock
 from autograd_lab.errors import UserError, clip, error_text
 from autograd_lab.job.messages import sweep_table, tensorboard_hint
 from autograd_lab.sweep.board import write_summary_run
+from autograd_lab.sweep.diff import (
+    READING,
+    diff_bands,
+    diff_table,
+    figure_diff,
+    first_differences,
+    step_differences,
+    tensorboard_diffs,
+)
 from autograd_lab.sweep.figures import figure_cost, figure_curves, figure_stability
 from autograd_lab.sweep.runs import load_curves, load_runs
+from autograd_lab.sweep.spectrum import figure_spectrum
 from autograd_lab.sweep.tables import (
     COST,
     RESULTS,
     group_table,
     study_of,
 )
+from autograd_lab.text import fmt_number
 
 
 def summarize(path, by: list[str] | None = None) -> Path:
@@ -113,6 +124,11 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
                  "Figures that belong to each job, whatever ran before it in the process "
                  "(exact bytes, in MiB; seconds per step is the median after a warm-up).", "",
                  _markdown(cost), ""]
+    diffs = step_differences(intact, curves, by)
+    if len(diffs):
+        text += ["## Step-by-step differences", "", READING, "",
+                 _markdown(diff_table(first_differences(diffs))), ""]
+    text += _landscape_section(path)
     if len(failed):
         shown = failed.assign(error=failed.error.fillna("").astype(str).map(
             lambda e: clip(e, 110)))
@@ -145,18 +161,42 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
         write_csv(out / "runs.csv", runs)
         write_parquet(out / "curves.parquet", curves)
         atomic_write_bytes(out / "summary.md", "\n".join(text).encode())
+        if len(diffs):
+            write_parquet(out / "diff.parquet", diffs)
+        elif (out / "diff.parquet").is_file():  # an earlier summary's, of other runs
+            (out / "diff.parquet").unlink()
         pngs = plot_curves(intact, curves[curves.run.isin(intact.run)], by, out)
         for old in out.glob("*.png"):  # an earlier summary's figure this one does not draw
             if old not in pngs and old.is_file() and not old.is_symlink():
                 old.unlink()
 
         # the TensorBoard run `summary`: seed bands and these PNGs
-        write_summary_run(out, intact, curves, by, pngs)
+        write_summary_run(out, intact, curves, by, pngs,
+                          diffs=tensorboard_diffs(diff_bands(diffs)))
     except OSError as e:
         where = e.filename or out
         raise UserError(f"cannot write the summary: {where}: "
                         f"{e.strerror or type(e).__name__}") from None
     return out, runs
+
+
+def _landscape_section(path: Path) -> list[str]:
+    """summary.md's lines for path/landscape/pairs.parquet (`autograd-lab landscape SWEEP
+    --pairs KEY`), its columns as a table; [] without the file, one line when it does not
+    parse."""
+    file = path / "landscape" / "pairs.parquet"
+    if not file.is_file():
+        return []
+    head = ["## Loss landscape", "", "Interpolations between paired runs: "
+            "`landscape/pairs.parquet` (`autograd-lab landscape SWEEP --pairs KEY`).", ""]
+    try:
+        frame = pd.read_parquet(file)
+        table = frame.astype(object).where(frame.notna(), "").map(
+            lambda v: v if isinstance(v, str) else fmt_number(v)
+            if isinstance(v, float) else str(v))
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, a column pandas cannot show
+        return head + [f"{file.name} does not parse: {clip(error_text(e), 160)}", ""]
+    return head + [_markdown(table) if len(table) else "No pairs in it.", ""]
 
 
 class SummaryCallback(Callback):
@@ -211,6 +251,12 @@ def _figures(runs, curves=None, by=None) -> list:
         cost = figure_cost(subset, by, study)
         if cost is not None:
             out.append((f"{name}_cost.png", cost))
+        diff = figure_diff(subset, mine, by, study)  # variant − reference, same seed
+        if diff is not None:
+            out.append((f"{name}_diff.png", diff))
+        spectrum = figure_spectrum(subset, mine, by)  # the Hessian's density over training
+        if spectrum is not None:
+            out.append((f"{name}_spectrum.png", spectrum))
         if (mine.name == "probes/sharpness").any():  # sharpness against each run's 2/lr
 
             out.append((f"{name}_sharpness.png", figure_stability(subset, mine)))

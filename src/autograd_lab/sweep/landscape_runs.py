@@ -1,0 +1,143 @@
+"""The runs a loss-landscape slice reads, checked before torch is imported: a run directory's
+config and checkpoints, whether two runs are of one model, and a shared lock on the run while
+it is read (a training job in it refuses the slice in one line; the slice changes no file of
+the run: not even the lock file's contents). Torch-free: `autograd-lab landscape` checks its
+input with it first."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+from autograd_lab.disk.formats import CHECKPOINT
+from autograd_lab.disk.lock import (
+    LOCK_NAME,
+    InUse,
+    check_entries,
+    check_free,
+    foreign,
+    open_own,
+)
+from autograd_lab.errors import UserError
+from autograd_lab.job.rundir import read_run_json
+
+# keys of the model node that do not change the architecture (where its start came from)
+_NOT_ARCHITECTURE = ("weights_path", "weights", "weights_files")
+
+
+def run_config(run_dir: Path) -> dict:
+    """The resolved config of the run in `run_dir` (run.json's, else the one Hydra saved in
+    .hydra/config.yaml); a UserError when `run_dir` is no run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such folder; give a run directory (runs/..., a job "
+                        f"folder of a sweep)")
+    check_entries(run_dir)
+    record, problem = read_run_json(run_dir)
+    config = (record or {}).get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        return config
+    hydra = run_dir / ".hydra" / "config.yaml"
+    if hydra.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(hydra), resolve=True)
+        except Exception as e:  # a half-written file, an interpolation only the app resolves
+            raise UserError(f"{run_dir}: its config ({hydra}) cannot be read ({e}); "
+                            f"nothing to rebuild the model from") from None
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            return config
+    why = f" ({problem})" if problem else ""
+    raise UserError(f"{run_dir}: not a run directory (no run.json with a config{why}, no "
+                    f".hydra/config.yaml); give a run directory, or a sweep folder with --pairs")
+
+
+def _step_in_name(path: Path) -> int:
+    found = re.search(r"step=(\d+)", path.name)
+    return int(found.group(1)) if found else -1
+
+
+def run_checkpoints(run_dir: Path) -> tuple[Path, list[Path]]:
+    """(the final weights' checkpoint, the other checkpoints in the order they were written):
+    checkpoints/last.ckpt (the harness's own, written at the end) and the files of Lightning's
+    ModelCheckpoint (`callbacks=[model_checkpoint]`, checkpoints/<epoch>-<step>.ckpt). A
+    UserError when the run has none."""
+    folder = Path(run_dir) / "checkpoints"
+    files = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    files = [f for f in files if f.is_file() and not f.is_symlink()]
+    last = Path(run_dir) / CHECKPOINT
+    if not files:
+        raise UserError(f"{run_dir}: no checkpoint ({CHECKPOINT} is missing: the run was killed "
+                        f"before its first save, or it diverged); nothing to slice")
+    others = sorted((f for f in files if f != last),
+                    key=lambda f: (_step_in_name(f), f.stat().st_mtime))
+    if last in files:
+        return last, others
+    return others[-1], others[:-1]
+
+
+def architecture(config: dict) -> dict:
+    """The part of a run's config that decides the model's parameters and their shapes."""
+    model = {k: v for k, v in config["model"].items() if k not in _NOT_ARCHITECTURE}
+    return model
+
+
+def check_same_model(a: Path, config_a: dict, b: Path, config_b: dict) -> None:
+    """Two runs can be interpolated only when their models are one architecture."""
+    ma, mb = architecture(config_a), architecture(config_b)
+    if ma == mb:
+        return
+    keys = sorted(k for k in ma.keys() | mb.keys() if ma.get(k) != mb.get(k))
+    key = "name" if "name" in keys else keys[0]
+    raise UserError(f"{b}: a run of another model (model.{key}={json.dumps(mb.get(key))}, "
+                    f"{a} has model.{key}={json.dumps(ma.get(key))}); a slice between two runs "
+                    f"needs the same model")
+
+
+@contextlib.contextmanager
+def reading(run_dir: Path):
+    """Hold a shared lock on the run while it is read: a training job running there (it holds
+    the exclusive lock) refuses the slice in one line, and none can start in it until the slice
+    is read. The lock file is opened read-only and never written (RunLock would write its holder
+    into it): the run's files stay bitwise as they were. A run without a lock file (made by no
+    process that locked it) is read as it is."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = open_own(path)  # read-only; a symlink, FIFO or folder there: one line
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                check_free(run_dir)  # the holder's words: pid, host, since
+            except InUse as e:
+                raise InUse(f"{str(e).split(';')[0]}; a training job is running there: "
+                            f"slice it once it has ended") from None
+            raise InUse(f"{run_dir} is in use by another autograd-lab process; slice it once "
+                        f"that has ended") from None
+        yield
+    finally:
+        os.close(fd)  # releases the shared lock
+
+
+def output_folder(base: Path) -> Path:
+    """<base>/landscape, checked: a symlink or file of that name would take the outputs
+    elsewhere (refused in one line, nothing written)."""
+    folder = Path(base) / "landscape"
+    if (error := foreign(folder, folder=True)) is not None:
+        raise error
+    return folder
+
+
+def safe_name(text: str) -> str:
+    """A file-name part from a run's name or a value: letters, digits, `-_.=` kept."""
+    cleaned = re.sub(r"[^A-Za-z0-9._=-]+", "_", str(text)).strip("_.")
+    return cleaned[:80] or "run"
