@@ -239,7 +239,8 @@ def test_a_run_writes_the_spectrum_to_tensorboard_and_parquet_and_resumes_it_exa
     with pytest.raises(SystemExit):
         run(cfg_factory(*SPECTRUM), resumed_dir, callbacks=[SendSignal(4, "train",
                                                                        signal.SIGTERM)])
-    assert run(cfg_factory(*SPECTRUM), resumed_dir)["status"] == "completed"
+    resumed = run(cfg_factory(*SPECTRUM), resumed_dir)
+    assert resumed["status"] == "completed" and resumed["resumed"]["from_step"] == 4
     again = pd.read_parquet(resumed_dir / "metrics.parquet")
     again = again[again.name.str.startswith("probes/hessian")]
     pd.testing.assert_frame_equal(again.sort_values(["step", "name"]).reset_index(drop=True),

@@ -258,6 +258,7 @@ def test_a_sweeps_pairs_are_interpolated_and_tabulated(tmp_path, data_root):
     stored = pd.read_parquet(sweep / "landscape" / "pairs.parquet")
     assert list(stored.columns[:6]) == ["key", "from_value", "to_value", "seed", "from_run",
                                         "to_run"] and len(stored) == 1
+    assert (sweep / "landscape" / "pairs.png").is_file()
 
 
 def test_bad_input_is_one_line(trained, tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ need them, so `autograd-lab train --help` and `--cfg job` answer without paying 
 __version__ = "0.1.0"
 
 # The notebook API (api.py), loaded on first use so that importing the package stays cheap.
-__all__ = ["run", "multirun", "show", "title_of", "quiet", "Run", "Sweep"]
+__all__ = ["run", "multirun", "landscape", "show", "title_of", "quiet", "Run", "Sweep"]
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from autograd_lab.data.loader import load_split_tensors, normalize
-from autograd_lab.disk.files import write_parquet
+from autograd_lab.disk.files import atomic_write_bytes, write_parquet
 from autograd_lab.errors import UserError
 from autograd_lab.job.build import build_network
 from autograd_lab.job.messages import busy_note, machine_load
@@ -36,7 +36,7 @@ from autograd_lab.observe.landscape import (
     scaled_to,
     tensor_kinds,
 )
-from autograd_lab.sweep.landscape_files import line_figure, plane_figure, write_board, write_slice
+from autograd_lab.sweep import landscape_files as out
 from autograd_lab.sweep.landscape_runs import (
     check_same_model,
     output_folder,
@@ -125,12 +125,12 @@ def fixed_sets(cfg, examples: int, seed: int, device) -> dict:
     tensors = load_split_tensors(cfg.data)
     g = torch.Generator().manual_seed(int(seed))
     subset = cfg.data.get("subset") or None
-    out = {}
+    sets = {}
     for split, x, y in (("train", tensors["train_x"][:subset], tensors["train_y"][:subset]),
                         ("val", tensors["test_x"], tensors["test_y"])):
         idx = torch.randperm(len(x), generator=g)[:examples].sort().values
-        out[split] = (normalize(x[idx]).to(device), y[idx].to(device))
-    return out
+        sets[split] = (normalize(x[idx]).to(device), y[idx].to(device))
+    return sets
 
 
 @contextlib.contextmanager
@@ -215,10 +215,10 @@ def line(run_dir: Path, to: Path | None = None, *, alphas=(-0.5, 1.5), points: i
         title = title or (f"{run_dir.name}: loss along the straight line to another run's final "
                           f"weights" if to is not None else f"{run_dir.name}: loss from the "
                           f"initial (α=0) to the final weights (α=1)")
-        fig = line_figure(frame, title, labels, meta["examples"])
-        files = write_slice(folder, name, frame, fig, meta)
+        fig = out.line_figure(frame, title, labels, meta["examples"])
+        files = out.write_slice(folder, name, frame, fig, meta)
         if board:
-            files.append(write_board(run_dir, name, files[1], frame, end_step))
+            files.append(out.write_board(run_dir, name, files[1], frame, end_step))
     return Slice(name, "line", frame, files, None, meta)
 
 
@@ -292,10 +292,10 @@ def plane(run_dir: Path, *, directions: str = "random", grid: int = 25, span: fl
                 "examples": {k: len(v[1]) for k, v in sets.items()}, "example_seed": seed}
         folder = output_folder(run_dir)
         title = f"{run_dir.name}: loss on a plane through the final weights (step {final_step})"
-        fig = plane_figure(frame, trajectory, title, axis, meta["examples"])
-        files = write_slice(folder, name, frame, fig, meta, trajectory)
+        fig = out.plane_figure(frame, trajectory, title, axis, meta["examples"])
+        files = out.write_slice(folder, name, frame, fig, meta, trajectory)
         if board:
-            files.append(write_board(run_dir, name, files[1], None, final_step))
+            files.append(out.write_board(run_dir, name, files[1], None, final_step))
     return Slice(name, "plane", frame, files, trajectory, meta)
 
 
@@ -310,7 +310,7 @@ def pairs(sweep_dir: Path, key: str, **kw) -> tuple[pd.DataFrame, list[Slice]]:
     if not len(found):
         raise UserError(f"--pairs {key}: no two runs of {sweep_dir} differ in {key} alone "
                         f"(with the same seed and every other key equal); nothing to pair")
-    out = output_folder(sweep_dir)
+    folder = output_folder(sweep_dir)
     rows, slices = [], []
     extra = [c for c in found.columns if c not in ("key", "reference_value", "variant_value",
                                                    "reference_run", "variant_run", "seed")]
@@ -335,5 +335,11 @@ def pairs(sweep_dir: Path, key: str, **kw) -> tuple[pd.DataFrame, list[Slice]]:
                      "file": f"{name}.parquet"})
         slices.append(s)
     table = pd.DataFrame(rows)
-    write_parquet(out / "pairs.parquet", table)
+    write_parquet(folder / "pairs.parquet", table)
+    curves = [(f"seed {r['seed']}: {r['from_value']} -> {r['to_value']}"
+               + "".join(f", {c}={r[c]}" for c in extra), s.frame)
+              for r, s in zip(rows, slices, strict=True)]
+    atomic_write_bytes(folder / "pairs.png", out.png_bytes(out.pairs_figure(
+        curves, f"{sweep_dir.name}: {key}, the straight line between the final weights of each "
+                f"pair of runs (same seed, every other key equal)")))
     return table, slices

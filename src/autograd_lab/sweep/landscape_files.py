@@ -57,6 +57,28 @@ def line_figure(frame: pd.DataFrame, title: str, labels, examples: dict):
     return fig
 
 
+def pairs_figure(curves: list[tuple[str, pd.DataFrame]], title: str):
+    """Every pair's line in one figure: train loss (left) and val loss (right) against α,
+    one colour per pair."""
+    fig, panels = pyplot().subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, split in zip(panels, ("train", "val"), strict=True):
+        for label, frame in curves:
+            ax.plot(frame.alpha, frame[f"{split}_loss"], marker=".", ms=3, label=label)
+        for alpha in (0.0, 1.0):
+            ax.axvline(alpha, color="0.6", lw=0.8, zorder=0)
+        ax.set_xlabel("α  (0: the reference run's final weights, 1: the variant's)")
+        ax.set_title(f"{split} loss", fontsize=10)
+        ax.grid(alpha=0.3)
+    values = np.concatenate([f[["train_loss", "val_loss"]].to_numpy().ravel() for _, f in curves])
+    if np.nanmin(values) > 0 and np.nanmax(values) / np.nanmin(values) > 20:
+        panels[0].set_yscale("log")
+    panels[0].set_ylabel("mean cross-entropy")
+    panels[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plane_figure(frame: pd.DataFrame, trajectory: pd.DataFrame, title: str, axes, examples):
     """Filled contours of the train (left) and val (right) loss over the plane (log-spaced
     levels), the final weights at the centre, the run's checkpoints projected onto the plane
