@@ -151,8 +151,8 @@ def test_no_errors_and_no_library_noise(which, request):
     assert not noisy, noisy[:5]
 
 
-@pytest.mark.parametrize("which, pngs, graphs", [("tour", 1, 3), ("sweep_default", 6, 0),
-                                                 ("sweep_papermill", 3, 0)])
+@pytest.mark.parametrize("which, pngs, graphs", [("tour", 2, 3), ("sweep_default", 14, 0),
+                                                 ("sweep_papermill", 5, 0)])
 def test_every_figure_has_a_title(which, pngs, graphs, request):
     import shutil
 
@@ -166,17 +166,32 @@ def test_tour_figure_titles(tour):
     titles = [t for _, t in _images(tour)]
     assert any(t.startswith("zero_grad_study on synthetic: train/loss per step") for t in titles)
     assert "SmallNet, batch 32: what backward keeps alive" in titles
+    assert any(t.startswith("SmallNet: 1-D slices of the loss through w") for t in titles)
 
 
-def test_sweep_analysis_without_parameters_runs_two_studies_that_differ(sweep_default):
+def test_sweep_analysis_without_parameters_runs_three_studies_that_differ(sweep_default):
     text = _text(sweep_default)
     assert re.search(r"^sweep \S+/zero_grad_study/\S+: 4 jobs run, 0 skipped$", text, flags=re.M)
     assert re.search(r"^sweep \S+/freeze_study/\S+: 3 jobs run, 0 skipped$", text, flags=re.M)
+    assert re.search(r"^sweep \S+/stability_study/\S+: 3 jobs run, 0 skipped$", text, flags=re.M)
     assert "freeze_study: 3 runs, compared by variant" in text
     assert "zero_grad_study: 4 runs, compared by train.zero_grad" in text
+    assert "stability_study: 3 runs, compared by optim.lr" in text
     titles = [t for _, t in _images(sweep_default)]
-    for study in ("zero_grad_study", "freeze_study"):
-        assert sum(t.startswith(f"{study} on synthetic:") for t in titles) == 3, titles
+    # loss, step-by-step difference (variants only), cost, probe; the spectrum for stability
+    for study in ("zero_grad_study", "freeze_study", "stability_study"):
+        assert sum(t.startswith(f"{study} on synthetic:") for t in titles) == 4, titles
+    assert any(t.startswith("stability_study on synthetic: Hessian spectral density")
+               for t in titles)
+    assert any(t.startswith("Sharpness against the stability limit") for t in titles)
+    # the interpolation between each seed's zero_grad on and off runs: two pairs, two seeds
+    assert any(t.startswith("train.zero_grad: the straight line between") for t in titles)
+    tables = [o["data"]["text/plain"] for o in _outputs(sweep_default)
+              if "barrier" in o.get("data", {}).get("text/plain", "")]
+    assert len(tables) == 1, tables
+    for seed in (0, 1):  # a row per seed: key, from, to, seed
+        assert re.search(rf"^{seed}\s+train\.zero_grad\s+true\s+false\s+{seed}\s", tables[0],
+                         flags=re.M), tables[0]
 
 
 def test_sweep_analysis_through_papermill_reads_the_given_sweep(sweep_papermill, tiny_sweep):

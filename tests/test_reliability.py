@@ -29,8 +29,9 @@ def test_many_jobs_in_one_process_leak_nothing(tmp_path, data_root):
     out = cli("train", "-m", *TINY, f"data.root={data_root}", "seed=range(0,16)",
               # the spectrum probe (2-3 s a job at step 0) is left out: its leaks are the
               # sharpness probe's (one HessianBlock, freed with it), and 16 of it cost 10 s
-              "probes=full", "probes.spectrum_every_n_steps=0", "profiler=torch", "profiler.wait=0", "profiler.warmup=1",
-              "profiler.active=1", "checkpoint.every_n_steps=2",
+              "probes=full", "probes.spectrum_every_n_steps=0", "profiler=torch",
+              "profiler.wait=0", "profiler.warmup=1", "profiler.active=1",
+              "checkpoint.every_n_steps=2",
               f"hydra.sweep.dir={tmp_path / 'sweep'}",
               "+hydra.callbacks.leak._target_=leakprobe.LeakProbe",
               f"+hydra.callbacks.leak.out={log}",

@@ -55,7 +55,8 @@ def figure_stability(runs, curves):
         if s.empty:
             continue
         label = f"lr={run[lr_col]:g}" if lr_col else str(run.run)
-        others = [k for k in runs.attrs.get("swept", []) if k not in ("optim.lr",) and k in run]
+        others = [k for k in runs.attrs.get("swept", []) if k not in ("optim.lr",) and k in run
+                  and runs[k].astype(str).nunique() > 1]  # what differs within these runs
         if others:
             label += " (" + ", ".join(f"{k}={run[k]}" for k in others) + ")"
         line, = ax.plot(s.step, s.value, lw=1.2, label=f"{label}: sharpness")

@@ -9,6 +9,7 @@ shared lock (landscape_runs.reading)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,10 +161,10 @@ def _device(device: str | None) -> torch.device:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the text bar (stderr), in a notebook too: no widget needed
 
-    return tqdm(total=total, desc=desc, unit="point", file=sys.stderr, disable=not progress,
-                leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="point", file=sys.stderr, leave=False,
+                disable=None if progress else True, dynamic_ncols=True)  # None: a terminal only
 
 
 # ------------------------------------------------------------------ a line
@@ -313,10 +314,14 @@ def pairs(sweep_dir: Path, key: str, **kw) -> tuple[pd.DataFrame, list[Slice]]:
     folder = output_folder(sweep_dir)
     rows, slices = [], []
     extra = [c for c in found.columns if c not in ("key", "reference_value", "variant_value",
-                                                   "reference_run", "variant_run", "seed")]
+             "reference_run", "variant_run", "seed") and found[c].astype(str).nunique() > 1]
     for pair in found.to_dict("records"):
         a, b = sweep_dir / pair["reference_run"], sweep_dir / pair["variant_run"]
-        name = f"{safe_name(pair['reference_run'])}__to__{safe_name(pair['variant_run'])}"
+        # the job folders' own names (the swept keys), and a hash of the two runs' whole
+        # names: pairs from two sweeps of one folder never share a file
+        tag = hashlib.sha1(f"{pair['reference_run']}\0{pair['variant_run']}".encode()).hexdigest()
+        name = (f"{safe_name(Path(pair['reference_run']).name)}__to__"
+                f"{safe_name(Path(pair['variant_run']).name)}_{tag[:8]}")
         key, ref, var = pair["key"], pair["reference_value"], pair["variant_value"]
         s = line(a, b, name=name, out_dir=sweep_dir, board=False,
                  labels=(f"{key}={ref} (final weights)", f"{key}={var} (final weights)"),
