@@ -231,33 +231,40 @@ def test_shortcuts_give_the_plain_forward(trained):
 def test_a_sweeps_pairs_are_interpolated_and_tabulated(tmp_path, data_root):
     """--pairs train.zero_grad: one row per seed, the line from the zero_grad=true run's final
     weights to the false one's; its ends are each run's final-weight loss (the oracle: a plain
-    SmallNet from each last.ckpt) and the barrier is recomputed from the stored curve."""
+    SmallNet from each last.ckpt) and the barrier is recomputed from the stored curve. The runs'
+    names share a long prefix (a sweep folder inside a folder of runs): each pair has its own
+    files all the same."""
     from autograd_lab.train import run
 
     sweep = tmp_path / "sweep"
-    for value in ("true", "false"):
-        run(make_cfg("data.train_size=64", "data.test_size=32", "trainer.max_steps=3",
-                     "trainer.max_epochs=10", "probes=off", f"train.zero_grad={value}",
-                     data_root=data_root), sweep / f"train.zero_grad={value}")
+    prefix = "zero_grad_study/" + ",".join(f"data.option_{i}=value_{i}" for i in range(8))
+    for seed in (0, 1):
+        for value in ("true", "false"):
+            run(make_cfg("data.train_size=64", "data.test_size=32", "trainer.max_steps=3",
+                         "trainer.max_epochs=10", "probes=off", f"train.zero_grad={value}",
+                         f"seed={seed}", data_root=data_root),
+                sweep / prefix / f"seed={seed},train.zero_grad={value}")
     table = al.landscape(sweep, pairs="train.zero_grad", points=11, examples=64)
-    assert len(table) == 1
-    row = table.iloc[0]
-    assert (row.from_value, row.to_value, row.seed) == ("true", "false", "0")  # as typed
+    assert sorted(table.seed) == ["0", "1"] and table.file.nunique() == 2  # as typed
     t = load_split_tensors(make_cfg("data.train_size=64", "data.test_size=32",
                                     data_root=data_root).data)
     x, y = normalize(t["train_x"]), t["train_y"]
-    assert row.loss_from == pytest.approx(_loss_acc(_final_model(sweep / row.from_run), x, y)[0],
-                                          rel=1e-5)
-    assert row.loss_to == pytest.approx(_loss_acc(_final_model(sweep / row.to_run), x, y)[0],
-                                        rel=1e-5)
-    curve = pd.read_parquet(sweep / "landscape" / row.file)
-    inside = curve[(curve.alpha >= 0) & (curve.alpha <= 1)]
-    line = (1 - inside.alpha) * row.loss_from + inside.alpha * row.loss_to
-    assert row.barrier == pytest.approx((inside.train_loss - line).max(), abs=1e-9)
-    assert row.loss_mid == pytest.approx(curve[curve.alpha == 0.5].train_loss.item())
+    for row in table.itertuples():
+        assert (row.from_value, row.to_value) == ("true", "false")
+        assert row.from_run.endswith(f"seed={row.seed},train.zero_grad=true")
+        assert row.loss_from == pytest.approx(
+            _loss_acc(_final_model(sweep / row.from_run), x, y)[0], rel=1e-5)
+        assert row.loss_to == pytest.approx(
+            _loss_acc(_final_model(sweep / row.to_run), x, y)[0], rel=1e-5)
+        curve = pd.read_parquet(sweep / "landscape" / row.file)
+        inside = curve[(curve.alpha >= 0) & (curve.alpha <= 1)]
+        line = (1 - inside.alpha) * row.loss_from + inside.alpha * row.loss_to
+        assert row.barrier == pytest.approx((inside.train_loss - line).max(), abs=1e-9)
+        assert row.loss_mid == pytest.approx(curve[curve.alpha == 0.5].train_loss.item())
+        assert curve[curve.alpha == 0.0].train_loss.item() == pytest.approx(row.loss_from)
     stored = pd.read_parquet(sweep / "landscape" / "pairs.parquet")
     assert list(stored.columns[:6]) == ["key", "from_value", "to_value", "seed", "from_run",
-                                        "to_run"] and len(stored) == 1
+                                        "to_run"] and len(stored) == 2
     assert (sweep / "landscape" / "pairs.png").is_file()
 
 

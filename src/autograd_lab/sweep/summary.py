@@ -216,8 +216,10 @@ class SummaryCallback(Callback):
             sys.exit(1)
 
         print(f"\n{sweep_table(runs, runs.attrs.get('swept', []))}")
-        print(f"\nsummary: {out / 'summary.md'} (runs.csv, runs.parquet, curves.parquet, "
-              f"{', '.join(p.name for p in sorted(out.glob('*.png')))})")
+        files = ["runs.csv", "runs.parquet", "curves.parquet",
+                 *["diff.parquet"] * (out / "diff.parquet").is_file(),
+                 *(p.name for p in sorted(out.glob("*.png")))]
+        print(f"\nsummary: {out / 'summary.md'} ({', '.join(files)})")
         print(f"tensorboard: {tensorboard_hint(sweep_dir)}")
         bad = runs[runs.status.isin(["failed", "interrupted", "broken"])]
         for _, row in bad.iterrows():
