@@ -77,13 +77,32 @@ def _timed(fn, repeats: int, device) -> float:
     return statistics.median(out)
 
 
+def _model_data_step(name: str, device: torch.device, n: int):
+    """The model in train mode, n random CIFAR-shaped examples and their labels, and the median
+    ms of a training step (batch 32, SGD with momentum) on them."""
+    from autograd_lab.model.networks import SmallNet, resnet18
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = (SmallNet() if name == "smallnet" else resnet18()).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(n, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (n,), generator=g).to(device)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x[:32]), y[:32]).backward()
+        opt.step()
+
+    return model, x, y, _timed(step, 20, device)
+
+
 def cost(models: list[str], device: torch.device, resnet_examples: int) -> None:
     for name in models:
         _cost_one(name, device, resnet_examples)
 
 
 def _cost_one(name: str, device: torch.device, resnet_examples: int) -> None:
-    from autograd_lab.model.networks import SmallNet, resnet18
     from autograd_lab.observe.dynamics import (
         has_train_batchnorm,
         per_example_noise,
@@ -91,21 +110,9 @@ def _cost_one(name: str, device: torch.device, resnet_examples: int) -> None:
         two_batch_noise,
     )
 
-    g = torch.Generator().manual_seed(0)
     n_sharp, iters = FULL["sharpness_examples"], FULL["sharpness_iters"]
     n_gns = FULL["gns_batch_size"]
-    torch.manual_seed(0)
-    model = (SmallNet() if name == "smallnet" else resnet18()).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(n_sharp, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (n_sharp,), generator=g).to(device)
-
-    def step():
-        opt.zero_grad()
-        F.cross_entropy(model(x[:32]), y[:32]).backward()
-        opt.step()
-
-    step_ms = _timed(step, 20, device)
+    model, x, y, step_ms = _model_data_step(name, device, n_sharp)
     print(f"{name} on {device}: training step (batch 32) {step_ms:.2f} ms")
     examples = n_sharp if name == "smallnet" or device.type == "cuda" else resnet_examples
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, examples, 32)]
@@ -144,7 +151,6 @@ def spectrum_cost(models: list[str], device: torch.device, threads: list[int | N
 
 
 def _spectrum_one(name: str, device: torch.device, label: str, resnet_examples: int) -> None:
-    from autograd_lab.model.networks import SmallNet, resnet18
     from autograd_lab.observe.curvature import (
         HessianBlock,
         hutchinson_trace,
@@ -156,19 +162,7 @@ def _spectrum_one(name: str, device: torch.device, label: str, resnet_examples: 
     k, top_iters = FULL["spectrum_top_k"], FULL["spectrum_top_iters"]
     samples, runs, iters = FULL["hutchinson_samples"], FULL["slq_runs"], FULL["slq_iters"]
     bins = FULL["spectrum_bins"]
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = (SmallNet() if name == "smallnet" else resnet18()).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(n_spec, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (n_spec,), generator=g).to(device)
-
-    def step():
-        opt.zero_grad()
-        F.cross_entropy(model(x[:32]), y[:32]).backward()
-        opt.step()
-
-    step_ms = _timed(step, 20, device)
+    model, x, y, step_ms = _model_data_step(name, device, n_spec)
     examples = n_spec if name == "smallnet" or device.type == "cuda" else resnet_examples
     scale = n_spec / examples
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, examples, 32)]
