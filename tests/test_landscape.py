@@ -301,12 +301,32 @@ def test_bad_input_is_one_line(trained, tmp_path, monkeypatch, capsys):
         assert "a training job is running there" in line(copy)
 
 
-def test_the_console_script(trained, tmp_path):
+def test_the_console_script(trained, tmp_path, monkeypatch, capsys):
+    """In a terminal (a pseudo-terminal made by `script`) the progress bar runs on stderr;
+    into a file or a pipe there is none, only the result's lines."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     run_dir, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("landscape", "*.landscape"))
-    out = cli("landscape", str(copy), "--points", "3", "--examples", "16", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    exe = Path(sys.executable).parent / "autograd-lab"
+    # a terminal's size as a real one has (tqdm draws nothing on a 0-row terminal)
+    command = f"stty rows 40 cols 120; {exe} landscape {copy} --points 3 --examples 16"
+    if shutil.which("script"):  # util-linux: the command on a terminal of its own
+        out = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    else:
+        out = cli("landscape", str(copy), "--points", "3", "--examples", "16", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
     assert "interpolation: 5 points" in out.stdout and "written:" in out.stdout
-    assert "point" in out.stderr  # the progress bar, on stderr
+    if shutil.which("script"):
+        assert "point/s" in out.stdout  # the bar (a terminal has one stream)
     assert (copy / "landscape" / "interpolation.png").is_file()
+    piped = in_process(["landscape", str(copy), "--points", "3", "--examples", "16", "--name",
+                        "piped"], tmp_path, monkeypatch, capsys)
+    assert piped.returncode == 0 and "piped: 5 points" in piped.stdout, piped
+    assert "point/s" not in piped.stderr and "\r" not in piped.stderr, piped  # no bar in a file
