@@ -147,14 +147,23 @@ def test_summary_has_the_differences(sweep, frames, tmp_path):
 
     diffs = frames[2]
     (sweep / "landscape").mkdir(exist_ok=True)
-    pd.DataFrame({"key": ["train.zero_grad"], "seed": [0], "barrier": [0.25]}).to_parquet(
-        sweep / "landscape" / "pairs.parquet")
+    pd.DataFrame({"key": ["train.zero_grad"], "from_value": ["true"], "to_value": ["false"],
+                  "seed": ["0"], "from_run": ["a"], "file": ["a__to__b.parquet"],
+                  "loss_from": [1.0], "loss_mid": [2.5], "loss_to": [2.0],
+                  "barrier": [0.25]}).to_parquet(sweep / "landscape" / "pairs.parquet")
     out = summarize(sweep)
     text = (out / "summary.md").read_text()
     section = text.split("## Step-by-step differences", 1)[1]
     assert "means the variant computes exactly what the reference does" in section
     assert "| model.activation | custom_relu | relu" in section and "| never " in section
-    assert "## Loss landscape" in text and "| train.zero_grad | 0      | 0.25 " in text
+    landscape = text.split("## Loss landscape", 1)[1]
+    assert "the largest rise of the loss above the straight line" in landscape
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in landscape.splitlines()
+            if line.startswith("|")]
+    assert rows[0] == ["key", "from", "to", "seed", "loss α=0", "loss α=½", "loss α=1",
+                       "barrier"]
+    assert rows[2] == ["train.zero_grad", "true", "false", "0", "1", "2.5", "2", "0.25"]
+    assert "a__to__b" not in landscape  # the file names stay in pairs.parquet
     written = pd.read_parquet(out / "diff.parquet")
     pd.testing.assert_frame_equal(written.reset_index(drop=True),
                                   diffs.reset_index(drop=True), check_dtype=False)

@@ -62,3 +62,21 @@ def test_every_key_refuses_values_out_of_its_range(key, text, tmp_path, monkeypa
     assert len(lines) == 1 and lines[0].startswith("autograd-lab: error:"), out.err
     assert key in lines[0], lines[0]
     assert list(tmp_path.iterdir()) == [], "nothing may be created"
+
+
+@pytest.mark.parametrize("override", ["probes.spectrum_top_k=101", "probes.slq_iters=1001",
+                                      "probes.spectrum_top_iters=1001",
+                                      "probes.sharpness_iters=1001"])
+def test_lanczos_counts_have_an_upper_bound(override, tmp_path, monkeypatch, capsys):
+    """A Lanczos run keeps one vector of the model's size per step: 100,000 steps would hold the
+    probe for hours (it cannot see a stop signal inside). Refused in one line, like any range."""
+    from autograd_lab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = main(["train", "data=synthetic", f"data.root={tmp_path / 'data'}", "probes=full",
+                 override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and override in err, err
+    assert "to 100" in err or "to 1000" in err
+    assert not any(tmp_path.glob("runs/*"))

@@ -28,6 +28,10 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 # key -> (predicate, what is valid). Keys absent from the config (e.g. model.stem for smallnet)
 # are skipped, so one table serves every model and data choice.
+# Lanczos holds one vector of the model's size per step (ResNet18: 45 MB each) and reorthogonalises
+# against all of them: past 1000 steps a probe call takes hours and gigabytes, never what one meant
+LANCZOS = "an integer from 1 to 1000 (Lanczos steps: each keeps a vector of the model's size)"
+
 CHECKS: dict[str, tuple] = {
     "seed": (lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "resume": (lambda v: isinstance(v, bool), "true or false"),
@@ -111,7 +115,7 @@ CHECKS: dict[str, tuple] = {
                                        "an integer >= 0 (0: off)"),
     "probes.gns_every_n_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
     "probes.sharpness_examples": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.sharpness_iters": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "probes.sharpness_iters": (lambda v: is_int(v) and 1 <= v <= 1000, LANCZOS),
     "probes.sharpness_batch_size": (lambda v: v is None or (is_int(v) and v >= 1),
                                     "an integer >= 1, or null (the training batch size)"),
     "probes.gns_small_batch_size": (lambda v: v is None or (is_int(v) and v >= 1),
@@ -122,13 +126,16 @@ CHECKS: dict[str, tuple] = {
     "probes.spectrum_every_n_steps": (lambda v: is_int(v) and v >= 0,
                                       "an integer >= 0 (0: off)"),
     "probes.spectrum_examples": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.spectrum_top_k": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.spectrum_top_iters": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.hutchinson_samples": (lambda v: is_int(v) and v >= 2,
-                                  "an integer >= 2 (the standard error needs two)"),
-    "probes.slq_runs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "probes.slq_iters": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
-    "probes.spectrum_bins": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "probes.spectrum_top_k": (lambda v: is_int(v) and 1 <= v <= 100,
+                              "an integer from 1 to 100 (the eigenvalues to follow)"),
+    "probes.spectrum_top_iters": (lambda v: is_int(v) and 1 <= v <= 1000, LANCZOS),
+    "probes.hutchinson_samples": (lambda v: is_int(v) and 2 <= v <= 10_000,
+                                  "an integer from 2 to 10000 (the standard error needs two; "
+                                  "each is one Hessian-vector product)"),
+    "probes.slq_runs": (lambda v: is_int(v) and 1 <= v <= 100, "an integer from 1 to 100"),
+    "probes.slq_iters": (lambda v: is_int(v) and 2 <= v <= 1000, LANCZOS.replace("1 ", "2 ")),
+    "probes.spectrum_bins": (lambda v: is_int(v) and 2 <= v <= 10_000,
+                             "an integer from 2 to 10000"),
     "profiler.wait": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "profiler.warmup": (lambda v: is_int(v) and v >= 1, "an integer >= 1 (PyTorch recommends "
                         "warming up)"),

@@ -182,16 +182,25 @@ def _write_summary(path: Path, runs, by) -> tuple[Path, pd.DataFrame]:
 
 def _landscape_section(path: Path) -> list[str]:
     """summary.md's lines for path/landscape/pairs.parquet (`autograd-lab landscape SWEEP
-    --pairs KEY`), its columns as a table; [] without the file, one line when it does not
-    parse."""
+    --pairs KEY`): a row per pair, the train loss at both ends and the midpoint, and the
+    barriers; [] without the file, one line when it does not parse."""
     file = path / "landscape" / "pairs.parquet"
     if not file.is_file():
         return []
-    head = ["## Loss landscape", "", "Interpolations between paired runs: "
-            "`landscape/pairs.parquet` (`autograd-lab landscape SWEEP --pairs KEY`).", ""]
+    head = ["## Loss landscape", "", "The straight line between the final weights of each pair "
+            "of runs (same seed, every other key equal), α = 0 the reference run, 1 the "
+            "variant: the train loss at α = 0, ½ and 1, and the **barrier**, the largest rise "
+            "of the loss above the straight line between its two ends over α in [0, 1] (0: "
+            "nothing between the two solutions is worse than the chord; large: two separate "
+            "valleys). Curves and images: `landscape/` (`autograd-lab landscape SWEEP --pairs "
+            "KEY`).", ""]
+    names = {"key": "key", "from_value": "from", "to_value": "to", "seed": "seed",
+             "loss_from": "loss α=0", "loss_mid": "loss α=½", "loss_to": "loss α=1",
+             "barrier": "barrier", "val_barrier": "val barrier"}
     try:
         frame = pd.read_parquet(file)
-        table = frame.astype(object).where(frame.notna(), "").map(
+        shown = frame[[c for c in names if c in frame]].rename(columns=names)
+        table = shown.astype(object).where(shown.notna(), "").map(
             lambda v: v if isinstance(v, str) else fmt_number(v)
             if isinstance(v, float) else str(v))
     except Exception as e:  # pyarrow's ArrowInvalid, OSError, a column pandas cannot show
