@@ -109,6 +109,9 @@ def test_notebook_is_stored_without_outputs_or_hydra_plumbing(path):
             assert not re.search(r"hydra|GlobalHydra|initialize_config|compose\(", cell.source), \
                 cell.source[:200]
     assert "papermill" not in nb.metadata, "stored with papermill's execution metadata"
+    # valid against its own nbformat version's schema, as stored (a cell id in a 4.4 notebook
+    # makes nbconvert and papermill print "Notebook JSON is invalid")
+    nbformat.validate(nbformat.reads(path.read_text(), as_version=nbformat.NO_CONVERT))
 
 
 def test_sweep_notebook_has_a_parameters_cell():
