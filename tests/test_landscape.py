@@ -8,6 +8,7 @@ TensorBoard reads the new event file back. Bad input: one line, exit 2."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 
 import numpy as np
@@ -22,6 +23,8 @@ import autograd_lab.api as al
 from autograd_lab.data.loader import ResidentBatches, load_split_tensors, normalize
 from autograd_lab.model.networks import SmallNet
 from autograd_lab.observe import landscape as L
+from autograd_lab.sweep import landscape_files as files_module
+from autograd_lab.sweep import landscape_runs as runs_module
 
 STEPS = 6
 
@@ -112,7 +115,11 @@ def test_line_and_plane_match_independent_losses_and_change_no_file(trained):
     centre = plane.frame[(plane.frame.x == 0) & (plane.frame.y == 0)].iloc[0]
     assert centre.train_loss == pytest.approx(f[f.alpha == 1].train_loss.item(), rel=1e-5)
     path = plane.trajectory
-    assert list(path.step) == [0, 2, 4, 6, STEPS]
+    # one row per checkpoint state: ModelCheckpoint's step-6 file holds last.ckpt's weights
+    sixth = torch.load(next((run_dir / "checkpoints").glob("*step=6*.ckpt")), weights_only=True)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.equal(v, last["state_dict"][k]) for k, v in sixth["state_dict"].items())
+    assert list(path.step) == [0, 2, 4, STEPS]
     assert path.x.iloc[-1] == pytest.approx(0, abs=1e-6) and path.off_plane.iloc[-1] == 0
     assert path.train_loss.iloc[0] == pytest.approx(f[f.alpha == 0].train_loss.item(), rel=1e-5)
     stored = pd.read_parquet(run_dir / "landscape" / "interpolation.parquet")
@@ -291,14 +298,93 @@ def test_bad_input_is_one_line(trained, tmp_path, monkeypatch, capsys):
 
     assert "not a run directory" in line(tmp_path)
     assert "no such folder" in line(tmp_path / "nowhere")
+    assert "not a folder" in line(copy / "run.json")
     assert "no checkpoint" in line(empty)
-    assert "a span of 0" in line(copy, "--span", "0")
+    assert "--span 0.0: not a finite number > 0" in line(copy, "--plane", "--span", "0")
+    for bad in ("nan", "inf"):
+        assert f"--span {bad}: not a finite number > 0" in line(copy, "--plane", "--span", bad)
     assert "a span of 0" in line(copy, "--range", "1", "1")
+    assert "--range nan 1: not finite" in line(copy, "--range", "nan", "1")
     assert "--points 1: fewer than 2" in line(copy, "--points", "1")
+    assert line(copy, "--points", "nan") == ("autograd-lab: error: --points nan: not a whole "
+                                             "number; --points takes a whole number 2..100001\n")
     assert "valid flags: --batch-size" in line(copy, "--spam", "3")
     assert "model.name=\"resnet18\"" in line(copy, "--to", other)
+    assert "the run itself" in line(copy, "--to", copy)
+    assert "--device bogus: not a device; give cpu, cuda or cuda:N" in line(
+        copy, "--device", "bogus")
+    if torch.cuda.is_available():
+        assert "--device cuda:99: this machine has" in line(copy, "--device", "cuda:99")
+    else:
+        assert "--device cuda: no CUDA device here; give cpu" in line(copy, "--device", "cuda")
+    for flag, value, says in (
+            ("--seed", 10**20, "more than 9223372036854775807 (torch's generators"),
+            ("--seed", -1, "negative; give 0..9223372036854775807"),
+            ("--threads", 100000, f"more than {4 * (os.cpu_count() or 1)} (4 x the"),
+            ("--points", 10**9, "more than 100001 (each point evaluates the model"),
+            ("--grid", 10**5, "more than 1001"),
+            ("--hessian-iters", 10**5, "more than 1000 (Lanczos keeps that many vectors")):
+        extra = ["--plane"] * (flag == "--grid") + ["--directions", "hessian"] * (
+            flag == "--hessian-iters")
+        assert f"{flag} {value}: {says}" in line(copy, flag, value, *extra)
+    # options the slice would not use
+    assert "--grid 5: applies to a plane; add --plane" in line(copy, "--grid", "5")
+    assert "--include-bias: applies to a plane" in line(copy, "--include-bias")
+    assert "--points 5: applies to a line" in line(copy, "--plane", "--points", "5")
+    assert "--hessian-iters 5: applies to Hessian" in line(copy, "--plane", "--hessian-iters", 5)
+    nowhere = tmp_path / "no_data_here"
+    assert "--data-root" in line(copy, "--data-root", nowhere) and not nowhere.exists()
     with RunLock(copy):
         assert "a training job is running there" in line(copy)
+    # every output of the slice is checked before any point is computed or file written
+    shutil.rmtree(copy / "landscape", ignore_errors=True)
+    (copy / "landscape").mkdir()
+    (copy / "landscape" / "interpolation.png").symlink_to(tmp_path / "elsewhere.png")
+    assert "interpolation.png: a symlink" in line(copy, "--points", "2")
+    os.mkfifo(copy / "landscape" / "plane_random_seed0.json")
+    assert "plane_random_seed0.json: a FIFO" in line(copy, "--plane", "--grid", "2")
+    assert sorted(p.name for p in (copy / "landscape").iterdir()) == [
+        "interpolation.png", "plane_random_seed0.json"]
+    # a folder that cannot be written (as root chmod does not stop writes: mkstemp fails)
+    def refused(*_a, **_k):
+        raise PermissionError(13, "Permission denied")
+
+    events = sorted(copy.glob("*.landscape"))
+    with monkeypatch.context() as m:
+        m.setattr(runs_module.tempfile, "mkstemp", refused)
+        assert "landscape: cannot write there (Permission denied)" in line(copy, "--name", "x")
+    assert sorted(copy.glob("*.landscape")) == events  # no new event file
+
+
+def test_a_failed_write_and_an_unfinished_run(trained, tmp_path, monkeypatch, capsys):
+    """A write the file system refuses after the computation: one line naming the file. A run
+    that did not complete: its last checkpoint is labelled so (stdout, json, figure, a note)."""
+    import json
+
+    run_dir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("landscape", "*.landscape"))
+
+    def read_only(path, frame):
+        raise OSError(30, "Read-only file system", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(files_module, "write_parquet", read_only)
+        out = in_process(["landscape", str(copy), "--points", "2", "--examples", "8"], tmp_path,
+                         monkeypatch, capsys)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert f"{copy}/landscape/interpolation.parquet: cannot write (Read-only" in out.stderr
+    record = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    out = in_process(["landscape", str(copy), "--points", "2", "--examples", "100"], tmp_path,
+                     monkeypatch, capsys)
+    label = f"last checkpoint (step {STEPS}; the run did not complete: status 'interrupted')"
+    assert out.returncode == 0 and f"to {label};" in out.stdout, out
+    assert f"{copy} did not complete (status 'interrupted')" in out.stderr
+    assert "--examples 100: a split is smaller; used 64 train, 32 val" in out.stderr
+    meta = json.loads((copy / "landscape" / "interpolation.json").read_text())
+    assert meta["labels"] == ["initial weights", label]
+    assert list(meta["examples"].values()) == [64, 32]
 
 
 def test_the_console_script(trained, tmp_path, monkeypatch, capsys):

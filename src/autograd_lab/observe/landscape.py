@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -316,3 +317,27 @@ def project(states: Sequence[State], center: State, d1: State, d2: State, names
         norm = float(r.norm())
         off.append(float(resid.norm()) / norm if norm > 0 else 0.0)
     return coords, off
+
+
+def alpha_grid(lo: float, hi: float, points: int) -> np.ndarray:
+    """`points` values of α from lo to hi, with α = 0, ½ and 1 added when missing (the two ends
+    and the midpoint are always evaluated: the barrier and the table's columns need them)."""
+    values = np.concatenate([np.linspace(lo, hi, points), [0.0, 0.5, 1.0]])
+    return np.unique(np.round(values, 12))
+
+
+def barrier(alphas, losses) -> float:
+    """max over α in [0, 1] of loss(α) minus the straight line between loss(0) and loss(1)."""
+    a, v = np.asarray(alphas, float), np.asarray(losses, float)
+    l0, l1 = v[np.isclose(a, 0)][0], v[np.isclose(a, 1)][0]
+    inside = (a >= -1e-12) & (a <= 1 + 1e-12)
+    return float(np.max(v[inside] - ((1 - a[inside]) * l0 + a[inside] * l1)))
+
+
+def distinct_states(states: list[State], steps: list) -> tuple[list[State], list]:
+    """One entry per checkpoint state: of two neighbours at the same step with identical
+    tensors (a ModelCheckpoint file and the final weights, both at the last step) the later is
+    kept."""
+    keep = [i for i in range(len(states)) if i + 1 == len(states) or steps[i] != steps[i + 1]
+            or any(not torch.equal(v, states[i + 1][k]) for k, v in states[i].items())]
+    return [states[i] for i in keep], [steps[i] for i in keep]

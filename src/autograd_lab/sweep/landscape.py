@@ -20,7 +20,6 @@ import torch
 from omegaconf import OmegaConf
 
 from autograd_lab.data.loader import load_split_tensors, normalize
-from autograd_lab.disk.files import atomic_write_bytes, write_parquet
 from autograd_lab.errors import UserError
 from autograd_lab.job.build import build_network
 from autograd_lab.job.messages import busy_note, machine_load
@@ -28,7 +27,10 @@ from autograd_lab.job.resumable import load
 from autograd_lab.observe.curvature import top_eigenpairs
 from autograd_lab.observe.landscape import (
     along_line,
+    alpha_grid,
+    barrier,
     classification_measure,
+    distinct_states,
     load_state,
     model_state,
     on_plane,
@@ -40,6 +42,7 @@ from autograd_lab.observe.landscape import (
 from autograd_lab.sweep import landscape_files as out
 from autograd_lab.sweep.landscape_runs import (
     check_same_model,
+    end_label,
     output_folder,
     reading,
     run_checkpoints,
@@ -61,21 +64,6 @@ class Slice:
     files: list[Path] = field(default_factory=list)
     trajectory: pd.DataFrame | None = None
     meta: dict = field(default_factory=dict)
-
-
-def alpha_grid(lo: float, hi: float, points: int) -> np.ndarray:
-    """`points` values of α from lo to hi, with α = 0, ½ and 1 added when missing (the two ends
-    and the midpoint are always evaluated: the barrier and the table's columns need them)."""
-    values = np.concatenate([np.linspace(lo, hi, points), [0.0, 0.5, 1.0]])
-    return np.unique(np.round(values, 12))
-
-
-def barrier(alphas, losses) -> float:
-    """max over α in [0, 1] of loss(α) minus the straight line between loss(0) and loss(1)."""
-    a, v = np.asarray(alphas, float), np.asarray(losses, float)
-    l0, l1 = v[np.isclose(a, 0)][0], v[np.isclose(a, 1)][0]
-    inside = (a >= -1e-12) & (a <= 1 + 1e-12)
-    return float(np.max(v[inside] - ((1 - a[inside]) * l0 + a[inside] * l1)))
 
 
 # ------------------------------------------------------------------ a run's parts
@@ -193,13 +181,13 @@ def line(run_dir: Path, to: Path | None = None, *, alphas=(-0.5, 1.5), points: i
         if to is None:
             start, start_step = initial_state(cfg, dev), 0
             end, end_step = checkpoint_state(final_ckpt, model)
-            labels = labels or ("initial weights", f"final weights (step {end_step})")
+            labels = labels or ("initial weights", end_label(run_dir, end_step))
             name = name or "interpolation"
         else:
             start, start_step = checkpoint_state(final_ckpt, model)
             end, end_step = checkpoint_state(other_ckpt, model)
-            labels = labels or (f"{run_dir.name} (step {start_step})",
-                                f"{to.name} (step {end_step})")
+            labels = labels or (f"{run_dir.name}: {end_label(run_dir, start_step)}",
+                                f"{to.name}: {end_label(to, end_step)}")
             name = name or f"interpolation_to_{safe_name(to.name)}"
         sets = fixed_sets(cfg, examples, seed, dev)
         grid = alpha_grid(alphas[0], alphas[1], points)
@@ -215,7 +203,7 @@ def line(run_dir: Path, to: Path | None = None, *, alphas=(-0.5, 1.5), points: i
         folder = output_folder(out_dir if out_dir is not None else run_dir)
         title = title or (f"{run_dir.name}: loss along the straight line to another run's final "
                           f"weights" if to is not None else f"{run_dir.name}: loss from the "
-                          f"initial (α=0) to the final weights (α=1)")
+                          f"initial (α=0) to the {labels[1].split(' (')[0]} (α=1)")
         fig = out.line_figure(frame, title, labels, meta["examples"])
         files = out.write_slice(folder, name, frame, fig, meta)
         if board:
@@ -247,8 +235,7 @@ def plane(run_dir: Path, *, directions: str = "random", grid: int = 25, span: fl
             path_states.append(state)
             steps.append(step)
         center, final_step = checkpoint_state(final_ckpt, model)  # the model is left here
-        path_states.append(center)
-        steps.append(final_step)
+        path_states, steps = distinct_states([*path_states, center], [*steps, final_step])
         sets = fixed_sets(cfg, examples, seed, dev)
         moved = {n for n, p in model.named_parameters() if p.requires_grad}
         g = torch.Generator().manual_seed(int(seed))
@@ -291,9 +278,9 @@ def plane(run_dir: Path, *, directions: str = "random", grid: int = 25, span: fl
                 "span": span, "grid": grid, "step": final_step, "axes": axis,
                 "include_bias": include_bias, "include_bn": include_bn,
                 "examples": {k: len(v[1]) for k, v in sets.items()}, "example_seed": seed}
-        folder = output_folder(run_dir)
-        title = f"{run_dir.name}: loss on a plane through the final weights (step {final_step})"
-        fig = out.plane_figure(frame, trajectory, title, axis, meta["examples"])
+        folder, meta["centre"] = output_folder(run_dir), end_label(run_dir, final_step)
+        title = f"{run_dir.name}: loss on a plane through the {meta['centre']}"
+        fig = out.plane_figure(frame, trajectory, title, axis, meta["examples"], meta["centre"])
         files = out.write_slice(folder, name, frame, fig, meta, trajectory)
         if board:
             files.append(out.write_board(run_dir, name, files[1], None, final_step))
@@ -340,11 +327,10 @@ def pairs(sweep_dir: Path, key: str, **kw) -> tuple[pd.DataFrame, list[Slice]]:
                      "file": f"{name}.parquet"})
         slices.append(s)
     table = pd.DataFrame(rows)
-    write_parquet(folder / "pairs.parquet", table)
     curves = [(f"seed {r['seed']}: {r['from_value']} -> {r['to_value']}"
                + "".join(f", {c}={r[c]}" for c in extra), s.frame)
               for r, s in zip(rows, slices, strict=True)]
-    atomic_write_bytes(folder / "pairs.png", out.png_bytes(out.pairs_figure(
+    out.write_pairs(folder, table, out.pairs_figure(
         curves, f"{sweep_dir.name}: {key}, the straight line between the final weights of each "
-                f"pair of runs (same seed, every other key equal)")))
+                f"pair of runs (same seed, every other key equal)"))
     return table, slices

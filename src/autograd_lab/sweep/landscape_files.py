@@ -6,6 +6,7 @@ temporary folder and moved in; no existing file of the run is touched."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
 from pathlib import Path
@@ -16,7 +17,9 @@ from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
 from autograd_lab.disk.files import atomic_write_bytes, write_json, write_parquet
+from autograd_lab.errors import UserError
 from autograd_lab.sweep.figures import pyplot
+from autograd_lab.sweep.landscape_runs import check_targets, slice_files
 
 # TensorBoard's scalar step for a point of a line: 1000 x α (step 0: the start, 1000: the end)
 ALPHA_STEP = 1000
@@ -79,7 +82,8 @@ def pairs_figure(curves: list[tuple[str, pd.DataFrame]], title: str):
     return fig
 
 
-def plane_figure(frame: pd.DataFrame, trajectory: pd.DataFrame, title: str, axes, examples):
+def plane_figure(frame: pd.DataFrame, trajectory: pd.DataFrame, title: str, axes, examples,
+                 centre: str | None = None):
     """Filled contours of the train (left) and val (right) loss over the plane (log-spaced
     levels), the final weights at the centre, the run's checkpoints projected onto the plane
     as its trajectory (those beyond the plotted square drawn at its edge, hollow)."""
@@ -95,7 +99,7 @@ def plane_figure(frame: pd.DataFrame, trajectory: pd.DataFrame, title: str, axes
                              cmap="viridis", extend="both")
         ax.contour(xs, ys, z, levels=levels[::3], colors="white", linewidths=0.4, alpha=0.6)
         fig.colorbar(filled, ax=ax, label=f"{split} loss (mean cross-entropy)", format="%.3g")
-        _trajectory(ax, trajectory, span)
+        _trajectory(ax, trajectory, span, centre)
         ax.set_xlabel(axes[0])
         ax.set_ylabel(axes[1])
         ax.set_title(f"{split} loss", fontsize=10)
@@ -113,7 +117,7 @@ def plane_figure(frame: pd.DataFrame, trajectory: pd.DataFrame, title: str, axes
     return fig
 
 
-def _trajectory(ax, trajectory: pd.DataFrame, span: float) -> None:
+def _trajectory(ax, trajectory: pd.DataFrame, span: float, centre: str | None) -> None:
     x = trajectory.x.to_numpy()
     y = trajectory.y.to_numpy()
     cx, cy = np.clip(x, -span, span), np.clip(y, -span, span)
@@ -127,7 +131,7 @@ def _trajectory(ax, trajectory: pd.DataFrame, span: float) -> None:
     ax.scatter([cx[0]], [cy[0]], marker="s", s=50, color="orange", zorder=4,
                label="initial weights (step 0)")
     ax.scatter([0], [0], marker="*", s=140, color="white", edgecolors="black", zorder=5,
-               label=f"final weights (step {int(trajectory.step.iloc[-1])})")
+               label=centre or f"final weights (step {int(trajectory.step.iloc[-1])})")
 
 
 def png_bytes(fig) -> bytes:
@@ -140,15 +144,35 @@ def png_bytes(fig) -> bytes:
 def write_slice(folder: Path, name: str, frame: pd.DataFrame, fig, meta: dict,
                 trajectory: pd.DataFrame | None = None) -> list[Path]:
     """<folder>/<name>.parquet, .png, .json (and <name>_trajectory.parquet); the paths, PNG
-    second."""
-    files = [folder / f"{name}.parquet", folder / f"{name}.png", folder / f"{name}.json"]
-    write_parquet(files[0], frame)
-    atomic_write_bytes(files[1], png_bytes(fig))
-    write_json(files[2], meta)
-    if trajectory is not None:
-        files.append(folder / f"{name}_trajectory.parquet")
-        write_parquet(files[-1], trajectory)
+    second. Every target is checked before the first is written (landscape_runs.check_targets);
+    a write the file system refuses is one line naming the file."""
+    files = slice_files(folder, name, trajectory is not None)
+    check_targets(files)
+    with cannot_write(folder):
+        write_parquet(files[0], frame)
+        atomic_write_bytes(files[1], png_bytes(fig))
+        write_json(files[2], meta)
+        if trajectory is not None:
+            write_parquet(files[3], trajectory)
     return files
+
+
+def write_pairs(folder: Path, table: pd.DataFrame, fig) -> None:
+    """<folder>/pairs.parquet and pairs.png, both checked first."""
+    check_targets([folder / "pairs.parquet", folder / "pairs.png"])
+    with cannot_write(folder):
+        write_parquet(folder / "pairs.parquet", table)
+        atomic_write_bytes(folder / "pairs.png", png_bytes(fig))
+
+
+@contextlib.contextmanager
+def cannot_write(folder: Path):
+    """An OSError while writing a slice's outputs: one line naming the file (UserError)."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{e.filename or folder}: cannot write ({e.strerror or e}); the slice "
+                        f"was computed but not saved: free the place and run it again") from None
 
 
 def write_board(run_dir: Path, name: str, png: Path, frame: pd.DataFrame | None,
@@ -178,5 +202,6 @@ def write_board(run_dir: Path, name: str, png: Path, frame: pd.DataFrame | None,
         writer.close()
         (made,) = Path(tmp).glob("events.out.tfevents.*")
         target = Path(run_dir) / made.name
-        atomic_write_bytes(target, made.read_bytes())
+        with cannot_write(run_dir):
+            atomic_write_bytes(target, made.read_bytes())
     return target

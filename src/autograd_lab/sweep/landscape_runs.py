@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from autograd_lab.disk.formats import CHECKPOINT
@@ -34,8 +35,8 @@ def run_config(run_dir: Path) -> dict:
     .hydra/config.yaml); a UserError when `run_dir` is no run directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such folder; give a run directory (runs/..., a job "
-                        f"folder of a sweep)")
+        raise UserError(f"{run_dir}: {folder_problem(run_dir)}; give a run directory (runs/..., "
+                        f"a job folder of a sweep)")
     check_entries(run_dir)
     record, problem = read_run_json(run_dir)
     config = (record or {}).get("config")
@@ -141,3 +142,82 @@ def safe_name(text: str) -> str:
     """A file-name part from a run's name or a value: letters, digits, `-_.=` kept."""
     cleaned = re.sub(r"[^A-Za-z0-9._=-]+", "_", str(text)).strip("_.")
     return cleaned[:80] or "run"
+
+
+def folder_problem(path: Path) -> str:
+    """Why `path` is no folder, in words: "no such folder" or "not a folder (a file)"."""
+    return "not a folder (a file)" if Path(path).exists() else "no such folder"
+
+
+def unfinished(run_dir: Path) -> str | None:
+    """None when the run completed (run.json's status), else why its last checkpoint is not
+    its final weights: "status 'failed'", "no run.json", ..."""
+    record, problem = read_run_json(run_dir)
+    if record is None:
+        return problem or "no run.json"
+    status = record.get("status")
+    return None if status == "completed" else f"status {status!r}"
+
+
+def end_label(run_dir: Path, step) -> str:
+    """What the run's last checkpoint is called in a slice's line, json and figure."""
+    why = unfinished(run_dir)
+    if why is None:
+        return f"final weights (step {step})"
+    return f"last checkpoint (step {step}; the run did not complete: {why})"
+
+
+def default_name(to: Path | None, plane: bool, directions: str, seed: int) -> str:
+    """A slice's output name when --name is not given."""
+    if plane:
+        return "plane_hessian" if directions == "hessian" else f"plane_random_seed{seed}"
+    return "interpolation" if to is None else f"interpolation_to_{safe_name(Path(to).name)}"
+
+
+def slice_files(folder: Path, name: str, trajectory: bool) -> list[Path]:
+    """The files a slice writes in `folder`: .parquet, .png, .json (and the trajectory)."""
+    files = [folder / f"{name}{ext}" for ext in (".parquet", ".png", ".json")]
+    return files + [folder / f"{name}_trajectory.parquet"] * trajectory
+
+
+def check_targets(files: list[Path]) -> None:
+    """Every file a slice will write is a plain file or nothing (a symlink, FIFO or folder at
+    any of them: one line, before the first is written)."""
+    for path in files:
+        if (error := foreign(path)) is not None:
+            raise error
+
+
+def writable_folder(base: Path, board: bool = True) -> Path:
+    """<base>/landscape made and a probe file written and removed in it (and in <base> itself
+    when the TensorBoard event file goes there): a folder that cannot be written is one line
+    before any point is computed."""
+    folder = output_folder(base)
+    for where in (folder, Path(base))[: 1 + board]:
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=where, prefix=".landscape-probe.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"{where}: cannot write there ({e.strerror or e}); give a run "
+                            f"directory this user can write into") from None
+    return folder
+
+
+def check_device(device: str | None) -> None:
+    """--device is cpu, cuda or cuda:N, and the CUDA device exists here (torch is imported
+    only for a CUDA device)."""
+    if device is None or device == "cpu":
+        return
+    found = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if found is None:
+        raise UserError(f"--device {device}: not a device; give cpu, cuda or cuda:N")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"--device {device}: no CUDA device here; give cpu")
+    if found.group(1) is not None and int(found.group(1)) >= count:
+        raise UserError(f"--device {device}: this machine has {count} CUDA device(s); give "
+                        f"cpu, cuda or cuda:0..cuda:{count - 1}")
