@@ -40,9 +40,20 @@ def _env() -> dict:
 
 
 def _execute(path: Path, cwd: Path):
+    """Run the notebook in a real kernel. The kernel's TMPDIR is `cwd` (pytest's own folder):
+    the notebooks put their runs and data in tempfile folders (half a GB for sweep_analysis),
+    which pytest then cleans up with its other old folders instead of leaving them in /tmp."""
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(cwd)}}).execute()  # raises on an error
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(cwd)  # the kernel process inherits it when it starts
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(cwd)}}).execute()  # raises on error
+    finally:
+        if before is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = before
     return nb
 
 
