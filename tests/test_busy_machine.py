@@ -15,6 +15,7 @@ from autograd_lab.job.messages import busy_note
 
 @pytest.mark.parametrize("load,cores,threads,busy", [
     (0.0, 2, 2, False),    # an idle machine
+    (0.04, 2, 2, False),   # a start-up's flicker: 2.0 free, as the note would print it
     (0.9, 4, 2, False),    # 3.1 cores free for 2 threads
     (1.0, 2, 2, True),     # one core busy: 1 free for 2 threads (2x slower, measured)
     (2.0, 2, 2, True),     # both busy (50x slower, measured)

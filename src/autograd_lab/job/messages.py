@@ -109,7 +109,7 @@ def busy_note(load: float | None, cores: int, threads: int) -> str | None:
     if load is None or threads < 2:
         return None
     free = max(cores - load, 0.0)
-    if free >= threads:
+    if round(free, 1) >= threads:  # as printed: never "2.0 free for 2 threads" called busy
         return None
     return (f"autograd-lab: note: this machine is busy (other processes use {load:.1f} of "
             f"{cores} cores: "
