@@ -328,7 +328,8 @@ def pairs(sweep_dir: Path, key: str, **kw) -> tuple[pd.DataFrame, list[Slice]]:
         slices.append(s)
     table = pd.DataFrame(rows)
     curves = [(f"seed {r['seed']}: {r['from_value']} -> {r['to_value']}"
-               + "".join(f", {c}={r[c]}" for c in extra), s.frame)
+               + "".join(f", {c}={r[c]}" for c in extra) + f"; train barrier {r['barrier']:.3g}",
+               s.frame)
               for r, s in zip(rows, slices, strict=True)]
     out.write_pairs(folder, table, out.pairs_figure(
         curves, f"{sweep_dir.name}: {key}, the straight line between the final weights of each "
