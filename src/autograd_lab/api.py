@@ -172,25 +172,17 @@ def run(overrides=(), run_dir=None, *, callbacks=(), threads: int | None = None,
     return Run(run_dir, written)
 
 
-def landscape(path, *, to=None, plane: bool = False, directions: str = "random",
-              alphas=(-0.5, 1.5), points: int = 51, grid: int = 25, span: float | None = None,
-              examples: int = 2048, batch_size: int = 1024, seed: int = 0,
-              include_bias: bool = False, include_bn: bool = False, hessian_iters: int = 20,
-              pairs: str | None = None, name: str | None = None, progress: bool = False,
-              device: str | None = None, data_root: str | None = None,
-              threads: int | None = None):
+def landscape(path, **options):
     """`autograd-lab landscape` from Python: a line from a run's initial to its final weights
     (or `to` another run's final weights), a plane through its final weights (`plane=True`;
     `directions="hessian"`: the top-2 Hessian eigenvectors), or with `pairs=KEY` on a sweep
-    folder the line between each seed's runs that differ in KEY. Returns the slice (`.frame`:
-    its points, `.trajectory`, `.files`) or, for `pairs`, the pairs table. A bad argument
-    raises UserError with the CLI's one-line message."""
-    return landscape_compute(path, to=to, plane=plane, directions=directions, alphas=alphas,
-                             points=points, grid=grid, span=span, examples=examples,
-                             batch_size=batch_size, seed=seed, include_bias=include_bias,
-                             include_bn=include_bn, hessian_iters=hessian_iters, pairs=pairs,
-                             name=name, progress=progress, device=device, data_root=data_root,
-                             threads=threads)
+    folder the line between each seed's runs that differ in KEY. The options are the command's
+    flags, named and defaulted as in `autograd_lab.cli.landscape.DEFAULTS` (to, plane,
+    directions, alphas, points, grid, span, examples, batch_size, seed, include_bias,
+    include_bn, hessian_iters, pairs, name, progress, device, data_root, threads). Returns the
+    slice (`.frame`: its points, `.trajectory`, `.files`) or, for `pairs`, the pairs table. A
+    bad option raises UserError with the CLI's one-line message."""
+    return landscape_compute(path, **options)
 
 
 # ----------------------------------------------------------------------------------- a sweep
