@@ -80,3 +80,28 @@ def test_lanczos_counts_have_an_upper_bound(override, tmp_path, monkeypatch, cap
     assert code == 2 and err.count("\n") == 1 and override in err, err
     assert "to 100" in err or "to 1000" in err
     assert not any(tmp_path.glob("runs/*"))
+
+
+def test_compile_without_a_cxx_compiler_is_refused(tmp_path, monkeypatch, capsys):
+    """model.compile=true where no C/C++ compiler is on PATH (inductor needs one): one line,
+    exit 2, before anything is made; with one on PATH the same check lets it through."""
+    from autograd_lab.cli import main
+    from autograd_lab.config.schema import _cxx_compiler
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CXX", raising=False)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert _cxx_compiler() is None
+    capsys.readouterr()
+    code = main(["train", "data=synthetic", f"data.root={tmp_path / 'data'}",
+                 "model.compile=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("autograd-lab: error: model.compile=true:") and "C++" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"], "nothing may be created"
+    fake = empty / "g++"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert _cxx_compiler() == str(fake)

@@ -9,6 +9,7 @@ typo never leaves a half-made run directory behind. `validate` runs again inside
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from autograd_lab.config.keys import (
@@ -43,6 +44,8 @@ CHECKS: dict[str, tuple] = {
     "model.num_classes": (lambda v: is_int(v) and v >= 10,
                           "an integer >= 10 (CIFAR-10's labels are 0..9)"),
     "model.weights_path": (lambda v: v is None or isinstance(v, str), "null or a file path"),
+    "model.channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "model.compile": (lambda v: isinstance(v, bool), "true or false"),
     "ckpt_path": (lambda v: v is None or (isinstance(v, str) and v != ""),
                   "null or a checkpoint file path"),
     "data.root": (lambda v: isinstance(v, str) and v != "", "a directory path"),
@@ -231,10 +234,20 @@ def validate(cfg) -> None:
         raise UserError("probes.gns_method=per_example with model=resnet18: per-example "
                         "gradients need a model without train-mode BatchNorm; use "
                         "probes.gns_method=two_batch (or auto)")
+    if (cfg.get("model") or {}).get("compile") is True and not _cxx_compiler():
+        raise UserError("model.compile=true: torch.compile's inductor backend needs a C/C++ "
+                        "compiler and none is on PATH (g++, c++, clang++ or $CXX); install "
+                        "one, or model.compile=false")
     optim = cfg.get("optim") or {}
     if optim.get("nesterov") and not optim.get("momentum"):
         raise UserError(f"optim.nesterov=true: needs optim.momentum > 0 "
                         f"(got {show_value(optim.get('momentum'))})")
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler inductor would call (its CPU kernels and Triton's launchers need one)."""
+    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
 
 
 def _check_val_interval(cfg, trainer) -> None:

@@ -89,7 +89,7 @@ TARGET_KINDS = {
 OWN_KEYS = {
     "trainer": ("progress_bar",),
     "model": ("name", "weights_path", "weights_files", "detach_points", "early_stages",
-              "module_names", "parameter_names"),
+              "module_names", "parameter_names", "channels_last", "compile"),
     "optim": ("name",),
     "profiler": ("name",),
 }

@@ -168,9 +168,14 @@ class CIFARDataModule(L.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Normalise (and augment) a batch on its device: (x, y) for the step."""
-        with self.trainer.lightning_module.phase("data"):  # a profiler range while profiling
-            return _prepare(batch[0], batch[2] if len(batch) == 3 else None), batch[1]
+        """Normalise (and augment) a batch on its device: (x, y) for the step; NHWC images
+        when the module asks for them (model.channels_last)."""
+        module = self.trainer.lightning_module
+        with module.phase("data"):  # a profiler range while profiling
+            x = _prepare(batch[0], batch[2] if len(batch) == 3 else None)
+            if getattr(module, "channels_last", False) and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x, batch[1]
 
 
 def _prepare(x: torch.Tensor, aug) -> torch.Tensor:

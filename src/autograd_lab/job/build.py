@@ -21,7 +21,7 @@ from autograd_lab.job.recorder import RunRecorder
 from autograd_lab.job.resumable import numerics
 from autograd_lab.job.rundir import group_choices, task_overrides
 from autograd_lab.model.module import Classifier
-from autograd_lab.model.networks import build_model
+from autograd_lab.model.networks import build_model, prepare_network
 from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
 from autograd_lab.observe.graph_view import TensorBoardGraph
 from autograd_lab.observe.memory import MemoryFigures, reset_peak_rss
@@ -54,10 +54,15 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
         record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
                             "upstream_names": det.upstream}
     frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
+    # compiled kernels fuse and reorder float operations: not bitwise comparable to eager
+    record["numerics"] = {"compiled": bool(cfg.model.get("compile", False)),
+                          "channels_last": bool(cfg.model.get("channels_last", False))}
+    prepare_network(model, cfg.model)
 
     module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
                         scheduler=_scheduler(cfg.scheduler),
-                        meta={"config": record["config"], "numerics": numerics()})
+                        meta={"config": record["config"], "numerics": numerics()},
+                        channels_last=bool(cfg.model.get("channels_last", False)))
     user_callbacks = _callbacks(cfg, run_dir)
     loggers = _loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
 

@@ -44,10 +44,12 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 class Classifier(L.LightningModule):
     def __init__(self, model: nn.Module, optim_cfg, zero_grad: bool = True,
                  eval_grad_mode: str = "inference", frozen_bn: list[nn.Module] | None = None,
-                 scheduler=None, meta: dict | None = None):
+                 scheduler=None, meta: dict | None = None, channels_last: bool = False):
         """`scheduler`: None, or (make, interval): make(optimizer, total_steps) builds a torch
         LR scheduler, stepped every optimizer step (interval "step") or epoch ("epoch").
-        `meta`: stored in every checkpoint (format and config, checked before a resume)."""
+        `meta`: stored in every checkpoint (format and config, checked before a resume).
+        `channels_last`: the data module makes each image batch torch.channels_last
+        (model.channels_last)."""
         super().__init__()
         self.model = model
         self.optim_cfg = optim_cfg
@@ -56,6 +58,7 @@ class Classifier(L.LightningModule):
         self.frozen_bn = frozen_bn or []
         self.scheduler = scheduler
         self.meta = meta or {}
+        self.channels_last = channels_last
         self.automatic_optimization = False
         self.step_losses: list[torch.Tensor] = []  # this step's loss, on the device, until flushed
         self.val_peak_mib = 0.0

@@ -99,6 +99,17 @@ def build_model(cfg) -> nn.Module:
     return model
 
 
+def prepare_network(model: nn.Module, cfg) -> nn.Module:
+    """model.channels_last: the weights in torch.channels_last (the batches follow in
+    Classifier); model.compile: nn.Module.compile(), in place, so parameter and state_dict names
+    (freeze globs, checkpoints) stay those of the eager network. Keys a node lacks are off."""
+    if cfg.get("channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    if cfg.get("compile", False):
+        model.compile()
+    return model
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load a local state_dict (tensors only: weights_only=True), with one-line errors."""
     if not path.is_file():
