@@ -44,7 +44,9 @@ def test_channels_last_gives_the_default_curve(train_run):
     record1, dir1 = train_run(*base, "model.channels_last=true", callbacks=[nhwc])
     assert plain.weights_nhwc == [False] * 4 and plain.batch_nhwc == [False] * 4
     assert nhwc.weights_nhwc == [True] * 4 and nhwc.batch_nhwc == [True] * 4
-    assert record1["numerics"] == {"compiled": False, "channels_last": True}
+    assert record1["numerics"] == {"precision": "32-true", "compiled": False,
+                                   "channels_last": True, "cuda_graph": False,
+                                   "bitwise_vs_fp32_eager": False}
     a, b = np.array(losses(dir0)), np.array(losses(dir1))
     assert len(a) == len(b) == 4
     np.testing.assert_allclose(b, a, rtol=5e-5, atol=0)

@@ -54,9 +54,7 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
         record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
                             "upstream_names": det.upstream}
     frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
-    # compiled kernels fuse and reorder float operations: not bitwise comparable to eager
-    record["numerics"] = {"compiled": bool(cfg.model.get("compile", False)),
-                          "channels_last": bool(cfg.model.get("channels_last", False))}
+    record["numerics"] = run_numerics(cfg)
     prepare_network(model, cfg.model)
 
     module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
@@ -277,4 +275,18 @@ def _layout(cfg) -> dict:
                   noise_scale=probes.mode != "off" and bool(probes.get("gns_every_n_steps")),
                   spectrum=probes.mode != "off" and bool(probes.get("spectrum_every_n_steps")))
 
+
+def run_numerics(cfg) -> dict:
+    """run.json `numerics`: how this run computes, and whether its curve is bitwise comparable
+    with the float32 eager run of the same config. Lower precision rounds differently and
+    compiled kernels fuse and reorder float operations, NHWC convolutions sum in another
+    order: those curves are close, not equal (README "GPU speed" says how close). A CUDA graph
+    replays the eager step's own kernels: bitwise equal under trainer.deterministic=true."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    compiled = bool(cfg.model.get("compile", False))
+    nhwc = bool(cfg.model.get("channels_last", False))
+    return {"precision": precision, "compiled": compiled, "channels_last": nhwc,
+            "cuda_graph": bool(cfg.trainer.get("cuda_graph", False)),
+            "bitwise_vs_fp32_eager": precision in ("32-true", "32") and not compiled
+            and not nhwc}
 
