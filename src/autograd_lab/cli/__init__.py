@@ -30,7 +30,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     # before torch is imported: the profiler's C++ start-up lines and c10's warnings stay out of
-    # the user's terminal (train._quiet_libraries says which)
+    # the user's terminal (train.quiet_libraries says which)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -58,11 +58,11 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
     prepare_network(model, cfg.model)
 
     module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
-                        scheduler=_scheduler(cfg.scheduler),
+                        scheduler=make_scheduler(cfg.scheduler),
                         meta={"config": record["config"], "numerics": numerics()},
                         channels_last=bool(cfg.model.get("channels_last", False)))
     user_callbacks = _callbacks(cfg, run_dir)
-    loggers = _loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
+    loggers = make_loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
 
     recorder = RunRecorder(run_dir, cfg.log.flush_every_s, hparams=_hparams(cfg),
                            resumed_from=resumed["from_step"] if resumed else None,
@@ -146,7 +146,7 @@ def _callbacks(cfg, run_dir: Path) -> list:
     return out
 
 
-def _loggers(cfg, run_dir: Path, purge_step: int | None) -> list:
+def make_loggers(cfg, run_dir: Path, purge_step: int | None) -> list:
     """The `logger` group: Lightning loggers writing into the run directory."""
     from lightning.pytorch.loggers import Logger
 
@@ -175,7 +175,7 @@ def _after_earlier_event_files(run_dir: Path) -> None:
         time.sleep(0.05)
 
 
-def _scheduler(sched):
+def make_scheduler(sched):
     """(make(optimizer, total_steps), interval) for the `scheduler` node, or None."""
     if sched.name == "none":
         return None

@@ -55,14 +55,14 @@ def fit_run(parts: Parts, ckpt_path, record: dict) -> None:
         raise  # run() records what it was
     diverged = parts.recorder.diverged_at
     record["status"] = "diverged" if diverged is not None else "completed"
-    record["stop_reason"] = _stop_reason(trainer, parts.cfg, diverged)
+    record["stop_reason"] = stop_reason(trainer, parts.cfg, diverged)
     if diverged is not None:
         record["error"] = f"non-finite loss at step {diverged}"
     record["world_size"] = trainer.world_size
     record["device"] = str(trainer.strategy.root_device)
 
 
-def _stop_reason(trainer, cfg, diverged: int | None) -> str:
+def stop_reason(trainer, cfg, diverged: int | None) -> str:
     from lightning.pytorch.callbacks import EarlyStopping
 
     if diverged is not None:

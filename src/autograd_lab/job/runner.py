@@ -27,7 +27,7 @@ from autograd_lab.job.record import versions, write_record
 from autograd_lab.job.rundir import group_choices, task_overrides
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     # the profiler's C++ start-up lines (kineto's USDT markers, "gpuGetDeviceCount failed" on a
     # CPU machine) and c10's warnings: read from the environment when torch loads or the
     # profiler starts (the CLI sets them before importing torch); a user's own setting wins
@@ -65,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
     Three steps: build the parts from the config, fit (the outcome classified in one place),
     write the record. An interrupted run exits 128 + the signal after writing its record.
     """
-    _quiet_libraries()
+    quiet_libraries()
 
     check_targets(cfg)  # every path (the API too): no _target_ but a class of its kind is made
     check_arguments(cfg)  # and its arguments fit its signature, before anything is written

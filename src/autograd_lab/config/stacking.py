@@ -1,0 +1,60 @@
+"""What a stacked sweep (`hydra/launcher=stacked`) can train, told without torch: checked for
+every job by the CLI's preflight before Hydra makes any folder, and again by the launcher."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+NAME = "hydra/launcher=stacked"
+
+# key -> (allowed?, why not and what to use instead)
+SUPPORTED = (
+    ("model.name", lambda v: v == "smallnet", "the stack has no place for BatchNorm running "
+     "statistics (resnet18 has them); stacked networks are model=smallnet"),
+    ("model.activation", lambda v: v == "relu", "the hand-written autograd Function has no "
+     "vmap rule; use model.activation=relu"),
+    ("model.compile", lambda v: not v, "a compiled stack is not supported; use "
+     "model.compile=false"),
+    ("model.channels_last", lambda v: not v, "use model.channels_last=false"),
+    ("trainer.precision", lambda v: str(v) in ("32-true", "32"), "stacked members train in "
+     "float32 (trainer.precision=32-true)"),
+    ("trainer.cuda_graph", lambda v: not v, "use trainer.cuda_graph=false"),
+    ("trainer.strategy", lambda v: v == "auto", "one process, one device: trainer=default"),
+    ("trainer.devices", lambda v: v in (1, "1", "auto"), "one device: trainer.devices=1"),
+    ("probes.mode", lambda v: v == "off", "probes measure one network per step; use "
+     "probes=off"),
+    ("profiler.name", lambda v: v == "off", "use profiler=off"),
+    ("callbacks", lambda v: not v, "Lightning callbacks act on one run's metrics; use "
+     "callbacks=none"),
+    ("ckpt_path", lambda v: v is None, "members resume from their own checkpoints; use "
+     "ckpt_path=null"),
+)
+
+
+_GROUPS = {"model.name": "model", "probes.mode": "probes", "profiler.name": "profiler"}
+
+
+def is_stacked(overrides) -> bool:
+    """Whether these command-line overrides choose the stacked launcher."""
+    return any(str(o).strip().lstrip("+") == NAME for o in overrides)
+
+
+def probes_typed(overrides) -> bool:
+    """Whether the command line chooses probes (else a stacked sweep runs with probes=off)."""
+    return any(str(o).split("=", 1)[0].lstrip("+~") == "probes" for o in overrides)
+
+
+def refusal(cfg, probes_chosen: bool = True) -> str | None:
+    """Why this job cannot train in a stack (one line), or None. `probes_chosen`: False when
+    the stacked launcher turns probes off itself (none typed)."""
+    for key, ok, why in SUPPORTED:
+        if key == "probes.mode" and not probes_chosen:
+            continue
+        value = OmegaConf.select(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, key,
+                                 default=None)
+        if not ok(value):
+            shown = ",".join(value) if key == "callbacks" else value
+            key = _GROUPS.get(key, key)
+            return (f"{NAME}: {key}={shown}: {why}; a stack supports zero_grad on/off, "
+                    f"train.freeze and train.detach_at (the basic launcher runs the rest)")
+    return None

@@ -1,0 +1,218 @@
+"""Train a group of runs that differ only in `seed` as one program (hydra/launcher=stacked):
+one Lightning fit of a StackedClassifier, each member still a run of its own: its run
+directory, lock, run.json, metrics.parquet, TensorBoard events and checkpoint, exactly where and
+as a separate run writes them, so summaries, TensorBoard, resume and skip see separate runs.
+
+Members whose checkpoints stand at different steps (a member added to a sweep later) train as
+separate stacks, one per resume point."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from omegaconf import OmegaConf
+
+import autograd_lab.job.messages as messages
+from autograd_lab.config.targets import arguments
+from autograd_lab.disk.formats import RUN_FORMAT_VERSION
+from autograd_lab.disk.lock import RunLock
+from autograd_lab.errors import error_text
+from autograd_lab.job.board import identifying_hparams, layout
+from autograd_lab.job.build import (
+    Parts,
+    build_network,
+    make_loggers,
+    make_scheduler,
+    run_numerics,
+)
+from autograd_lab.job.checkpoint import Checkpointer, RunInterrupted, StopSignals
+from autograd_lab.job.distributed import strategy
+from autograd_lab.job.fit import fit_run, reserve_space, resume_point, stop_reason
+from autograd_lab.job.progress import ProgressLines, StepProgressBar
+from autograd_lab.job.record import versions, write_record
+from autograd_lab.job.recorder import RunRecorder
+from autograd_lab.job.resumable import numerics
+from autograd_lab.job.runner import quiet_libraries
+from autograd_lab.job.stacked_members import StackedCheckpointIO, StackMembers, stack_checkpoint
+from autograd_lab.model.stacked import StackedClassifier, StackedNet
+
+
+class Member:
+    """One job of a stacked group, as the launcher planned it: its composed config, run
+    directory, and what Hydra knew of it (overrides, group choices, the keys its sweep varies)."""
+
+    def __init__(self, cfg, run_dir: Path, overrides: list[str], choices: dict, varied: set):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.overrides, self.choices, self.varied = overrides, choices, varied
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.record: dict | None = None
+
+
+def train_group(members: list[Member], progress_bar) -> None:
+    """Train the members (one group: configs equal but for the seed); each gets its record in
+    `member.record` and on disk. A stop signal ends the group, every member saved, and exits
+    128 + the signal once every record is written."""
+    quiet_libraries()
+    import torch
+
+    threads = members[0].cfg.threads
+    if threads:
+        torch.set_num_threads(threads)
+    exit_code = None
+    with contextlib.ExitStack() as locks, StopSignals() as signals:
+        for m in members:
+            locks.enter_context(RunLock(m.run_dir))
+        points: dict = {}
+        for m in members:
+            try:
+                m.ckpt_path, m.resumed, m.ckpt = resume_point(m.cfg, m.run_dir, m.config)
+            except RunInterrupted as e:
+                raise SystemExit(e.exit_code) from None
+            reserve_space(m.run_dir)
+            messages.starting(m.run_dir, m.resumed)
+            points.setdefault(m.resumed["from_step"] if m.resumed else None, []).append(m)
+        for stack in points.values():
+            code = _train_stack(stack, signals, progress_bar)
+            exit_code = exit_code or code
+            if exit_code:
+                break
+    if exit_code:
+        raise SystemExit(exit_code)
+
+
+def _train_stack(members: list[Member], signals, progress_bar) -> int | None:
+    """One fit for members at the same resume point; their records written, whatever happens.
+    Returns the exit code of a stop signal, or None."""
+    t0 = time.perf_counter()
+    for i, m in enumerate(members):
+        m.record = _record(m, i, members)
+    state = SimpleNamespace(parts=None, scratch={"status": "failed", "error": None})
+    try:
+        state.parts = _build(members, signals, progress_bar)
+        fit_run(state.parts, members[0].ckpt_path if members[0].resumed else None,
+                state.scratch)
+    except RunInterrupted as e:  # a signal while building: nothing to save yet
+        state.scratch.update(status="interrupted", error=str(e), _exit_code=e.exit_code)
+    except BaseException as e:
+        state.scratch["error"] = error_text(e)
+        for m in members:
+            m.record["error"] = state.scratch["error"]
+        e.reported = True  # each member's end line says it
+        raise
+    finally:
+        signals.finishing = True
+        _finish(members, state, t0)
+        signals.finishing = False
+    return state.scratch.get("_exit_code") if state.scratch["status"] == "interrupted" else None
+
+
+def _record(m: Member, index: int, members: list[Member]) -> dict:
+    """A member's run.json as a separate run starts it, plus where it sat in the stack."""
+    return {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": m.config,
+            **({"resumed": m.resumed} if m.resumed else {}),
+            "overrides": m.overrides, "choices": m.choices, "versions": versions(),
+            "stacked": {"members": len(members), "index": index,
+                        "seeds": [x.cfg.seed for x in members],
+                        "runs": [x.run_dir.name for x in members]}}
+
+
+def _build(members: list[Member], signals, progress_bar) -> Parts:
+    """Each member's network from its own seed (the weights its separate run starts from), the
+    stack, its data, the members' recorders and loggers, and the trainer."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from autograd_lab.data.loader import load_split_tensors
+    from autograd_lab.data.stacked import StackedDataModule
+
+    cfg = members[0].cfg
+    tensors = None
+    nets = []
+    for m in members:
+        L.seed_everything(m.cfg.seed, verbose=False)  # as build_parts: seed, data, network
+        tensors = tensors or load_split_tensors(m.cfg.data)
+        model, report, det, hooks = build_network(m.cfg)
+        m.record["params"] = {"trainable": report.trainable_params,
+                              "frozen": report.frozen_params, "frozen_names": report.frozen}
+        if det is not None:
+            m.record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
+                                  "upstream_names": det.upstream}
+        m.record["numerics"] = {**run_numerics(m.cfg), "bitwise_vs_fp32_eager": False,
+                                "stacked": True}
+        nets.append(model)
+        m.whole_run = {"trainable_params": report.trainable_params,
+                       "frozen_params": report.frozen_params}
+    net = StackedNet(nets)
+    module = StackedClassifier(net, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, [],
+                               scheduler=make_scheduler(cfg.scheduler),
+                               meta={"config": members[0].config, "numerics": numerics()})
+    recorders, loggers = [], []
+    for m in members:
+        purge = m.resumed["from_step"] if m.resumed else None
+        m.loggers = make_loggers(m.cfg, m.run_dir, purge_step=purge)
+        r = RunRecorder(m.run_dir, m.cfg.log.flush_every_s,
+                        hparams=identifying_hparams(m.cfg, m.choices, m.overrides),
+                        resumed_from=purge, log_lr_every_step=cfg.scheduler.name != "none")
+        if m.resumed:
+            r.read_killed_csv(m.loggers)
+        r.whole_run, r.hparams_differ = m.whole_run, m.varied
+        r.layout = layout(in_sweep=True)
+        recorders.append(r)
+        loggers.append(m.loggers)
+    fan = StackMembers(recorders, loggers)
+    loaded = None
+    if members[0].resumed:
+        loaded = stack_checkpoint([m.ckpt for m in members], net.names)
+    io = StackedCheckpointIO([m.run_dir for m in members],
+                             [{"config": m.config, "numerics": numerics()} for m in members],
+                             net.names, loaded=loaded)
+    io.members = fan
+    checkpointer = Checkpointer(members[0].run_dir, cfg.checkpoint.every_n_steps, signals, fan)
+    callbacks = [fan]
+    if progress_bar == "lines":
+        callbacks.append(ProgressLines(recorders[0], cfg.log.progress_every_s))
+    elif progress_bar:
+        callbacks.append(StepProgressBar(recorders[0]))
+    callbacks.append(checkpointer)
+    make_trainer = instantiate(arguments(cfg.trainer, "trainer"), _partial_=True,
+                               _convert_="all")
+    trainer = make_trainer(strategy=strategy(cfg, find_unused=False), callbacks=callbacks,
+                           logger=False, enable_progress_bar=progress_bar is True,
+                           default_root_dir=str(members[0].run_dir), plugins=[io])
+    datamodule = StackedDataModule(cfg.data, [m.cfg.seed for m in members], tensors=tensors)
+    return Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=fan,
+                 members=fan, cfg=cfg, run_dir=members[0].run_dir)
+
+
+def _finish(members: list[Member], state, t0: float) -> None:
+    """Every member's outcome, run.json and metrics.parquet; its loggers closed."""
+    scratch, parts = state.scratch, state.parts
+    for i, m in enumerate(members):
+        record = m.record
+        record.update({k: v for k, v in scratch.items() if k in ("status", "error",
+                                                               "_exit_code", "world_size",
+                                                               "device", "_write_failed")})
+        member_parts = None
+        if parts is not None:
+            recorder = parts.members.recorders[i]
+            view_trainer, view_module = parts.members.views[i] if parts.members.views else (
+                None, None)
+            if scratch["status"] == "completed":
+                diverged = recorder.diverged_at
+                record["status"] = "diverged" if diverged is not None else "completed"
+                record["error"] = (f"non-finite loss at step {diverged}"
+                                   if diverged is not None else None)
+                record["stop_reason"] = stop_reason(parts.trainer, m.cfg, diverged)
+            member_parts = Parts(hooks=[], recorder=recorder, trainer=view_trainer,
+                                 module=view_module, memory=SimpleNamespace(figures={}),
+                                 profiler=[], probes=[], cfg=m.cfg, run_dir=m.run_dir)
+        write_record(member_parts, record, m.run_dir, t0, True)
+        for logger in getattr(m, "loggers", []):
+            with contextlib.suppress(Exception):
+                logger.finalize("success" if record["status"] == "completed" else "failed")
+        if not record.get("_write_failed"):
+            messages.ended(record, m.run_dir)

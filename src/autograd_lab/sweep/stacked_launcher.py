@@ -1,0 +1,113 @@
+"""The stacked launcher (`hydra/launcher=stacked`): the jobs of a sweep that differ only in
+`seed` train as one vmapped program (job/stacked.py), each still a run of its own.
+
+Planning is Hydra's, job by job: every job's config composed and its folder made and named as
+the basic launcher does (Hydra's run_job, so `.hydra/` and the job's folder name are the same),
+then what cannot be stacked is refused in one line before any job trains, completed jobs are
+skipped, and each group of jobs equal but for the seed trains together. Hydra finds the class
+as hydra_plugins.autograd_lab_stacked_launcher.StackedLauncher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from omegaconf import OmegaConf, open_dict
+
+from autograd_lab.config.schema import validate
+from autograd_lab.config.stacking import NAME, probes_typed, refusal
+from autograd_lab.errors import EXIT_USER_ERROR, UserError, error_text
+from autograd_lab.job.messages import skipped
+from autograd_lab.job.rundir import finished_record, group_choices, task_overrides
+from autograd_lab.job.stacked import Member, train_group
+
+log = logging.getLogger(__name__)
+
+def group_key(config: dict) -> str:
+    """Jobs with the same key train as one stack: everything but the seed equal."""
+    return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True,
+                      default=str)
+
+
+def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    """Hydra's Launcher.launch for the stacked launcher (see the module's docstring)."""
+    setup_globals()
+    config, context = launcher.config, launcher.hydra_context
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    plans = []
+    if not all(probes_typed(o) for o in job_overrides):
+        print(f"autograd-lab: note: {NAME}: probes=off (probes measure one network per step; "
+              f"the job folders say so)", file=sys.stderr)
+    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+        if not probes_typed(overrides):
+            overrides = [*overrides, "probes=off"]
+        sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        task = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+        try:
+            why = refusal(task)
+        except Exception:  # a value that does not resolve: the job itself reports it
+            why = None
+        if why:
+            print(f"autograd-lab: error: {why}", file=sys.stderr)
+            raise SystemExit(EXIT_USER_ERROR)
+        plans.append(sweep_config)
+    groups: dict[str, list] = {}
+    returns: list[JobReturn | None] = [None] * len(plans)
+    for i, sweep_config in enumerate(plans):
+        ret = run_job(hydra_context=context, task_function=_prepare, config=sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        returns[i] = ret
+        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, Member):
+            groups.setdefault(group_key(ret.return_value.config), []).append(i)
+        elif ret.status == JobStatus.FAILED:
+            print(f"autograd-lab: job failed: {ret.working_dir}: "
+                  f"{error_text(ret._return_value)}", file=sys.stderr)
+    mode = _progress(plans[0]) if plans else False
+    for indices in groups.values():
+        members = [returns[i].return_value for i in indices]
+        try:
+            train_group(members, mode)
+        except Exception as e:  # recorded in each member's run.json; the sweep goes on
+            if not getattr(e, "reported", False):
+                print(f"autograd-lab: stacked group failed: {error_text(e)}", file=sys.stderr)
+        for i, m in zip(indices, members, strict=True):
+            returns[i].return_value = m.record
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return returns
+
+
+def _prepare(cfg) -> Member | dict:
+    """Inside Hydra's run_job for one job (its folder made, HydraConfig its own): check it,
+    and skip it if it completed with this config; else what its training needs of Hydra."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{run_dir}: {e}") from None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.resume:
+        done = finished_record(run_dir, config)
+        if done is not None:
+            skipped(run_dir)
+            return done
+    hc = HydraConfig.get()
+    varied = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task if "=" in o}
+    varied -= set(hc.job.config.override_dirname.exclude_keys)
+    return Member(cfg, run_dir, task_overrides(), group_choices(), varied)
+
+
+def _progress(sweep_config):
+    """Lightning's bar in a terminal, plain lines otherwise (trainer.progress_bar decides)."""
+    choice = OmegaConf.select(sweep_config, "trainer.progress_bar", default="auto")
+    if choice != "auto":
+        return bool(choice)
+    return True if sys.stderr.isatty() else "lines"
