@@ -38,6 +38,7 @@ from autograd_lab.job.resumable import numerics
 from autograd_lab.job.runner import quiet_libraries
 from autograd_lab.job.stacked_members import StackedCheckpointIO, StackMembers, stack_checkpoint
 from autograd_lab.model.stacked import StackedClassifier, StackedNet
+from autograd_lab.observe.memory import MemoryFigures
 
 
 class Member:
@@ -172,7 +173,8 @@ def _build(members: list[Member], signals, progress_bar) -> Parts:
                              net.names, loaded=loaded)
     io.members = fan
     checkpointer = Checkpointer(members[0].run_dir, cfg.checkpoint.every_n_steps, signals, fan)
-    callbacks = [fan]
+    memory = MemoryFigures()  # the stack's exact byte counts; each member's share in run.json
+    callbacks = [fan, memory]
     if progress_bar == "lines":
         callbacks.append(ProgressLines(recorders[0], cfg.log.progress_every_s))
     elif progress_bar:
@@ -185,7 +187,7 @@ def _build(members: list[Member], signals, progress_bar) -> Parts:
                            default_root_dir=str(members[0].run_dir), plugins=[io])
     datamodule = StackedDataModule(cfg.data, [m.cfg.seed for m in members], tensors=tensors)
     return Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=fan,
-                 members=fan, cfg=cfg, run_dir=members[0].run_dir)
+                 members=fan, memory=memory, cfg=cfg, run_dir=members[0].run_dir)
 
 
 def _finish(members: list[Member], state, t0: float) -> None:
@@ -207,8 +209,11 @@ def _finish(members: list[Member], state, t0: float) -> None:
                 record["error"] = (f"non-finite loss at step {diverged}"
                                    if diverged is not None else None)
                 record["stop_reason"] = stop_reason(parts.trainer, m.cfg, diverged)
+            stack = dict(parts.memory.figures)
+            record["stacked"]["memory"] = stack
+            share = SimpleNamespace(figures={k: v // len(members) for k, v in stack.items()})
             member_parts = Parts(hooks=[], recorder=recorder, trainer=view_trainer,
-                                 module=view_module, memory=SimpleNamespace(figures={}),
+                                 module=view_module, memory=share,
                                  profiler=[], probes=[], cfg=m.cfg, run_dir=m.run_dir)
         write_record(member_parts, record, m.run_dir, t0, True)
         for logger in getattr(m, "loggers", []):

@@ -10,6 +10,7 @@ as hydra_plugins.autograd_lab_stacked_launcher.StackedLauncher.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -42,15 +43,18 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     plans = []
     if not all(probes_typed(o) for o in job_overrides):
-        print(f"autograd-lab: note: {NAME}: probes=off (probes measure one network per step; "
-              f"the job folders say so)", file=sys.stderr)
+        print(f"autograd-lab: note: {NAME}: probes=off (probes measure one network per "
+              f"step)", file=sys.stderr)
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-        if not probes_typed(overrides):
+        added = not probes_typed(overrides)
+        if added:  # a constant of the sweep, as if typed: not in the job folders' names
             overrides = [*overrides, "probes=off"]
         sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
+            if added:
+                sweep_config.hydra.job.config.override_dirname.exclude_keys.append("probes")
         task = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
         try:
             why = refusal(task)
@@ -75,7 +79,8 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     for indices in groups.values():
         members = [returns[i].return_value for i in indices]
         try:
-            train_group(members, mode)
+            with _group_logging(plans[indices[0]], members):
+                train_group(members, mode)
         except Exception as e:  # recorded in each member's run.json; the sweep goes on
             if not getattr(e, "reported", False):
                 print(f"autograd-lab: stacked group failed: {error_text(e)}", file=sys.stderr)
@@ -83,6 +88,29 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
             returns[i].return_value = m.record
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     return returns
+
+
+@contextlib.contextmanager
+def _group_logging(sweep_config, members):
+    """The job logging of the group's first member (its lines on stderr as a job's, and in its
+    train.log), and the same lines in every other member's train.log."""
+    HydraConfig.instance().set_config(sweep_config)
+    configure_log(sweep_config.hydra.job_logging, sweep_config.hydra.verbose)
+    root = logging.getLogger()
+    own = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    added = []
+    for m in members[1:]:
+        handler = logging.FileHandler(m.run_dir / "train.log")
+        if own:
+            handler.setFormatter(own[0].formatter)
+        root.addHandler(handler)
+        added.append(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _prepare(cfg) -> Member | dict:

@@ -1,0 +1,214 @@
+"""hydra/launcher=stacked (issue 26 item 3): jobs that differ only in the seed train as one
+vmapped program, and each member is a run of its own.
+
+Oracle: the same sweep with Hydra's basic launcher, one separate run per job. Members' curves,
+validation values and final weights equal the separate runs' within STACK_RTOL (batched
+kernels sum in another order: measured on CPU, 1 thread, torch 2.14, in `MEASURED`), the run
+directories and summaries have the same shape, a kill resumes every member, a member's
+checkpoint continues as a separate run, and what cannot be stacked is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import in_process, losses
+
+from autograd_lab.job.stacked_members import StackMembers
+
+STACK_RTOL = 1e-5
+MEASURED = "2.2e-7"  # the largest relative difference seen in test_members_are_the_separate_runs
+
+DATA = ["data=synthetic", "data.train_size=192", "data.test_size=64", "data.batch_size=32",
+        "trainer.max_epochs=2", "log.flush_every_s=1000", "probes=off",
+        "trainer.progress_bar=false"]  # 6 steps an epoch, 12 in all
+VARIANTS = "variant=none,no_zero_grad,frozen_early,detach_shallow"
+
+
+def _sweep(tmp_path, monkeypatch, capsys, name: str, *extra: str, stacked: bool = True):
+    args = ["train", "-m", *(["hydra/launcher=stacked"] if stacked else []), *DATA,
+            f"data.root={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / name}", *extra]
+    return in_process(args, tmp_path, monkeypatch, capsys)
+
+
+def _jobs(sweep: Path) -> dict[str, Path]:
+    return {d.name: d for d in sorted(sweep.iterdir()) if (d / ".hydra").is_dir()}
+
+
+def _rows(run_dir: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(run_dir / "metrics.parquet")
+    frame = frame[~frame.name.str.startswith("time/")]
+    return frame.sort_values(["step", "name"]).reset_index(drop=True)
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def separate(tmp_path_factory):
+    """The oracle: the sweep run job by job by Hydra's basic launcher."""
+    return {}
+
+
+def test_members_are_the_separate_runs(tmp_path, monkeypatch, capsys):
+    """Seeds 0,1 x four variants (zero_grad on/off, frozen_early, detach_shallow): four stacks
+    of two. Every member equals its separate run within STACK_RTOL, row for row; members of one
+    stack differ (own initial weights, own data order); frozen and detached parameters never
+    move; run directories, run.json and the summaries have the separate runs' shape."""
+    result = _sweep(tmp_path, monkeypatch, capsys, "stacked", "seed=0,1", VARIANTS)
+    assert result.returncode == 0, result.stderr
+    basic = _sweep(tmp_path, monkeypatch, capsys, "basic", "seed=0,1", VARIANTS,
+                   stacked=False)
+    assert basic.returncode == 0, basic.stderr
+    ours, theirs = _jobs(tmp_path / "stacked"), _jobs(tmp_path / "basic")
+    assert sorted(ours) == sorted(theirs) and len(ours) == 8
+    worst = 0.0
+    for name, run_dir in ours.items():
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "completed", (name, record.get("error"))
+        assert record["stacked"]["members"] == 2 and record["numerics"]["stacked"] is True
+        assert record["numerics"]["bitwise_vs_fp32_eager"] is False
+        a, b = _rows(run_dir), _rows(theirs[name])
+        assert list(a.name) == list(b.name) and list(a.step) == list(b.step), name
+        assert len(a[a.name == "train/loss"]) == 12 and (a.name == "val/acc").sum() == 2
+        np.testing.assert_allclose(a.value, b.value, rtol=STACK_RTOL, atol=0, err_msg=name)
+        scale = np.maximum(np.abs(b.value.to_numpy()), 1e-12)
+        worst = max(worst, float(np.max(np.abs(a.value.to_numpy() - b.value.to_numpy())
+                                        / scale)))
+        wa, wb = _weights(run_dir), _weights(theirs[name])
+        assert wa.keys() == wb.keys()  # a single run's parameter names
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=STACK_RTOL, atol=1e-7)
+        # memory: the member's share of the stack's exact byte counts. Parameters, .grad and
+        # optimizer state are the separate run's exactly; the vmapped graph keeps more for
+        # backward than one network's (measured 1.33x for SmallNet: batched max-pool and conv)
+        own = json.loads((theirs[name] / "run.json").read_text())["memory"]
+        for key in ("param_bytes", "trainable_param_bytes", "grad_bytes",
+                    "optimizer_state_bytes", "val_saved_bytes"):
+            assert record["memory"][key] == own[key], (name, key)
+        stack = record["stacked"]["memory"]
+        assert record["memory"]["saved_for_backward_bytes"] == stack[
+            "saved_for_backward_bytes"] // 2 >= own["saved_for_backward_bytes"]
+        files = {p.name for p in run_dir.iterdir()}
+        assert {"run.json", "metrics.parquet", "checkpoints", ".hydra"} <= files
+        assert any(f.startswith("events.out.tfevents.") for f in files)
+    print(f"largest relative difference from the separate runs: {worst:.2g}")
+    for variant in ("none", "no_zero_grad"):  # two seeds, two curves
+        s0, s1 = (losses(ours[f"seed={s},variant={variant}"]) for s in (0, 1))
+        assert s0 != s1
+    for variant, moved in (("frozen_early", "model.fc.weight"),
+                           ("detach_shallow", "model.fc.weight")):
+        run_dir = ours[f"seed=0,variant={variant}"]
+        final, start = _weights(run_dir), _initial(run_dir)
+        assert torch.equal(final["model.conv.weight"], start["conv.weight"]), variant
+        assert not torch.equal(final[moved], start[moved.removeprefix("model.")])
+    for table in ("runs.parquet", "curves.parquet"):
+        a = pd.read_parquet(tmp_path / "stacked" / "summary" / table)
+        b = pd.read_parquet(tmp_path / "basic" / "summary" / table)
+        assert a.shape == b.shape and list(a.columns) == list(b.columns), table
+
+
+def _initial(run_dir: Path) -> dict:
+    """The run's initial weights, built as its separate run builds them (seed, then model)."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from autograd_lab.model.networks import build_model
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    L.seed_everything(cfg.seed, verbose=False)
+    return build_model(cfg.model).state_dict()
+
+
+def _kill_at(monkeypatch, step: int, signum=signal.SIGTERM):
+    """A real signal to this process at the end of stacked step `step`."""
+    original = StackMembers.on_train_batch_end
+
+    def patched(self, trainer, pl_module, *args):
+        original(self, trainer, pl_module, *args)
+        if trainer.global_step == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(StackMembers, "on_train_batch_end", patched)
+
+
+def test_a_kill_resumes_every_member(tmp_path, monkeypatch, capsys):
+    """SIGTERM at step 5 of a stack of three: exit 143, each member's record says interrupted
+    and its checkpoint stands at step 5; the same command continues every member to the curve
+    of an uninterrupted stacked sweep, bit for bit; once more, every member is skipped."""
+    reference = _sweep(tmp_path, monkeypatch, capsys, "reference", "seed=0,1,2")
+    assert reference.returncode == 0, reference.stderr
+    with monkeypatch.context() as m:
+        _kill_at(m, 5)
+        killed = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2")
+    assert killed.returncode == 128 + signal.SIGTERM, killed.stderr
+    jobs = _jobs(tmp_path / "sweep")
+    assert len(jobs) == 3
+    for run_dir in jobs.values():
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "interrupted" and "at step 5" in record["error"]
+        assert len(losses(run_dir)) == 5
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 5
+    again = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2")
+    assert again.returncode == 0, again.stderr
+    ref = _jobs(tmp_path / "reference")
+    for name, run_dir in jobs.items():
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "completed" and record["resumed"]["from_step"] == 5
+        pd.testing.assert_frame_equal(_rows(run_dir), _rows(ref[name]), check_exact=True)
+        wa, wb = _weights(run_dir), _weights(ref[name])
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    third = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2")
+    assert third.returncode == 0 and third.stderr.count("skipped, already completed") == 3
+
+
+def test_a_member_checkpoint_continues_as_a_separate_run(tmp_path, monkeypatch, capsys):
+    """A stacked sweep killed at step 5, then the same sweep with the basic launcher: each job
+    continues from its member's checkpoint (a single run's checkpoint: names, optimizer state,
+    .grad, recorder rows) and ends at its separate run's curve within STACK_RTOL."""
+    with monkeypatch.context() as m:
+        _kill_at(m, 5)
+        killed = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1",
+                        "train.zero_grad=false")
+    assert killed.returncode == 128 + signal.SIGTERM, killed.stderr
+    basic = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1", "train.zero_grad=false",
+                   stacked=False)
+    assert basic.returncode == 0, basic.stderr
+    separate = _sweep(tmp_path, monkeypatch, capsys, "separate", "seed=0,1",
+                      "train.zero_grad=false", stacked=False)
+    assert separate.returncode == 0, separate.stderr
+    theirs = _jobs(tmp_path / "separate")
+    for name, run_dir in _jobs(tmp_path / "sweep").items():
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["resumed"]["from_step"] == 5 and "stacked" not in record
+        a, b = _rows(run_dir), _rows(theirs[name])
+        assert list(a.name) == list(b.name) and list(a.step) == list(b.step)
+        np.testing.assert_allclose(a.value, b.value, rtol=STACK_RTOL, atol=0)
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("model=resnet18", "model=resnet18: the stack has no place for BatchNorm"),
+    ("probes=cheap", "probes=cheap: probes measure one network per step"),
+    ("model.activation=custom_relu", "model.activation=custom_relu: the hand-written"),
+    ("trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed: stacked members train in"),
+    ("callbacks=[early_stopping]", "callbacks=early_stopping: Lightning callbacks act on one"),
+])
+def test_what_cannot_be_stacked_is_refused_in_one_line(override, words, tmp_path, monkeypatch,
+                                                        capsys):
+    """One line naming the key, the value and what a stack supports; exit 2; nothing made."""
+    result = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1", override)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith(
+        "autograd-lab: error: hydra/launcher=stacked: " + words), err
+    assert "zero_grad on/off" in err
+    assert not (tmp_path / "sweep").exists()
