@@ -142,8 +142,9 @@ def _kill_at(monkeypatch, step: int, signum=signal.SIGTERM):
 
 def test_a_kill_resumes_every_member(tmp_path, monkeypatch, capsys):
     """SIGTERM at step 5 of a stack of three: exit 143, each member's record says interrupted
-    and its checkpoint stands at step 5; the same command continues every member to the curve
-    of an uninterrupted stacked sweep, bit for bit; once more, every member is skipped."""
+    and its checkpoint stands at step 5; the command again, with a fourth seed, continues the
+    three to the curve of an uninterrupted stacked sweep, bit for bit, and trains the new seed
+    as a stack of its own (its resume point differs); once more, every member is skipped."""
     reference = _sweep(tmp_path, monkeypatch, capsys, "reference", "seed=0,1,2")
     assert reference.returncode == 0, reference.stderr
     with monkeypatch.context() as m:
@@ -158,17 +159,20 @@ def test_a_kill_resumes_every_member(tmp_path, monkeypatch, capsys):
         assert len(losses(run_dir)) == 5
         ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["global_step"] == 5
-    again = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2")
+    again = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2,3")  # one more seed
     assert again.returncode == 0, again.stderr
     ref = _jobs(tmp_path / "reference")
+    new = json.loads((tmp_path / "sweep" / "seed=3" / "run.json").read_text())
+    assert new["status"] == "completed" and "resumed" not in new  # a stack of its own
+    assert new["stacked"]["members"] == 1 and len(losses(tmp_path / "sweep" / "seed=3")) == 12
     for name, run_dir in jobs.items():
         record = json.loads((run_dir / "run.json").read_text())
         assert record["status"] == "completed" and record["resumed"]["from_step"] == 5
         pd.testing.assert_frame_equal(_rows(run_dir), _rows(ref[name]), check_exact=True)
         wa, wb = _weights(run_dir), _weights(ref[name])
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    third = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2")
-    assert third.returncode == 0 and third.stderr.count("skipped, already completed") == 3
+    third = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2,3")
+    assert third.returncode == 0 and third.stderr.count("skipped, already completed") == 4
 
 
 def test_a_member_checkpoint_continues_as_a_separate_run(tmp_path, monkeypatch, capsys):

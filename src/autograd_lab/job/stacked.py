@@ -13,10 +13,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
+import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import autograd_lab.job.messages as messages
 from autograd_lab.config.targets import arguments
+from autograd_lab.data.loader import load_split_tensors
+from autograd_lab.data.stacked import StackedDataModule
 from autograd_lab.disk.formats import RUN_FORMAT_VERSION
 from autograd_lab.disk.lock import RunLock
 from autograd_lab.errors import error_text
@@ -57,11 +62,9 @@ def train_group(members: list[Member], progress_bar) -> None:
     `member.record` and on disk. A stop signal ends the group, every member saved, and exits
     128 + the signal once every record is written."""
     quiet_libraries()
-    import torch
-
     threads = members[0].cfg.threads
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # set, not hoped (as a separate run)
     exit_code = None
     with contextlib.ExitStack() as locks, StopSignals() as signals:
         for m in members:
@@ -124,12 +127,6 @@ def _record(m: Member, index: int, members: list[Member]) -> dict:
 def _build(members: list[Member], signals, progress_bar) -> Parts:
     """Each member's network from its own seed (the weights its separate run starts from), the
     stack, its data, the members' recorders and loggers, and the trainer."""
-    import lightning as L
-    from hydra.utils import instantiate
-
-    from autograd_lab.data.loader import load_split_tensors
-    from autograd_lab.data.stacked import StackedDataModule
-
     cfg = members[0].cfg
     tensors = None
     nets = []

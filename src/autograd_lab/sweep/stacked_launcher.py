@@ -29,6 +29,13 @@ from autograd_lab.job.stacked import Member, train_group
 
 log = logging.getLogger(__name__)
 
+def _excluding(config, key: str) -> str:
+    """The Hydra override that adds `key` to the keys job folder names leave out (Hydra names
+    a job's folder when it composes the job's config)."""
+    keys = [*config.hydra.job.config.override_dirname.exclude_keys, key]
+    return f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"
+
+
 def group_key(config: dict) -> str:
     """Jobs with the same key train as one stack: everything but the seed equal."""
     return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True,
@@ -46,15 +53,12 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         print(f"autograd-lab: note: {NAME}: probes=off (probes measure one network per "
               f"step)", file=sys.stderr)
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-        added = not probes_typed(overrides)
-        if added:  # a constant of the sweep, as if typed: not in the job folders' names
-            overrides = [*overrides, "probes=off"]
+        if not probes_typed(overrides):  # a constant of the sweep, as if typed: not in the
+            overrides = [*overrides, "probes=off", _excluding(config, "probes")]  # job names
         sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
-            if added:
-                sweep_config.hydra.job.config.override_dirname.exclude_keys.append("probes")
         task = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
         try:
             why = refusal(task)
