@@ -110,10 +110,29 @@ def test_members_are_the_separate_runs(tmp_path, monkeypatch, capsys):
         final, start = _weights(run_dir), _initial(run_dir)
         assert torch.equal(final["model.conv.weight"], start["conv.weight"]), variant
         assert not torch.equal(final[moved], start[moved.removeprefix("model.")])
+    _same_tensorboard(ours["seed=0,variant=none"], theirs["seed=0,variant=none"])
     for table in ("runs.parquet", "curves.parquet"):
         a = pd.read_parquet(tmp_path / "stacked" / "summary" / table)
         b = pd.read_parquet(tmp_path / "basic" / "summary" / table)
         assert a.shape == b.shape and list(a.columns) == list(b.columns), table
+
+
+def _same_tensorboard(ours: Path, theirs: Path) -> None:
+    """A member's TensorBoard run has the separate run's tags, every step of each, and its
+    HParams (TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = []
+    for run_dir in (ours, theirs):
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        found = events.Tags()
+        steps = {t: [e.step for e in events.Scalars(t)] for t in found["scalars"]}
+        plugins = sorted(events.PluginTagToContent("hparams"))
+        tags.append((steps, plugins))
+    assert tags[0][0] == tags[1][0] and len(tags[0][0]["train/loss"]) == 12
+    assert tags[0][1] == tags[1][1] and tags[0][1], "HParams as a separate run writes them"
+    assert (ours / "hparams.yaml").read_text() == (theirs / "hparams.yaml").read_text()
 
 
 def _initial(run_dir: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -171,6 +172,8 @@ def _build(members: list[Member], signals, progress_bar) -> Parts:
     io.members = fan
     checkpointer = Checkpointer(members[0].run_dir, cfg.checkpoint.every_n_steps, signals, fan)
     memory = MemoryFigures()  # the stack's exact byte counts; each member's share in run.json
+    for r in recorders:  # and in its HParams' whole_run metrics
+        r.memory = _Share(memory.figures, len(members))
     callbacks = [fan, memory]
     if progress_bar == "lines":
         callbacks.append(ProgressLines(recorders[0], cfg.log.progress_every_s))
@@ -185,6 +188,23 @@ def _build(members: list[Member], signals, progress_bar) -> Parts:
     datamodule = StackedDataModule(cfg.data, [m.cfg.seed for m in members], tensors=tensors)
     return Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=fan,
                  members=fan, memory=memory, cfg=cfg, run_dir=members[0].run_dir)
+
+
+class _Share(Mapping):
+    """A member's share of the stack's memory figures (each exact byte count / members), read
+    when asked: the figures are measured during the first steps."""
+
+    def __init__(self, figures: dict, members: int):
+        self.figures, self.members = figures, members
+
+    def __getitem__(self, key):
+        return self.figures[key] // self.members
+
+    def __iter__(self):
+        return iter(self.figures)
+
+    def __len__(self):
+        return len(self.figures)
 
 
 def _finish(members: list[Member], state, t0: float) -> None:
@@ -208,7 +228,7 @@ def _finish(members: list[Member], state, t0: float) -> None:
                 record["stop_reason"] = stop_reason(parts.trainer, m.cfg, diverged)
             stack = dict(parts.memory.figures)
             record["stacked"]["memory"] = stack
-            share = SimpleNamespace(figures={k: v // len(members) for k, v in stack.items()})
+            share = SimpleNamespace(figures=dict(_Share(stack, len(members))))
             member_parts = Parts(hooks=[], recorder=recorder, trainer=view_trainer,
                                  module=view_module, memory=share,
                                  profiler=[], probes=[], cfg=m.cfg, run_dir=m.run_dir)

@@ -17,7 +17,14 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.core.utils import (
+    JobReturn,
+    JobStatus,
+    configure_log,
+    filter_overrides,
+    run_job,
+    setup_globals,
+)
 from omegaconf import OmegaConf, open_dict
 
 from autograd_lab.config.schema import validate
@@ -68,7 +75,10 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
             print(f"autograd-lab: error: {why}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR)
         plans.append(sweep_config)
-    groups: dict[str, list] = {}
+    log.info(f"Launching {len(plans)} jobs locally, those equal but for the seed as one stack")
+    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")  # as Hydra's basic
+    groups: dict[str, list] = {}  # launcher says it (al.multirun counts these lines)
     returns: list[JobReturn | None] = [None] * len(plans)
     for i, sweep_config in enumerate(plans):
         ret = run_job(hydra_context=context, task_function=_prepare, config=sweep_config,
