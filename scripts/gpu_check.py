@@ -2,7 +2,7 @@
 
 Not part of the test suite (CI has no GPU). Run on a machine with one:
 
-    python scripts/gpu_check.py [--data-root DIR] [--out FILE]
+    python scripts/gpu_check.py [--data-root DIR] [--out FILE] [--only graph]
 
 1. `trainer.accelerator=auto` picks the GPU; the run record says `cuda:0` and has peak CUDA memory.
 2. Throughput, side by side in this process: a plain PyTorch loop over resident batches (b) and
@@ -16,6 +16,13 @@ Not part of the test suite (CI has no GPU). Run on a machine with one:
 6. Per-job memory: freeze_study's variants (ResNet18) in one order and in the reverse order in
    one process: the exact byte counts (run.json `memory`) are the same, peak CUDA memory is
    reset per job.
+7. Graph exactness (`trainer.cuda_graph=true`, model/graphed.py), under
+   `trainer.deterministic=true`, SmallNet: the curve with the step captured and replayed is
+   bitwise equal to the eager run's, for zero_grad on and off, frozen_early, detach_shallow,
+   an epoch schedule (captured again each epoch) and Adam (against the eager run of
+   `optim.capturable=true`, the kernels a captured Adam needs); then a kill (SIGTERM after
+   replayed steps) and resume with the graph against the uninterrupted eager run. Prints each
+   max |diff|, the number of replays and PASS/FAIL. `--only graph` runs this section alone.
 """
 
 from __future__ import annotations
@@ -94,10 +101,93 @@ def EpochClock():  # noqa: N802 - a Lightning callback made on demand (Lightning
     return type("EpochClock", (_Clock, L.Callback), {})()
 
 
+def _curve(run_dir):
+    import pandas as pd
+
+    f = pd.read_parquet(run_dir / "metrics.parquet")
+    return f[f.name == "train/loss"].sort_values("step").value.to_numpy()
+
+
+def _compared(a, b) -> tuple[bool, float]:
+    """(bitwise equal, max |a - b|) of two curves; unequal lengths are never equal."""
+    if len(a) != len(b):
+        return False, float("inf")
+    return bool((a == b).all()), float(abs(a - b).max()) if len(a) else 0.0
+
+
+def graph_exactness(root, work: Path) -> dict:
+    """7. trainer.cuda_graph=true against the eager step, bit for bit, and a kill/resume."""
+    import lightning as L
+
+    from autograd_lab.train import run
+
+    class Seen(L.Callback):
+        replays = captures = 0
+
+        def on_train_end(self, trainer, pl_module):
+            g = pl_module.graphed
+            self.replays, self.captures = (g.replays, g.captures) if g is not None else (0, 0)
+
+    # 33 batches an epoch, the last one of 16 (run eagerly between replays); validation eager
+    base = ("data.train_size=1040", "data.test_size=256", "trainer.max_epochs=2",
+            "trainer.deterministic=true", "log.flush_every_s=1000")
+    cases = [  # (name, overrides of both runs, of the eager run only)
+        ("default", (), ()),
+        ("train.zero_grad=false", ("train.zero_grad=false",), ()),
+        ("variant=frozen_early", ("variant=frozen_early",), ()),
+        ("variant=detach_shallow", ("variant=detach_shallow",), ()),
+        ("scheduler=step optim.lr=0.05", ("scheduler=step", "optim.lr=0.05"), ()),
+        ("optim=adam (eager: optim.capturable=true)", ("optim=adam",),
+         ("optim.capturable=true",)),
+    ]
+    results: dict = {}
+    for i, (name, over, eager_only) in enumerate(cases):
+        seen = Seen()
+        run(cfg_of(*base, *over, *eager_only, data_root=root), work / f"graph{i}_eager")
+        run(cfg_of(*base, *over, "trainer.cuda_graph=true", data_root=root),
+            work / f"graph{i}_graph", callbacks=[seen])
+        a, b = _curve(work / f"graph{i}_eager"), _curve(work / f"graph{i}_graph")
+        equal, diff = _compared(a, b)
+        ok = equal and seen.replays > 0
+        results[name] = {"steps": len(b), "replays": seen.replays, "captures": seen.captures,
+                         "bitwise_equal": equal, "max_abs_diff": diff, "pass": ok}
+        print(f"7. graph exactness, {name}: {len(b)} steps, {seen.replays} replays, "
+              f"{seen.captures} captures, max |diff| = {diff:.3g}: {'PASS' if ok else 'FAIL'}",
+              flush=True)
+
+    class Term(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 20:  # after replays (the graph is captured at step 3)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    over = (*base, "train.zero_grad=false", "trainer.cuda_graph=true")
+    try:
+        run(cfg_of(*over, data_root=root), work / "graph_cut", callbacks=[Term()])
+        code = None
+    except SystemExit as e:
+        code = e.code
+    seen = Seen()
+    res = run(cfg_of(*over, data_root=root), work / "graph_cut", callbacks=[seen])
+    a, b = _curve(work / "graph1_eager"), _curve(work / "graph_cut")  # the eager zero_grad=false
+    equal, diff = _compared(a, b)
+    ok = equal and code == 128 + signal.SIGTERM and res["resumed"]["from_step"] == 20 \
+        and seen.replays > 0
+    results["kill/resume"] = {"exit": code, "status": res["status"],
+                              "from_step": res["resumed"]["from_step"],
+                              "replays_after_resume": seen.replays, "bitwise_equal": equal,
+                              "max_abs_diff": diff, "pass": ok}
+    print(f"7. graph kill/resume: exit {code}, resumed from step "
+          f"{res['resumed']['from_step']}, {seen.replays} replays after it, vs the eager run: "
+          f"max |diff| = {diff:.3g}: {'PASS' if ok else 'FAIL'}", flush=True)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=tempfile.mkdtemp(prefix="gpu_check_data_"))
     p.add_argument("--out", default=None)
+    p.add_argument("--only", choices=["graph"], default=None,
+                   help="run one section: graph (7. graph exactness and kill/resume)")
     args = p.parse_args()
 
     import lightning as L
@@ -109,6 +199,10 @@ def main() -> None:
     out: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     root = args.data_root
+    if args.only == "graph":
+        out["graph"] = graph_exactness(root, work)
+        _finish(out, args)
+        return
 
     # 1. device choice and the memory record
     rec = run(cfg_of("trainer.max_epochs=1", data_root=root), work / "auto")
@@ -237,6 +331,13 @@ def main() -> None:
                      for v, (a, b) in figures.items()}
     print("6. per-job memory on GPU:", json.dumps(out["memory"]), flush=True)
 
+    # 7. the step as a CUDA graph: bitwise against the eager step, and a kill/resume
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+    out["graph"] = graph_exactness(root, work)
+    _finish(out, args)
+
+
+def _finish(out: dict, args) -> None:
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -17,6 +17,7 @@ from autograd_lab.config.compose import (
     _is_hydra_override,
     _set_dotted,
 )
+from autograd_lab.config.devices import check_devices
 from autograd_lab.config.keys import (
     CONF_DIR,
     MISSING,
@@ -31,7 +32,7 @@ from autograd_lab.config.keys import (
     settable_keys,
 )
 from autograd_lab.config.resources import data_problems, memory_problems
-from autograd_lab.config.schema import CHECKS, check_devices, validate
+from autograd_lab.config.schema import CHECKS, validate
 from autograd_lab.config.stacking import is_stacked, probes_typed, refusal
 from autograd_lab.config.targets import check_arguments, check_targets, shipped_targets
 from autograd_lab.errors import UserError, did_you_mean, first_line

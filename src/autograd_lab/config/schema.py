@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from autograd_lab.config.graph_checks import check_cuda_graph
 from autograd_lab.config.keys import (
     LOGGED_METRICS,
     MISSING,
@@ -101,6 +102,8 @@ CHECKS: dict[str, tuple] = {
                                   or (isinstance(v, float) and 0 <= v <= 1),
                                   "a fraction in [0, 1] or a whole number of batches"),
     "trainer.progress_bar": (lambda v: v in ("auto", True, False), "one of: auto, true, false"),
+    "trainer.cuda_graph": (lambda v: isinstance(v, bool), "true or false"),
+    "optim.capturable": (lambda v: isinstance(v, bool), "true or false"),
     # the trainer node's other arguments: their types are checked against Lightning's Trainer
     # signature (targets.check_arguments); these ranges and choices without Lightning
     "trainer.precision": (lambda v: v in PRECISIONS, "one of: " + ", ".join(PRECISIONS)),
@@ -199,6 +202,8 @@ def validate(cfg) -> None:
     for key, (ok, why) in TRAINER_CONTRACT.items():
         if key in trainer and not ok(trainer[key]):
             raise UserError(f"trainer.{key}={show_value(trainer[key])}: refused: {why}")
+    if trainer.get("cuda_graph") is True:
+        check_cuda_graph(cfg, trainer)
     if trainer.get("check_val_every_n_epoch", 1) is None and not isinstance(
             trainer.get("val_check_interval"), int):
         raise UserError("trainer.check_val_every_n_epoch=null: needs trainer.val_check_interval=N "
@@ -287,40 +292,6 @@ def _check_paths(cfg) -> None:
             raise UserError(f"{key}={value}: is a file; give a folder")
         if kind == "file" and path.is_dir():
             raise UserError(f"{key}={value}: is a folder; give a file")
-
-
-def check_devices(cfg) -> None:
-    """The accelerator, device count and precision exist on this machine. Imports torch only
-    when a device is asked for by name, more than one device, or 16-mixed on `auto`."""
-    trainer = cfg.get("trainer") or {}
-    accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", 1)
-    fp16 = trainer.get("precision") == "16-mixed"
-    if fp16 and accelerator == "cpu":  # Lightning would run bf16-mixed instead, with a warning
-        raise UserError(_FP16_ON_CPU)
-    if accelerator in ("auto", "cpu") and devices == 1 and not fp16:
-        return
-
-    import torch
-
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator={accelerator}: no CUDA GPU on this machine; "
-                        f"choices here: auto, cpu")
-    if accelerator == "mps" and not torch.backends.mps.is_available():
-        raise UserError("trainer.accelerator=mps: no Apple GPU on this machine; choices here: "
-                        "auto, cpu")
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if fp16 and not gpu:
-        raise UserError(_FP16_ON_CPU)
-    have = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
-    if devices > have:
-        what = "GPUs" if gpu else "CPU cores (one process each)"
-        raise UserError(f"trainer.devices={devices}: this machine has {have} {what}; give "
-                        f"trainer.devices <= {have}")
-
-
-_FP16_ON_CPU = ("trainer.precision=16-mixed: fp16 mixed precision needs a CUDA GPU (on a CPU "
-                "Lightning would run bf16-mixed under the 16-mixed name); choices here: "
-                "32-true, bf16-mixed")
 
 
 def _validate_keys(cfg) -> None:

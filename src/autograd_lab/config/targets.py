@@ -87,7 +87,7 @@ TARGET_KINDS = {
 # the declared names the preflight checks globs against, a file the harness loads itself, the
 # bar it chooses): read by the harness, never passed (`arguments`).
 OWN_KEYS = {
-    "trainer": ("progress_bar",),
+    "trainer": ("progress_bar", "cuda_graph"),
     "model": ("name", "weights_path", "weights_files", "detach_points", "early_stages",
               "module_names", "parameter_names", "channels_last", "compile"),
     "optim": ("name",),

@@ -60,7 +60,8 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
     module = Classifier(model, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, frozen_bn,
                         scheduler=make_scheduler(cfg.scheduler),
                         meta={"config": record["config"], "numerics": numerics()},
-                        channels_last=bool(cfg.model.get("channels_last", False)))
+                        channels_last=bool(cfg.model.get("channels_last", False)),
+                        cuda_graph=bool(cfg.trainer.get("cuda_graph", False)))
     user_callbacks = _callbacks(cfg, run_dir)
     loggers = make_loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
 
@@ -285,8 +286,12 @@ def run_numerics(cfg) -> dict:
     precision = str(cfg.trainer.get("precision", "32-true"))
     compiled = bool(cfg.model.get("compile", False))
     nhwc = bool(cfg.model.get("channels_last", False))
+    graph = bool(cfg.trainer.get("cuda_graph", False))
+    # a graphed Adam is capturable=True (its step count on the device): the eager run it equals
+    # bit for bit is the one with optim.capturable=true, not the default
+    capturable = graph and "capturable" in cfg.optim and not cfg.optim.capturable
     return {"precision": precision, "compiled": compiled, "channels_last": nhwc,
-            "cuda_graph": bool(cfg.trainer.get("cuda_graph", False)),
+            "cuda_graph": graph,
             "bitwise_vs_fp32_eager": precision in ("32-true", "32") and not compiled
-            and not nhwc}
+            and not nhwc and not capturable}
 

@@ -11,6 +11,9 @@ What the exact curve depends on beyond Lightning's own state (the accumulated `.
 no-zero-grad variant, every RNG state) travels in the checkpoint through `on_save_checkpoint` /
 `on_load_checkpoint`, so every checkpoint Lightning writes (ours, ModelCheckpoint's, a user's
 `trainer.save_checkpoint`) resumes to the same curve.
+
+`trainer.cuda_graph=true`: the same step captured once as a CUDA graph and replayed
+(model/graphed.py); `eager_step` is the step it replays.
 """
 
 from __future__ import annotations
@@ -28,28 +31,36 @@ from hydra.utils import instantiate
 
 from autograd_lab.config.targets import arguments
 from autograd_lab.disk.formats import CHECKPOINT_FORMAT
+from autograd_lab.model.graphed import GraphedStep
 from autograd_lab.model.variants import eval_context
 
 _NO_RANGE = contextlib.nullcontext()
 
 
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg, capturable: bool = False) -> torch.optim.Optimizer:
     """The `optim` node (`_partial_: true`, e.g. torch.optim.SGD with lr and momentum) made by
     Hydra's instantiate and called with `params`; its `name` is the harness's label
     (config.targets.OWN_KEYS), never an argument. Lists come as lists (Adam's betas), never as
-    OmegaConf containers, which would travel into the checkpoint's optimizer state."""
-    return instantiate(arguments(cfg, "optim"), _convert_="all")(params)
+    OmegaConf containers, which would travel into the checkpoint's optimizer state.
+    `capturable`: an optimizer that has the flag (Adam) gets capturable=True, as a CUDA graph
+    capture of its step needs (SGD has no such flag and needs none)."""
+    make = instantiate(arguments(cfg, "optim"), _convert_="all")
+    if capturable and "capturable" in inspect.signature(make.func).parameters:
+        return make(params, capturable=True)
+    return make(params)
 
 
 class Classifier(L.LightningModule):
     def __init__(self, model: nn.Module, optim_cfg, zero_grad: bool = True,
                  eval_grad_mode: str = "inference", frozen_bn: list[nn.Module] | None = None,
-                 scheduler=None, meta: dict | None = None, channels_last: bool = False):
+                 scheduler=None, meta: dict | None = None, channels_last: bool = False,
+                 cuda_graph: bool = False):
         """`scheduler`: None, or (make, interval): make(optimizer, total_steps) builds a torch
         LR scheduler, stepped every optimizer step (interval "step") or epoch ("epoch").
         `meta`: stored in every checkpoint (format and config, checked before a resume).
         `channels_last`: the data module makes each image batch torch.channels_last
-        (model.channels_last)."""
+        (model.channels_last). `cuda_graph`: the step replayed as a CUDA graph (graphed.py;
+        trainer.cuda_graph)."""
         super().__init__()
         self.model = model
         self.optim_cfg = optim_cfg
@@ -59,6 +70,8 @@ class Classifier(L.LightningModule):
         self.scheduler = scheduler
         self.meta = meta or {}
         self.channels_last = channels_last
+        self.cuda_graph = cuda_graph
+        self.graphed: GraphedStep | None = None  # made at fit start when cuda_graph
         self.automatic_optimization = False
         self.step_losses: list[torch.Tensor] = []  # this step's loss, on the device, until flushed
         self.val_peak_mib = 0.0
@@ -81,6 +94,8 @@ class Classifier(L.LightningModule):
         schedulers = self.lr_schedulers()
         self._scheduler = schedulers if self.scheduler is not None else None
         self._step_scheduler = self.scheduler is not None and self.scheduler[1] == "step"
+        # before Lightning restores a checkpoint's optimizer state: the graph is captured later
+        self.graphed = GraphedStep(self) if self.cuda_graph else None
 
     def training_step(self, batch, batch_idx):
         """One optimizer step, the seed's: zero_grad, forward, loss, backward, step.
@@ -98,19 +113,30 @@ class Classifier(L.LightningModule):
 
     def _step(self, batch):
         x, y = batch
+        if self.graphed is not None:  # trainer.cuda_graph: replayed (or eager, graphed.py)
+            loss = self.graphed.step(x, y)
+        else:
+            loss = self.eager_step(x, y)
+        if self._step_scheduler:
+            with self.phase("optimizer"):
+                self._scheduler.step()
+        self.step_losses.append(loss)
+
+    def eager_step(self, x, y, set_to_none: bool = True) -> torch.Tensor:
+        """zero_grad (train.zero_grad), forward, loss, backward, step; the loss, detached.
+        `set_to_none=False` (the graphed step's eager steps) zeroes .grad in place: the same
+        numbers, and the same tensors the graph writes."""
         opt = self._optimizer
         if self.reset_grads:  # train.zero_grad
             with self.phase("optimizer"):
-                opt.zero_grad()
+                opt.zero_grad(set_to_none=set_to_none)
         with self.phase("forward"):
             loss = F.cross_entropy(self.model(x), y)
         with self.phase("backward"):
             self.manual_backward(loss)
         with self.phase("optimizer"):
             opt.step()  # through Lightning's optimizer wrapper: it counts the global step
-            if self._step_scheduler:
-                self._scheduler.step()
-        self.step_losses.append(loss.detach())
+        return loss.detach()
 
     def on_train_epoch_end(self):
         if self._scheduler is not None and not self._step_scheduler:
@@ -217,7 +243,8 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad],
-                                    self.optim_cfg)
+                                    self.optim_cfg,
+                                    capturable=self.cuda_graph and GraphedStep.capture)
         if self.scheduler is None:
             return optimizer
         make, interval = self.scheduler
