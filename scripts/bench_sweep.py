@@ -1,10 +1,13 @@
-"""Sweep throughput on this machine: Hydra's basic launcher against joblib with 2 jobs.
+"""Sweep throughput on this machine: Hydra's basic launcher against joblib with 2 jobs and
+against the stacked launcher (all seeds as one vmapped program).
 
 8 SmallNet jobs of 300 steps each (synthetic data, no validation, probes off), launched through
 the real CLI, timed end to end, side by side in one invocation:
 
   basic   jobs one after another in one process (imports paid once), torch's default threads
   joblib  hydra/launcher=joblib n_jobs=2, one torch thread per job (the harness sets it)
+  stacked hydra/launcher=stacked: the 8 seeds as one program in one process (a GPU's case;
+          on 2 CPU cores it is expected to be no faster)
 
 Per-job overhead of the basic launcher beyond training = ((T8 - T1) / 7) - mean training time,
 where T8 and T1 are the wall times of an 8-job and a 1-job sweep. A measurement, not a test.
@@ -51,26 +54,34 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--data-root", type=Path, default=Path("data"))
     args = p.parse_args()
-    basic, joblib = [], []
+    basic, joblib, stacked = [], [], []
     one = []
     for r in range(args.rounds):
         one.append(sweep(1, args.steps, args.data_root, []))
         basic.append(sweep(args.jobs, args.steps, args.data_root, []))
         joblib.append(sweep(args.jobs, args.steps, args.data_root,
                             ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]))
+        stacked.append(sweep(args.jobs, args.steps, args.data_root,
+                             ["hydra/launcher=stacked"]))
         print(f"round {r + 1}: 1 job {one[-1]['wall']:.1f} s, basic {basic[-1]['wall']:.1f} s, "
-              f"joblib {joblib[-1]['wall']:.1f} s", flush=True)
+              f"joblib {joblib[-1]['wall']:.1f} s, stacked {stacked[-1]['wall']:.1f} s",
+              flush=True)
     t1 = min(x["wall"] for x in one)
     tb = min(x["wall"] for x in basic)
     tj = min(x["wall"] for x in joblib)
+    ts = min(x["wall"] for x in stacked)
     train = statistics.mean(x["train"] for x in basic)
     overhead = (tb - t1) / (args.jobs - 1) - train
     print(f"\n{args.jobs} jobs x {args.steps} steps (best of {args.rounds})")
     print(f"basic launcher   {tb:7.1f} s   (1-job sweep {t1:.1f} s, mean training {train:.2f} s)")
     print(f"joblib, 2 jobs   {tj:7.1f} s")
+    member = statistics.mean(x["train"] for x in stacked)
+    print(f"stacked          {ts:7.1f} s   (training {member:.2f} s: the stack's, all members)")
     speedup = tb / tj
     print(f"joblib speed-up            {speedup:5.2f}x  {'PASS' if speedup >= 1.5 else 'FAIL'}"
           f" (target >= 1.5)")
+    print(f"stacked speed-up           {tb / ts:5.2f}x  (no CPU target: a GPU's >= 8x is "
+          f"scripts/bench_gpu.py's)")
     print(f"basic per-job overhead     {overhead:5.2f} s  {'PASS' if overhead <= 0.5 else 'FAIL'}"
           f" (target <= 0.5 s beyond training)")
 
