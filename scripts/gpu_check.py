@@ -2,7 +2,7 @@
 
 Not part of the test suite (CI has no GPU). Run on a machine with one:
 
-    python scripts/gpu_check.py [--data-root DIR] [--out FILE] [--only graph]
+    python scripts/gpu_check.py [--data-root DIR] [--out FILE] [--only graph,stacked]
 
 1. `trainer.accelerator=auto` picks the GPU; the run record says `cuda:0` and has peak CUDA memory.
 2. Throughput, side by side in this process: a plain PyTorch loop over resident batches (b) and
@@ -23,6 +23,11 @@ Not part of the test suite (CI has no GPU). Run on a machine with one:
    `optim.capturable=true`, the kernels a captured Adam needs); then a kill (SIGTERM after
    replayed steps) and resume with the graph against the uninterrupted eager run. Prints each
    max |diff|, the number of replays and PASS/FAIL. `--only graph` runs this section alone.
+8. Stacked seeds (`hydra/launcher=stacked`) on the GPU: 4 seeds x zero_grad on/off as two
+   stacks against the same 8 jobs run one by one (the basic launcher), through the CLI: with
+   zero_grad every member's train/loss and validation rows within 1e-5 relative of its
+   separate run (PASS/FAIL); without it (a chaotic run: rounding differences grow) the largest
+   difference is printed. `--only stacked` runs this section alone.
 """
 
 from __future__ import annotations
@@ -186,8 +191,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=tempfile.mkdtemp(prefix="gpu_check_data_"))
     p.add_argument("--out", default=None)
-    p.add_argument("--only", choices=["graph"], default=None,
-                   help="run one section: graph (7. graph exactness and kill/resume)")
+    p.add_argument("--only", default=None,
+                   help="comma list of sections to run alone: graph (7. graph exactness and "
+                        "kill/resume), stacked (8. stacked members against separate runs)")
     args = p.parse_args()
 
     import lightning as L
@@ -199,8 +205,14 @@ def main() -> None:
     out: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     root = args.data_root
-    if args.only == "graph":
-        out["graph"] = graph_exactness(root, work)
+    if args.only:
+        only = set(args.only.split(","))
+        if only - {"graph", "stacked"}:
+            raise SystemExit(f"--only {args.only}: sections are graph, stacked")
+        if "graph" in only:
+            out["graph"] = graph_exactness(root, work)
+        if "stacked" in only:
+            out["stacked"] = stacked_exactness(root, work)
         _finish(out, args)
         return
 
@@ -334,7 +346,52 @@ def main() -> None:
     # 7. the step as a CUDA graph: bitwise against the eager step, and a kill/resume
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
     out["graph"] = graph_exactness(root, work)
+    # 8. stacked seeds against separate runs
+    out["stacked"] = stacked_exactness(root, work)
     _finish(out, args)
+
+
+def stacked_exactness(root, work: Path) -> dict:
+    """8: the stacked launcher's members against the same jobs run one by one, on the GPU."""
+    import subprocess
+
+    import numpy as np
+    import pandas as pd
+
+    exe = Path(sys.executable).parent / "autograd-lab"
+    common = ["data=synthetic", f"data.root={root}", "data.train_size=2048",
+              "data.test_size=512", "trainer.max_epochs=2", "probes=off",
+              "trainer.progress_bar=false", "seed=0,1,2,3", "train.zero_grad=true,false"]
+    walls = {}
+    for name, extra in (("stacked", ["hydra/launcher=stacked"]), ("basic", [])):
+        t = time.perf_counter()
+        proc = subprocess.run([str(exe), "train", "-m", *extra, *common,
+                               f"hydra.sweep.dir={work / ('sweep_' + name)}"],
+                              capture_output=True, text=True)
+        walls[name] = round(time.perf_counter() - t, 1)
+        if proc.returncode != 0:
+            print(f"8. stacked: {name} sweep failed:\n{proc.stderr[-2000:]}", flush=True)
+            return {"error": proc.stderr[-2000:]}
+    worst = {"true": 0.0, "false": 0.0}
+    for run_dir in sorted((work / "sweep_stacked").glob("seed=*")):
+        a = pd.read_parquet(run_dir / "metrics.parquet")
+        b = pd.read_parquet(work / "sweep_basic" / run_dir.name / "metrics.parquet")
+        a, b = (f[~f.name.str.startswith("time/")].sort_values(["step", "name"])
+                for f in (a, b))
+        x, y = a.value.to_numpy(), b.value.to_numpy()
+        key = "false" if "zero_grad=false" in run_dir.name else "true"
+        worst[key] = max(worst[key],
+                         float(np.max(np.abs(x - y) / np.maximum(np.abs(y), 1e-12))))
+    # with zero_grad the runs are stable: members equal separate runs to float32 rounding.
+    # Without it the accumulated gradient makes the run chaotic, and any rounding difference
+    # grows (as between two separate runs with another thread count): reported, not judged
+    ok = worst["true"] <= 1e-5
+    result = {"members": 8, "max_rel_diff_zero_grad": worst["true"],
+              "max_rel_diff_no_zero_grad": worst["false"], "pass": ok, "wall_s": walls}
+    print(f"8. stacked members vs separate runs on GPU: zero_grad on: max rel diff "
+          f"{worst['true']:.3g} ({'PASS' if ok else 'FAIL'} at 1e-5); zero_grad off (chaotic, "
+          f"rounding grows): {worst['false']:.3g}; wall {walls}", flush=True)
+    return result
 
 
 def _finish(out: dict, args) -> None:

@@ -60,6 +60,10 @@ class MemberModule:
     def val_peak_mib(self) -> float:
         return self._module.val_peak_mib
 
+    @property
+    def cuda_peak_mib(self) -> float:  # the stack's (run.json peak_cuda_mib, on a GPU)
+        return self._module.cuda_peak_mib
+
 
 _HOOKS = ("on_train_start", "on_train_epoch_start", "on_train_batch_start",
           "on_train_batch_end", "on_validation_epoch_start", "on_validation_epoch_end",
