@@ -143,12 +143,17 @@ class TensorBoardGraph(L.Callback):
         self._armed = not resumed  # until the first training batch
         self._scopes: _Scopes | None = None
         self._handles: list = []
+        self._eager = None  # torch.compiler.set_stance's context while the step is watched
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not self._armed:
             return
         self._armed = False
         if trainer.is_global_zero and self.recorder.writer is not None:
+            # model.compile=true: this one step runs eagerly (torch.compile's own switch), so
+            # the graph shows autograd's nodes, and dynamo never traces the hooks and mode
+            # below (it would compile a fragment per module for this step alone)
+            self._eager = torch.compiler.set_stance("force_eager")
             self._scopes = _Scopes()
             self._handles = self._scopes.install(pl_module.model, mode_in_forward=True)
 
@@ -168,6 +173,9 @@ class TensorBoardGraph(L.Callback):
         for h in self._handles:
             h.remove()
         self._handles, self._scopes = [], None
+        if self._eager is not None:  # the stance before this step, back
+            self._eager.__exit__(None, None, None)
+            self._eager = None
 
     def on_exception(self, trainer, pl_module, exception):
         self._remove_hooks()  # a first step that never reached backward
