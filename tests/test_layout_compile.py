@@ -80,6 +80,7 @@ def test_the_graph_view_step_runs_eagerly_under_compile(train_run):
     run without the writer (logger=csv), and the written graph has autograd's own nodes."""
     import torch._dynamo
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     # private: dynamo's counters are the only record of what it compiled; this test fails if a
     # torch release moves them, and then the check is to be redone with the new name
     from torch._dynamo.utils import counters
