@@ -87,3 +87,13 @@ def test_loss_figure_marks_each_point_of_a_short_curve_and_not_of_a_long_one(tmp
     lines = {ln.get_label(): ln for ln in loss.axes[0].get_lines()}
     by_points = {len(ln.get_xdata()): ln.get_marker() for ln in lines.values()}
     assert by_points == {3: ".", 40: "None"}, by_points
+
+
+def test_an_overflowed_value_prints_as_inf():
+    """A run can end with a finite training loss and an infinite validation loss (optim.lr=17
+    without zero_grad on the tests' data): the end line says inf, where it raised ValueError."""
+    from autograd_lab.job.messages import val_text
+    from autograd_lab.text import fmt_number
+
+    assert fmt_number(float("inf")) == "inf" and fmt_number(float("-inf")) == "-inf"
+    assert val_text({"val_loss": float("inf"), "val_acc": 0.1}) == "val loss inf, val acc 0.1"

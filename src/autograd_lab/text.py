@@ -59,6 +59,8 @@ def fmt_number(x, digits: int = 3) -> str:
         return "-"
     if math.isnan(x):
         return "-"
+    if math.isinf(x):  # a validation loss that overflowed, say
+        return "inf" if x > 0 else "-inf"
     if x == 0:
         return "0"
     if abs(x) >= 1e6 or abs(x) < 1e-3:

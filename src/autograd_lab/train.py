@@ -20,12 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from autograd_lab.config.keys import CONF_PACKAGE
 from autograd_lab.config.schema import validate
 from autograd_lab.config.targets import refuse_running_code
-from autograd_lab.disk.files import write_json
-from autograd_lab.disk.formats import RUN_FORMAT_VERSION, newer_format
-from autograd_lab.disk.lock import ForeignEntry, is_rank_zero
 from autograd_lab.errors import EXIT_USER_ERROR, UserError, error_text, report
 from autograd_lab.job.messages import skipped
-from autograd_lab.job.rundir import finished_record, group_choices, read_run_json, task_overrides
+from autograd_lab.job.rundir import (
+    finished_record,
+    group_choices,
+    record_failure,
+    task_overrides,
+)
 from autograd_lab.sweep.slurm_queue import SlurmJob
 
 
@@ -88,27 +90,14 @@ def main(cfg: DictConfig) -> dict | None:
 
 def _record_failure(run_dir: Path, cfg, error: str) -> None:
     """A sweep job that failed before run() could record it (a bad value, an incompatible
-    checkpoint) still gets a run.json, so the summary says failed, not killed. A record that
-    run() wrote, or one a newer version wrote, is left as it is."""
-
-    if not is_rank_zero():
-        return
-
-    try:
-        old, _ = read_run_json(run_dir)  # None for a missing or broken record
-    except ForeignEntry:  # a symlink, FIFO, ... where a file of ours goes: leave it all alone
-        return
-    if old is not None:
-        if old.get("ended") or newer_format(old) is not None:
-            return
+    checkpoint) still gets a run.json (job.rundir.record_failure), so the summary says failed,
+    not killed."""
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an unresolvable value is what failed
         config = OmegaConf.to_container(cfg, resolve=False)
-    write_json(run_dir / "run.json", {"format_version": RUN_FORMAT_VERSION, "status": "failed",
-                                      "error": error,
-                                      "config": config, "overrides": task_overrides(),
-                                      "choices": group_choices()})
+    record_failure(run_dir, config, error, task_overrides(), group_choices())
+
 
 def _parallel_launcher(hc) -> bool:
     """Jobs of this multirun run side by side (joblib, submitit): one torch thread each."""

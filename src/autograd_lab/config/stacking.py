@@ -7,6 +7,9 @@ from omegaconf import OmegaConf
 
 NAME = "hydra/launcher=stacked"
 
+# optimizers whose step treats every element on its own (each member's slice its own step)
+ELEMENTWISE = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
+
 # key -> (allowed?, why not and what to use instead)
 SUPPORTED = (
     ("model.name", lambda v: v == "smallnet", "the stack has no place for BatchNorm running "
@@ -16,6 +19,9 @@ SUPPORTED = (
     ("model.compile", lambda v: not v, "a compiled stack is not supported; use "
      "model.compile=false"),
     ("model.channels_last", lambda v: not v, "use model.channels_last=false"),
+    ("optim._target_", lambda v: v in ELEMENTWISE, "one optimizer steps every member's slice "
+     "of the stacked tensors, which is each member's own step only for an elementwise "
+     "optimizer: " + ", ".join(ELEMENTWISE)),
     ("trainer.precision", lambda v: str(v) in ("32-true", "32"), "stacked members train in "
      "float32 (trainer.precision=32-true)"),
     ("trainer.cuda_graph", lambda v: not v, "use trainer.cuda_graph=false"),
@@ -53,7 +59,8 @@ def refusal(cfg, probes_chosen: bool = True) -> str | None:
         value = OmegaConf.select(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, key,
                                  default=None)
         if not ok(value):
-            shown = ",".join(value) if key == "callbacks" else value
+            shown = (",".join(value) if key == "callbacks" else str(value).lower()
+                     if isinstance(value, bool) else value)
             key = _GROUPS.get(key, key)
             return (f"{NAME}: {key}={shown}: {why}; a stack supports zero_grad on/off, "
                     f"train.freeze and train.detach_at (the basic launcher runs the rest)")

@@ -24,7 +24,7 @@ from autograd_lab.model.module import Classifier
 from autograd_lab.model.networks import build_model, prepare_network
 from autograd_lab.model.variants import detach_at, freeze, frozen_batchnorms
 from autograd_lab.observe.graph_view import TensorBoardGraph
-from autograd_lab.observe.memory import MemoryFigures, reset_peak_rss
+from autograd_lab.observe.memory import MemoryFigures, reset_peaks
 from autograd_lab.observe.probes import STATS
 
 
@@ -41,18 +41,12 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
     import lightning as L
 
 
-    reset_peak_rss()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peaks()
     L.seed_everything(cfg.seed, verbose=False)
     # fail on data problems before any file is written
     datamodule = CIFARDataModule(cfg.data, cfg.seed, tensors=load_split_tensors(cfg.data))
     model, report, det, hooks = build_network(cfg)
-    record["params"] = {"trainable": report.trainable_params, "frozen": report.frozen_params,
-                        "frozen_names": report.frozen}
-    if det is not None:
-        record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
-                            "upstream_names": det.upstream}
+    network_record(record, report, det)
     frozen_bn = frozen_batchnorms(model) if cfg.train.freeze_bn_stats else []
     record["numerics"] = run_numerics(cfg)
     prepare_network(model, cfg.model)
@@ -114,6 +108,15 @@ def build_network(cfg) -> tuple:
         handle, det = detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
         hooks.append(handle)
     return model, report, det, hooks
+
+
+def network_record(record: dict, report, det) -> None:
+    """run.json's `params` (trainable, frozen) and `detach` (what a detach point cut off)."""
+    record["params"] = {"trainable": report.trainable_params, "frozen": report.frozen_params,
+                        "frozen_names": report.frozen}
+    if det is not None:
+        record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
+                            "upstream_names": det.upstream}
 
 
 def _instantiate(node, what: str, base, **kwargs):

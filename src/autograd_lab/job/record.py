@@ -11,6 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from autograd_lab.disk.files import write_json, write_parquet
+from autograd_lab.disk.formats import RUN_FORMAT_VERSION
 from autograd_lab.errors import write_failure
 from autograd_lab.job.build import Parts
 from autograd_lab.job.fit import release_space
@@ -57,6 +58,15 @@ def write_record(parts: Parts | None, record: dict, run_dir: Path, t0: float,
         release_space(run_dir)
         _write_or_say(write_json, run_dir / "run.json",
                       {k: v for k, v in record.items() if not k.startswith("_")}, record)
+
+
+def new_record(config: dict, resumed: dict | None, load: dict | None, overrides: list,
+               choices: dict) -> dict:
+    """A run's record as it starts: failed until its fit says otherwise."""
+    return {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config,
+            **({"load": load} if load else {}), **({"resumed": resumed} if resumed else {}),
+            "overrides": overrides, "choices": choices, "versions": versions()}
 
 
 def _write_or_say(write, path: Path, obj, record: dict) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 
 from autograd_lab.config.keys import comparable
+from autograd_lab.disk.files import write_json
 from autograd_lab.disk.formats import RUN_FORMAT_VERSION, newer_format
-from autograd_lab.disk.lock import check_entries, open_own
+from autograd_lab.disk.lock import ForeignEntry, check_entries, is_rank_zero, open_own
 from autograd_lab.errors import UserError, clip
 
 METRICS_COLUMNS = ("step", "epoch", "name", "value")
@@ -155,3 +156,23 @@ def task_overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except ValueError:  # not inside a Hydra job (called from Python)
         return []
+
+
+def record_failure(run_dir: Path, config: dict, error: str, overrides: list, choices: dict
+                   ) -> None:
+    """run.json `failed` for a job that failed before its run could record it (a bad value, an
+    incompatible checkpoint): the summary then says failed, not killed. A record a run wrote,
+    or one a newer version wrote, is left as it is; so is a folder with a foreign entry (a
+    symlink, FIFO, ... where a file of ours goes). Rank 0 only."""
+    if not is_rank_zero():
+        return
+    try:
+        old, _ = read_run_json(run_dir)  # None for a missing or broken record
+    except ForeignEntry:
+        return
+    if old is not None and (old.get("ended") or newer_format(old) is not None):
+        return
+    write_json(run_dir / "run.json", {"format_version": RUN_FORMAT_VERSION, "status": "failed",
+                                      "error": error, "config": config, "overrides": overrides,
+                                      "choices": choices})
+

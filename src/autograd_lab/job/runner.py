@@ -16,14 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import autograd_lab.job.messages as messages
 from autograd_lab.config.targets import check_arguments, check_targets
-from autograd_lab.disk.formats import RUN_FORMAT_VERSION
 from autograd_lab.disk.lock import RunLock, is_rank_zero
 from autograd_lab.errors import error_text, write_failure
 from autograd_lab.job.build import build_parts
 from autograd_lab.job.checkpoint import RunInterrupted, StopSignals
 from autograd_lab.job.fit import WriteFailed, fit_run, reserve_space, resume_point
 from autograd_lab.job.messages import log, shown
-from autograd_lab.job.record import versions, write_record
+from autograd_lab.job.record import new_record, write_record
 from autograd_lab.job.rundir import group_choices, task_overrides
 
 
@@ -90,12 +89,7 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
         if rank_zero:
             messages.starting(run_dir, resumed)
         load = messages.busy_machine(torch.get_num_threads()) if rank_zero else None
-        record: dict = {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config,
-                        **({"load": load} if load else {}),
-                        **({"resumed": resumed} if resumed else {}),
-                        "overrides": task_overrides(), "choices": group_choices(),
-                        "versions": versions()}
+        record = new_record(config, resumed, load, task_overrides(), group_choices())
         parts = None
         try:
             parts = build_parts(cfg, run_dir, record, resumed, signals, callbacks, progress_bar,

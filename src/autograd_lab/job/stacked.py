@@ -9,6 +9,7 @@ separate stacks, one per resume point."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,28 +24,29 @@ import autograd_lab.job.messages as messages
 from autograd_lab.config.targets import arguments
 from autograd_lab.data.loader import load_split_tensors
 from autograd_lab.data.stacked import StackedDataModule
-from autograd_lab.disk.formats import RUN_FORMAT_VERSION
 from autograd_lab.disk.lock import RunLock
-from autograd_lab.errors import error_text
+from autograd_lab.errors import UserError, error_text
 from autograd_lab.job.board import identifying_hparams, layout
 from autograd_lab.job.build import (
     Parts,
     build_network,
     make_loggers,
     make_scheduler,
+    network_record,
     run_numerics,
 )
 from autograd_lab.job.checkpoint import Checkpointer, RunInterrupted, StopSignals
 from autograd_lab.job.distributed import strategy
 from autograd_lab.job.fit import fit_run, reserve_space, resume_point, stop_reason
 from autograd_lab.job.progress import ProgressLines, StepProgressBar
-from autograd_lab.job.record import versions, write_record
+from autograd_lab.job.record import new_record, write_record
 from autograd_lab.job.recorder import RunRecorder
 from autograd_lab.job.resumable import numerics
+from autograd_lab.job.rundir import record_failure
 from autograd_lab.job.runner import quiet_libraries
 from autograd_lab.job.stacked_members import StackedCheckpointIO, StackMembers, stack_checkpoint
 from autograd_lab.model.stacked import StackedClassifier, StackedNet
-from autograd_lab.observe.memory import MemoryFigures
+from autograd_lab.observe.memory import MemoryFigures, reset_peaks
 
 
 class Member:
@@ -68,19 +70,22 @@ def train_group(members: list[Member], progress_bar) -> None:
         torch.set_num_threads(threads)  # set, not hoped (as a separate run)
     exit_code = None
     with contextlib.ExitStack() as locks, StopSignals() as signals:
-        for m in members:
-            locks.enter_context(RunLock(m.run_dir))
         points: dict = {}
-        for m in members:
+        for m in members:  # a member that cannot start fails alone, as a separate run would
             try:
+                locks.enter_context(RunLock(m.run_dir))
                 m.ckpt_path, m.resumed, m.ckpt = resume_point(m.cfg, m.run_dir, m.config)
             except RunInterrupted as e:
                 raise SystemExit(e.exit_code) from None
+            except UserError as e:
+                _failed_to_start(m, e)
+                continue
             reserve_space(m.run_dir)
             messages.starting(m.run_dir, m.resumed)
             points.setdefault(m.resumed["from_step"] if m.resumed else None, []).append(m)
+        load = messages.busy_machine(torch.get_num_threads()) if points else None
         for stack in points.values():
-            code = _train_stack(stack, signals, progress_bar)
+            code = _train_stack(stack, signals, progress_bar, load)
             exit_code = exit_code or code
             if exit_code:
                 break
@@ -88,12 +93,24 @@ def train_group(members: list[Member], progress_bar) -> None:
         raise SystemExit(exit_code)
 
 
-def _train_stack(members: list[Member], signals, progress_bar) -> int | None:
+def _failed_to_start(m: Member, e: UserError) -> None:
+    """A member whose folder or checkpoint refuses it (another process's lock, a damaged
+    checkpoint): its one line and its failed run.json (not over another process's files)."""
+    print(f"autograd-lab: job failed: {m.run_dir}: {e}", file=sys.stderr)
+    if not getattr(e, "leave_alone", False):
+        record_failure(m.run_dir, m.config, str(e), m.overrides, m.choices)
+    m.record = {"status": "failed", "error": str(e)}
+
+
+def _train_stack(members: list[Member], signals, progress_bar, load) -> int | None:
     """One fit for members at the same resume point; their records written, whatever happens.
     Returns the exit code of a stop signal, or None."""
     t0 = time.perf_counter()
     for i, m in enumerate(members):
-        m.record = _record(m, i, members)
+        m.record = new_record(m.config, m.resumed, load, m.overrides, m.choices)
+        m.record["stacked"] = {"members": len(members), "index": i,
+                               "seeds": [x.cfg.seed for x in members],
+                               "runs": [x.run_dir.name for x in members]}
     state = SimpleNamespace(parts=None, scratch={"status": "failed", "error": None})
     try:
         state.parts = _build(members, signals, progress_bar)
@@ -114,32 +131,18 @@ def _train_stack(members: list[Member], signals, progress_bar) -> int | None:
     return state.scratch.get("_exit_code") if state.scratch["status"] == "interrupted" else None
 
 
-def _record(m: Member, index: int, members: list[Member]) -> dict:
-    """A member's run.json as a separate run starts it, plus where it sat in the stack."""
-    return {"format_version": RUN_FORMAT_VERSION, "status": "failed", "error": None,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": m.config,
-            **({"resumed": m.resumed} if m.resumed else {}),
-            "overrides": m.overrides, "choices": m.choices, "versions": versions(),
-            "stacked": {"members": len(members), "index": index,
-                        "seeds": [x.cfg.seed for x in members],
-                        "runs": [x.run_dir.name for x in members]}}
-
-
 def _build(members: list[Member], signals, progress_bar) -> Parts:
     """Each member's network from its own seed (the weights its separate run starts from), the
     stack, its data, the members' recorders and loggers, and the trainer."""
     cfg = members[0].cfg
+    reset_peaks()  # the stack's peaks, not those of the sweep's earlier jobs
     tensors = None
     nets = []
     for m in members:
         L.seed_everything(m.cfg.seed, verbose=False)  # as build_parts: seed, data, network
         tensors = tensors or load_split_tensors(m.cfg.data)
         model, report, det, hooks = build_network(m.cfg)
-        m.record["params"] = {"trainable": report.trainable_params,
-                              "frozen": report.frozen_params, "frozen_names": report.frozen}
-        if det is not None:
-            m.record["detach"] = {"module": det.module, "upstream_params": det.upstream_params,
-                                  "upstream_names": det.upstream}
+        network_record(m.record, report, det)
         m.record["numerics"] = {**run_numerics(m.cfg), "bitwise_vs_fp32_eager": False,
                                 "stacked": True}
         nets.append(model)
@@ -185,6 +188,7 @@ def _build(members: list[Member], signals, progress_bar) -> Parts:
     trainer = make_trainer(strategy=strategy(cfg, find_unused=False), callbacks=callbacks,
                            logger=False, enable_progress_bar=progress_bar is True,
                            default_root_dir=str(members[0].run_dir), plugins=[io])
+    fan.bind(trainer, module)
     datamodule = StackedDataModule(cfg.data, [m.cfg.seed for m in members], tensors=tensors)
     return Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=fan,
                  members=fan, memory=memory, cfg=cfg, run_dir=members[0].run_dir)
@@ -218,9 +222,8 @@ def _finish(members: list[Member], state, t0: float) -> None:
         member_parts = None
         if parts is not None:
             recorder = parts.members.recorders[i]
-            view_trainer, view_module = parts.members.views[i] if parts.members.views else (
-                None, None)
-            if scratch["status"] == "completed":
+            view_trainer, view_module = parts.members.views[i]
+            if scratch["status"] in ("completed", "diverged"):  # each member its own outcome
                 diverged = recorder.diverged_at
                 record["status"] = "diverged" if diverged is not None else "completed"
                 record["error"] = (f"non-finite loss at step {diverged}"

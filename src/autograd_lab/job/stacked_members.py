@@ -79,10 +79,14 @@ class StackMembers(L.Callback):
         self.views: list[tuple[MemberTrainer, MemberModule]] = []
         self._module = None
 
-    def setup(self, trainer, pl_module, stage):
-        self._module = pl_module
-        self.views = [(MemberTrainer(trainer, lg), MemberModule(self, pl_module, i))
+    def bind(self, trainer, module) -> None:
+        """The members' views of the stacked trainer and module, made with them (the record
+        reads them however early the fit ends)."""
+        self._module = module
+        self.views = [(MemberTrainer(trainer, lg), MemberModule(self, module, i))
                       for i, lg in enumerate(self.member_loggers)]
+
+    def setup(self, trainer, pl_module, stage):
         for r, (t, m) in zip(self.recorders, self.views, strict=True):
             r.setup(t, m, stage)
 
@@ -113,6 +117,8 @@ class StackMembers(L.Callback):
 
     def _each(self, hook: str, trainer, *args) -> None:
         for r, (t, m) in zip(self.recorders, self.views, strict=True):
+            if r.diverged_at is not None and hook not in ("teardown", "on_exception"):
+                continue  # its run ended at the divergence: no rows, times or rates after it
             if hook == "on_train_batch_end":  # the member's own batch: B images
                 out, batch, idx = args
                 getattr(r, hook)(t, m, out, (None, batch[1][m.index]), idx)

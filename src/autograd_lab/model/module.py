@@ -235,11 +235,15 @@ class Classifier(L.LightningModule):
         sums = self._val_sums
         if self.trainer.world_size > 1:  # DDP: every rank validated its share
             sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
-        loss_sum, correct, count = sums
         if self.device.type == "cuda":
             self.val_peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-        self._val_result = torch.stack([loss_sum / count, correct / count])
+        self._val_result = self.val_rows(sums)
         return self._val_result
+
+    def val_rows(self, sums: torch.Tensor) -> torch.Tensor:
+        """[mean loss, accuracy] from the validation sums [loss sum, correct, count]."""
+        loss_sum, correct, count = sums
+        return torch.stack([loss_sum / count, correct / count])
 
     def configure_optimizers(self):
         optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad],

@@ -110,9 +110,6 @@ class StackedClassifier(Classifier):
     def on_validation_epoch_end(self):
         """No log_dict: each member's recorder reads its own row of val_metrics()."""
 
-    def val_metrics(self) -> torch.Tensor:
-        """[N, 2]: each member's mean validation loss and accuracy."""
-        if self._val_result is None:
-            sums = self._val_sums
-            self._val_result = torch.stack([sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]], 1)
-        return self._val_result
+    def val_rows(self, sums: torch.Tensor) -> torch.Tensor:
+        """[N, 2]: each member's mean validation loss and accuracy, from sums [N, 3]."""
+        return torch.stack([sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]], 1)

@@ -83,6 +83,13 @@ class MemoryFigures(L.Callback):
             self.figures["val_saved_bytes"] = self._val.total
 
 
+def reset_peaks() -> None:
+    """A new window for the job's peaks: process RSS, and CUDA memory where there is a GPU."""
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def reset_peak_rss() -> None:
     """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM), so a job in a
     sweep that shares its process with earlier jobs reports its own peak."""

@@ -19,7 +19,6 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import (
     JobReturn,
-    JobStatus,
     configure_log,
     filter_overrides,
     run_job,
@@ -30,8 +29,9 @@ from omegaconf import OmegaConf, open_dict
 from autograd_lab.config.schema import validate
 from autograd_lab.config.stacking import NAME, probes_typed, refusal
 from autograd_lab.errors import EXIT_USER_ERROR, UserError, error_text
+from autograd_lab.job.checkpoint import RunInterrupted
 from autograd_lab.job.messages import skipped
-from autograd_lab.job.rundir import finished_record, group_choices, task_overrides
+from autograd_lab.job.rundir import finished_record, group_choices, record_failure, task_overrides
 from autograd_lab.job.stacked import Member, train_group
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     setup_globals()
     config, context = launcher.config, launcher.hydra_context
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     plans = []
     if not all(probes_typed(o) for o in job_overrides):
         print(f"autograd-lab: note: {NAME}: probes=off (probes measure one network per "
@@ -75,6 +74,7 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
             print(f"autograd-lab: error: {why}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR)
         plans.append(sweep_config)
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)  # every job checked
     log.info(f"Launching {len(plans)} jobs locally, those equal but for the seed as one stack")
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")  # as Hydra's basic
@@ -84,17 +84,21 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         ret = run_job(hydra_context=context, task_function=_prepare, config=sweep_config,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         returns[i] = ret
-        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, Member):
-            groups.setdefault(group_key(ret.return_value.config), []).append(i)
-        elif ret.status == JobStatus.FAILED:
-            print(f"autograd-lab: job failed: {ret.working_dir}: "
-                  f"{error_text(ret._return_value)}", file=sys.stderr)
+        prepared = ret.return_value  # _prepare never raises: its status is COMPLETED
+        if isinstance(prepared, Member):
+            groups.setdefault(group_key(prepared.config), []).append(i)
+        elif isinstance(prepared, _Unprepared):  # said and recorded: the sweep goes on
+            print(f"autograd-lab: job failed: {prepared.run_dir}: {prepared.error}",
+                  file=sys.stderr)
+            ret.return_value = None
     mode = _progress(plans[0]) if plans else False
     for indices in groups.values():
         members = [returns[i].return_value for i in indices]
         try:
             with _group_logging(plans[indices[0]], members):
                 train_group(members, mode)
+        except RunInterrupted as e:  # a signal outside the fit (taking the locks)
+            raise SystemExit(e.exit_code) from None
         except Exception as e:  # recorded in each member's run.json; the sweep goes on
             if not getattr(e, "reported", False):
                 print(f"autograd-lab: stacked group failed: {error_text(e)}", file=sys.stderr)
@@ -127,21 +131,33 @@ def _group_logging(sweep_config, members):
             handler.close()
 
 
-def _prepare(cfg) -> Member | dict:
+class _Unprepared:
+    """A job that failed before it could join a stack (a value its run refuses)."""
+
+    def __init__(self, run_dir: Path, error: str):
+        self.run_dir, self.error = run_dir, error
+
+
+def _prepare(cfg) -> Member | dict | _Unprepared:
     """Inside Hydra's run_job for one job (its folder made, HydraConfig its own): check it,
-    and skip it if it completed with this config; else what its training needs of Hydra."""
+    and skip it if it completed with this config; else what its training needs of Hydra. A
+    job that fails here gets its failed run.json and its line, as with the basic launcher."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
     try:
         validate(cfg)
-    except UserError as e:
-        raise UserError(f"{run_dir}: {e}") from None
-    config = OmegaConf.to_container(cfg, resolve=True)
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:
+        error = str(e) if isinstance(e, UserError) else error_text(e)
+        if not getattr(e, "leave_alone", False):
+            record_failure(run_dir, OmegaConf.to_container(cfg, resolve=False), error,
+                           task_overrides(), group_choices())
+        return _Unprepared(run_dir, error)
     if cfg.resume:
         done = finished_record(run_dir, config)
         if done is not None:
             skipped(run_dir)
             return done
-    hc = HydraConfig.get()
     varied = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task if "=" in o}
     varied -= set(hc.job.config.override_dirname.exclude_keys)
     return Member(cfg, run_dir, task_overrides(), group_choices(), varied)
