@@ -15,6 +15,8 @@ from conftest import cli
     (["+trainer.max_epoch=3"], "autograd-lab: error: +trainer.max_epoch: trainer has no key "
                                "'max_epoch' (did you mean max_epochs or min_epochs?); nothing "
                                "would read it: keys in trainer are: "),
+    (["optim=adam", "+optim.capturable=true"], "autograd-lab: error: +optim.capturable: optim "
+     "has this key already; set it without the +: optim.capturable=true"),
     (["optim.lrr=0.1"], "autograd-lab: error: optim.lrr: no such key (did you mean lr?); keys "
                         "in optim are: lr, momentum, name, nesterov, weight_decay"),
     (["seeed=1"], "autograd-lab: error: seeed: no such key (did you mean seed?); top-level "),

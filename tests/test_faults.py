@@ -169,7 +169,8 @@ def test_a_disk_that_fills_up_fails_in_one_line_and_the_same_command_continues(
 def test_a_second_signal_during_the_last_writes_still_leaves_the_record(tmp_path, data_root,
                                                                        monkeypatch):
     """A SIGTERM that lands while the run writes metrics.parquet and run.json (a second Ctrl-C,
-    a scheduler's follow-up signal) does not cut them short: both are written."""
+    a scheduler's follow-up signal) does not cut them short: both are written, and then the
+    signal is obeyed (exit 143: in a sweep, the next job does not start)."""
     import autograd_lab.job.record as records  # the module that writes metrics.parquet
     from autograd_lab.train import run
 
@@ -180,8 +181,9 @@ def test_a_second_signal_during_the_last_writes_still_leaves_the_record(tmp_path
         original(path, frame)
 
     monkeypatch.setattr(records, "write_parquet", signalled)
-    record = run(make_cfg("trainer.max_steps=3", data_root=data_root), tmp_path / "run")
-    assert record["status"] == "completed"
+    with pytest.raises(SystemExit) as stop:
+        run(make_cfg("trainer.max_steps=3", data_root=data_root), tmp_path / "run")
+    assert stop.value.code == 128 + signal.SIGTERM
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
     assert len(losses(tmp_path / "run")) == 3
 

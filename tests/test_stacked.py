@@ -271,16 +271,22 @@ def test_each_member_diverges_alone(tmp_path, monkeypatch, capsys):
 
 
 def test_a_member_that_cannot_start_fails_alone(tmp_path, monkeypatch, capsys):
-    """A stacked sweep killed at step 5, one member's checkpoint then damaged: the same command
-    trains the other member on (resumed), and the damaged one fails in one line naming the
-    file, as a separate run would; its record and checkpoint are left as they were."""
+    """A stacked sweep killed at step 5, two members' checkpoints then damaged (one truncated,
+    one with a weight of another shape): the same command trains the third member on
+    (resumed), and each damaged one fails in one line naming its file, as a separate run would;
+    their records and checkpoints are left as they were."""
     with monkeypatch.context() as m:
         _kill_at(m, 5)
-        killed = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1")
+        killed = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2")
     assert killed.returncode == 128 + signal.SIGTERM, killed.stderr
     bad = tmp_path / "sweep" / "seed=1" / "checkpoints" / "last.ckpt"
     bad.write_bytes(bad.read_bytes()[:1000])
-    again = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1")
+    odd = tmp_path / "sweep" / "seed=2" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(odd, weights_only=True)
+    ckpt["state_dict"]["model.fc.weight"] = torch.zeros(10, 7)
+    torch.save(ckpt, odd)
+    odd_bytes = odd.read_bytes()
+    again = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1,2")
     good = json.loads((tmp_path / "sweep" / "seed=0" / "run.json").read_text())
     assert good["status"] == "completed" and good["resumed"]["from_step"] == 5
     assert good["stacked"]["members"] == 1 and len(losses(tmp_path / "sweep" / "seed=0")) == 12
@@ -288,6 +294,33 @@ def test_a_member_that_cannot_start_fails_alone(tmp_path, monkeypatch, capsys):
     assert kept["status"] == "interrupted"  # the killed attempt's record stays, as with the
     # basic launcher (a record that a run ended is never overwritten by a refusal)
     lines = [ln for ln in again.stderr.splitlines() if "job failed" in ln]
-    assert len(lines) == 1 and "seed=1" in lines[0] and str(bad) in lines[0], again.stderr
-    assert len(bad.read_bytes()) == 1000
+    assert len(lines) == 2 and str(bad) in lines[0] and str(odd) in lines[1], again.stderr
+    assert "model.fc.weight has shape (10, 7), this network's is (10, 588)" in lines[1]
+    assert len(bad.read_bytes()) == 1000 and odd.read_bytes() == odd_bytes
+
+
+def test_a_signal_while_records_are_written_stops_the_sweep(tmp_path, monkeypatch, capsys):
+    """Two stacks (zero_grad on, off); a SIGTERM lands while the first stack writes its
+    members' records: they are written whole, and the sweep then exits 143 without starting
+    the second stack (the signal is noted during the writes and obeyed after them)."""
+    import autograd_lab.job.record as records
+
+    original, sent = records.write_parquet, []
+
+    def signalled(path, frame):
+        if not sent:
+            sent.append(path)
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(path, frame)
+
+    monkeypatch.setattr(records, "write_parquet", signalled)
+    result = _sweep(tmp_path, monkeypatch, capsys, "sweep", "seed=0,1",
+                    "train.zero_grad=true,false")
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    for seed in (0, 1):
+        first = tmp_path / "sweep" / f"seed={seed},train.zero_grad=true"
+        assert json.loads((first / "run.json").read_text())["status"] == "completed"
+        assert len(losses(first)) == 12
+        assert not (tmp_path / "sweep" / f"seed={seed},train.zero_grad=false" /
+                    "run.json").exists()
 

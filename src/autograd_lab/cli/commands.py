@@ -11,6 +11,8 @@ import autograd_lab.config.preflight as preflight
 import autograd_lab.train as train_app
 from autograd_lab.config.preflight import check_overrides
 from autograd_lab.config.resources import cifar10_present
+from autograd_lab.config.stacking import NAME as STACKED
+from autograd_lab.config.stacking import is_stacked, probes_typed
 from autograd_lab.config.targets import refuse_running_code
 from autograd_lab.disk.lock import SWEEP_DIRS, check_entries, check_free
 from autograd_lab.errors import UserError, first_line
@@ -30,6 +32,13 @@ _VALUE_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", 
 def train(args: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in args)
     refuse_running_code(args)  # --experimental-rerun; a _target_ of Hydra's own
+    if multirun and is_stacked(args) and not probes_typed(args):
+        # a stack trains with probes off: as if typed, so the sweep's folder says so and is
+        # not the folder of the same sweep with probes (another run of each job)
+        at = next(i for i, a in enumerate(args) if is_stacked([a]))
+        args = [*args[:at + 1], "probes=off", *args[at + 1:]]
+        print(f"autograd-lab: note: {STACKED}: probes=off (probes measure one network per "
+              f"step)", file=sys.stderr)
     checked = not any(a.split("=")[0] in _INFO_FLAGS for a in args)
     if checked:
         overrides, skip, last = [], False, len(args) - 1

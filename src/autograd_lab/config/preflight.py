@@ -156,6 +156,9 @@ def _refuse_added_keys(compose, parsed, base: list[str]) -> None:
         if node is MISSING or not hasattr(node, "keys"):
             continue  # a node that does not exist: Hydra's own message says so
         keys = settable_keys(node)
+        if leaf in keys:  # `+` adds a key; this one is there already: set it
+            raise UserError(f"+{o.key_or_group}: {parent} has this key already; set it "
+                            f"without the +: {o.input_line.lstrip('+')}")
         raise UserError(f"+{o.key_or_group}: {parent} has no key {leaf!r}"
                         + did_you_mean(leaf, keys)
                         + f"; nothing would read it: keys in {parent} are: {', '.join(keys)}")

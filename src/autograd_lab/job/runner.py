@@ -115,6 +115,8 @@ def run(cfg: DictConfig, run_dir: Path | str, progress_bar: bool = False, callba
         # rank 0 reports; another rank exits 0 so Lightning's process observer leaves rank 0
         # alone while it writes the record
         raise SystemExit(record.pop("_exit_code") if rank_zero else 0)
+    if signals.requested and rank_zero:  # a signal while the record was written: noted then,
+        raise SystemExit(128 + signals.requested)  # obeyed now (a sweep stops here)
     return record
 
 

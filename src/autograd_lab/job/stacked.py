@@ -44,7 +44,13 @@ from autograd_lab.job.recorder import RunRecorder
 from autograd_lab.job.resumable import numerics
 from autograd_lab.job.rundir import record_failure
 from autograd_lab.job.runner import quiet_libraries
-from autograd_lab.job.stacked_members import StackedCheckpointIO, StackMembers, stack_checkpoint
+from autograd_lab.job.stacked_members import (
+    StackedCheckpointIO,
+    StackMembers,
+    member_checkpoint_problem,
+    stack_checkpoint,
+)
+from autograd_lab.model.networks import build_model
 from autograd_lab.model.stacked import StackedClassifier, StackedNet
 from autograd_lab.observe.memory import MemoryFigures, reset_peaks
 
@@ -71,10 +77,15 @@ def train_group(members: list[Member], progress_bar) -> None:
     exit_code = None
     with contextlib.ExitStack() as locks, StopSignals() as signals:
         points: dict = {}
+        shapes = _parameter_shapes(members[0].cfg)
         for m in members:  # a member that cannot start fails alone, as a separate run would
             try:
                 locks.enter_context(RunLock(m.run_dir))
                 m.ckpt_path, m.resumed, m.ckpt = resume_point(m.cfg, m.run_dir, m.config)
+                why = member_checkpoint_problem(m.ckpt, shapes) if m.ckpt else None
+                if why:
+                    raise UserError(f"checkpoint {m.ckpt_path} does not fit this run: {why}; "
+                                    f"delete it (or run with resume=false) to start over")
             except RunInterrupted as e:
                 raise SystemExit(e.exit_code) from None
             except UserError as e:
@@ -91,6 +102,14 @@ def train_group(members: list[Member], progress_bar) -> None:
                 break
     if exit_code:
         raise SystemExit(exit_code)
+
+
+def _parameter_shapes(cfg) -> dict[str, tuple]:
+    """{name: shape} of the configured network's parameters (built on the meta device)."""
+    node = OmegaConf.merge(cfg.model, {"weights_path": None})  # shapes only: no file read
+    with torch.device("meta"):
+        model = build_model(node)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def _failed_to_start(m: Member, e: UserError) -> None:
@@ -128,7 +147,10 @@ def _train_stack(members: list[Member], signals, progress_bar, load) -> int | No
         signals.finishing = True
         _finish(members, state, t0)
         signals.finishing = False
-    return state.scratch.get("_exit_code") if state.scratch["status"] == "interrupted" else None
+    if state.scratch["status"] == "interrupted":
+        return state.scratch.get("_exit_code")
+    # a signal while the records were written (noted, not acted on then): the sweep stops here
+    return 128 + signals.requested if signals.requested else None
 
 
 def _build(members: list[Member], signals, progress_bar) -> Parts:
@@ -213,31 +235,44 @@ class _Share(Mapping):
 
 def _finish(members: list[Member], state, t0: float) -> None:
     """Every member's outcome, run.json and metrics.parquet; its loggers closed."""
+    failure = None
+    for i, m in enumerate(members):  # one member's failing writes never cost the others theirs
+        try:
+            _finish_member(i, m, members, state, t0)
+        except Exception as e:
+            print(f"autograd-lab: {m.run_dir}: its record was not written: {error_text(e)}",
+                  file=sys.stderr)
+            failure = failure or e
+    if failure is not None and state.scratch["status"] != "failed":
+        raise failure
+
+
+def _finish_member(i: int, m: Member, members: list[Member], state, t0: float) -> None:
+    """Member i's outcome, run.json and metrics.parquet; its loggers closed; its end line."""
     scratch, parts = state.scratch, state.parts
-    for i, m in enumerate(members):
-        record = m.record
-        record.update({k: v for k, v in scratch.items() if k in ("status", "error",
-                                                               "_exit_code", "world_size",
-                                                               "device", "_write_failed")})
-        member_parts = None
-        if parts is not None:
-            recorder = parts.members.recorders[i]
-            view_trainer, view_module = parts.members.views[i]
-            if scratch["status"] in ("completed", "diverged"):  # each member its own outcome
-                diverged = recorder.diverged_at
-                record["status"] = "diverged" if diverged is not None else "completed"
-                record["error"] = (f"non-finite loss at step {diverged}"
-                                   if diverged is not None else None)
-                record["stop_reason"] = stop_reason(parts.trainer, m.cfg, diverged)
-            stack = dict(parts.memory.figures)
-            record["stacked"]["memory"] = stack
-            share = SimpleNamespace(figures=dict(_Share(stack, len(members))))
-            member_parts = Parts(hooks=[], recorder=recorder, trainer=view_trainer,
-                                 module=view_module, memory=share,
-                                 profiler=[], probes=[], cfg=m.cfg, run_dir=m.run_dir)
-        write_record(member_parts, record, m.run_dir, t0, True)
-        for logger in getattr(m, "loggers", []):
-            with contextlib.suppress(Exception):
-                logger.finalize("success" if record["status"] == "completed" else "failed")
-        if not record.get("_write_failed"):
-            messages.ended(record, m.run_dir)
+    record = m.record
+    record.update({k: v for k, v in scratch.items() if k in ("status", "error",
+                                                           "_exit_code", "world_size",
+                                                           "device", "_write_failed")})
+    member_parts = None
+    if parts is not None:
+        recorder = parts.members.recorders[i]
+        view_trainer, view_module = parts.members.views[i]
+        if scratch["status"] in ("completed", "diverged"):  # each member its own outcome
+            diverged = recorder.diverged_at
+            record["status"] = "diverged" if diverged is not None else "completed"
+            record["error"] = (f"non-finite loss at step {diverged}"
+                               if diverged is not None else None)
+            record["stop_reason"] = stop_reason(parts.trainer, m.cfg, diverged)
+        stack = dict(parts.memory.figures)
+        record["stacked"]["memory"] = stack
+        share = SimpleNamespace(figures=dict(_Share(stack, len(members))))
+        member_parts = Parts(hooks=[], recorder=recorder, trainer=view_trainer,
+                             module=view_module, memory=share,
+                             profiler=[], probes=[], cfg=m.cfg, run_dir=m.run_dir)
+    write_record(member_parts, record, m.run_dir, t0, True)
+    for logger in getattr(m, "loggers", []):
+        with contextlib.suppress(Exception):
+            logger.finalize("success" if record["status"] == "completed" else "failed")
+    if not record.get("_write_failed"):
+        messages.ended(record, m.run_dir)

@@ -206,6 +206,27 @@ def member_checkpoint(ckpt: dict, i: int, names: list[str], meta: dict) -> dict:
                                        for g in own["grads"]]}}
 
 
+def member_checkpoint_problem(ckpt: dict, shapes: dict[str, tuple]) -> str | None:
+    """What makes a member's checkpoint unfit for a stack of this network (parameter names and
+    `shapes`), in words, or None: a separate run would refuse it as it loads; a stack checks
+    each member first, so one bad file fails that member alone."""
+    state = ckpt.get("state_dict") or {}
+    want = {f"model.{n}": s for n, s in shapes.items()}
+    if set(state) != set(want):
+        return "its parameters are not this network's"
+    bad = next((k for k, s in want.items() if tuple(state[k].shape) != tuple(s)), None)
+    if bad is not None:
+        return f"{bad} has shape {tuple(state[bad].shape)}, this network's is {want[bad]}"
+    grads = (ckpt.get("autograd_lab") or {}).get("grads")
+    if not isinstance(grads, list) or len(grads) != len(shapes) or any(
+            g is not None and tuple(g.shape) != tuple(s)
+            for g, s in zip(grads, shapes.values(), strict=True)):
+        return "its saved .grad does not match this network's parameters"
+    if "RunRecorder" not in (ckpt.get("callbacks") or {}):
+        return "it has no recorder rows"
+    return None
+
+
 def _stack(values: list):
     first = values[0]
     if isinstance(first, torch.Tensor) and first.dim() > 0:
