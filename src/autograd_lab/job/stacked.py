@@ -210,7 +210,7 @@ def _build(members: list[Member], signals, progress_bar) -> Parts:
     trainer = make_trainer(strategy=strategy(cfg, find_unused=False), callbacks=callbacks,
                            logger=False, enable_progress_bar=progress_bar is True,
                            default_root_dir=str(members[0].run_dir), plugins=[io])
-    fan.bind(trainer, module)
+    fan.attach(trainer, module)
     datamodule = StackedDataModule(cfg.data, [m.cfg.seed for m in members], tensors=tensors)
     return Parts(trainer=trainer, module=module, datamodule=datamodule, recorder=fan,
                  members=fan, memory=memory, cfg=cfg, run_dir=members[0].run_dir)

@@ -79,7 +79,7 @@ class StackMembers(L.Callback):
         self.views: list[tuple[MemberTrainer, MemberModule]] = []
         self._module = None
 
-    def bind(self, trainer, module) -> None:
+    def attach(self, trainer, module) -> None:
         """The members' views of the stacked trainer and module, made with them (the record
         reads them however early the fit ends)."""
         self._module = module
