@@ -324,3 +324,15 @@ def test_a_signal_while_records_are_written_stops_the_sweep(tmp_path, monkeypatc
         assert not (tmp_path / "sweep" / f"seed={seed},train.zero_grad=false" /
                     "run.json").exists()
 
+
+
+def test_the_stacked_launcher_without_multirun_is_refused(tmp_path, monkeypatch, capsys):
+    """Without -m Hydra would run one plain job (probes on) and never use the launcher: one
+    line saying to add -m, exit 2, nothing made."""
+    result = in_process(["train", "hydra/launcher=stacked", *DATA, f"data.root={tmp_path / 'd'}",
+                         "seed=1"], tmp_path, monkeypatch, capsys)
+    assert result.returncode == 2
+    assert result.stderr == ("autograd-lab: error: hydra/launcher=stacked: a launcher runs the "
+                             "jobs of a sweep: add -m, e.g. autograd-lab train -m "
+                             "hydra/launcher=stacked seed=0,1,2,3\n")
+    assert list(tmp_path.iterdir()) == []

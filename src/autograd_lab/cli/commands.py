@@ -32,6 +32,9 @@ _VALUE_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", 
 def train(args: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in args)
     refuse_running_code(args)  # --experimental-rerun; a _target_ of Hydra's own
+    if is_stacked(args) and not multirun:  # Hydra would run one plain job and say nothing
+        raise UserError(f"{STACKED}: a launcher runs the jobs of a sweep: add -m, e.g. "
+                        f"autograd-lab train -m {STACKED} seed=0,1,2,3")
     if multirun and is_stacked(args) and not probes_typed(args):
         # a stack trains with probes off: as if typed, so the sweep's folder says so and is
         # not the folder of the same sweep with probes (another run of each job)
