@@ -33,7 +33,7 @@ from autograd_lab.config.keys import (
 )
 from autograd_lab.config.resources import data_problems, memory_problems
 from autograd_lab.config.schema import CHECKS, validate
-from autograd_lab.config.stacking import is_stacked, probes_typed, refusal
+from autograd_lab.config.stacking import is_stacked, refusal
 from autograd_lab.config.targets import check_arguments, check_targets, shipped_targets
 from autograd_lab.errors import UserError, did_you_mean, first_line
 
@@ -220,7 +220,6 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
         problems: list[str] = []  # every problem of every job, each once, reported together
         jobs = []  # every job, checked before the first one starts
         stacked = multirun and is_stacked(overrides)
-        probes_chosen = probes_typed(overrides)
         for job in sweep_jobs(compose, fixed, sweeps, parser, composed=(base, cfg)):
             try:
                 job = resolved(job)
@@ -229,7 +228,7 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
                 continue
             try:
                 validate(job)
-                if stacked and (why := refusal(job, probes_chosen)):
+                if stacked and (why := refusal(job)):
                     problems.append(why)
                 check_targets(job, shipped)
                 check_devices(job)

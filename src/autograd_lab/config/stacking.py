@@ -50,12 +50,10 @@ def probes_typed(overrides) -> bool:
     return any(str(o).split("=", 1)[0].lstrip("+~") == "probes" for o in overrides)
 
 
-def refusal(cfg, probes_chosen: bool = True) -> str | None:
-    """Why this job cannot train in a stack (one line), or None. `probes_chosen`: False when
-    the stacked launcher turns probes off itself (none typed)."""
+def refusal(cfg) -> str | None:
+    """Why this job cannot train in a stack (one line), or None. (`autograd-lab train` adds
+    probes=off to a stacked sweep where none is typed.)"""
     for key, ok, why in SUPPORTED:
-        if key == "probes.mode" and not probes_chosen:
-            continue
         value = OmegaConf.select(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, key,
                                  default=None)
         if not ok(value):

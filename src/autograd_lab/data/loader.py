@@ -139,9 +139,13 @@ class CIFARDataModule(L.LightningDataModule):
             self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
 
     def train_dataloader(self) -> ResidentBatches:
+        return self.train_batches(self.seed)
+
+    def train_batches(self, seed: int) -> ResidentBatches:
+        """The training batches in the order (and augmentation) `seed` gives."""
         t, n = self.tensors, self.cfg.get("subset") or None
         return ResidentBatches(t["train_x"][:n], t["train_y"][:n], self.cfg.batch_size,
-                               self.cfg.shuffle, self.seed,
+                               self.cfg.shuffle, seed,
                                augment=self.cfg.augment == "flip_crop", **self._shard())
 
     def val_dataloader(self) -> ResidentBatches:

@@ -55,9 +55,4 @@ class StackedDataModule(CIFARDataModule):
         self.seeds = list(seeds)
 
     def train_dataloader(self) -> StackedBatches:
-        members = []
-        for seed in self.seeds:
-            self.seed = seed
-            members.append(super().train_dataloader())
-        self.seed = self.seeds[0]
-        return StackedBatches(members)
+        return StackedBatches([self.train_batches(seed) for seed in self.seeds])

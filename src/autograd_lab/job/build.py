@@ -59,15 +59,8 @@ def build_parts(cfg, run_dir: Path, record: dict, resumed: dict | None, signals,
     user_callbacks = _callbacks(cfg, run_dir)
     loggers = make_loggers(cfg, run_dir, purge_step=resumed["from_step"] if resumed else None)
 
-    recorder = RunRecorder(run_dir, cfg.log.flush_every_s, hparams=_hparams(cfg),
-                           resumed_from=resumed["from_step"] if resumed else None,
-                           log_lr_every_step=cfg.scheduler.name != "none")
-    if resumed:  # what other callbacks wrote to a CSV log before the kill (LearningRateMonitor)
-        recorder.read_killed_csv(loggers)
-    recorder.whole_run = {"trainable_params": report.trainable_params,
-                          "frozen_params": report.frozen_params}
-    recorder.layout = _layout(cfg)
-    recorder.hparams_differ = _varied_keys()
+    recorder = make_recorder(cfg, run_dir, loggers, resumed, report, hparams=_hparams(cfg),
+                             varied=_varied_keys(), board_layout=_layout(cfg))
     probes = _probes(cfg.probes, recorder, zero_grad=cfg.train.zero_grad)
     profiler = _profiler(cfg.profiler, run_dir, recorder)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every_n_steps, signals, recorder)
@@ -108,6 +101,22 @@ def build_network(cfg) -> tuple:
         handle, det = detach_at(model, cfg.train.detach_at, torch.zeros(1, 3, 32, 32))
         hooks.append(handle)
     return model, report, det, hooks
+
+
+def make_recorder(cfg, run_dir: Path, loggers: list, resumed: dict | None, report, hparams: dict,
+                  varied: set, board_layout: dict) -> RunRecorder:
+    """The run's RunRecorder: its HParams (`hparams`, the `varied` keys first), the whole-run
+    parameter counts of the freeze `report`, its Custom Scalars layout; on a resume, what other
+    callbacks wrote to a CSV log before the kill (LearningRateMonitor)."""
+    recorder = RunRecorder(run_dir, cfg.log.flush_every_s, hparams=hparams,
+                           resumed_from=resumed["from_step"] if resumed else None,
+                           log_lr_every_step=cfg.scheduler.name != "none")
+    if resumed:
+        recorder.read_killed_csv(loggers)
+    recorder.whole_run = {"trainable_params": report.trainable_params,
+                          "frozen_params": report.frozen_params}
+    recorder.layout, recorder.hparams_differ = board_layout, varied
+    return recorder
 
 
 def network_record(record: dict, report, det) -> None:

@@ -31,6 +31,7 @@ from autograd_lab.job.build import (
     Parts,
     build_network,
     make_loggers,
+    make_recorder,
     make_scheduler,
     network_record,
     run_numerics,
@@ -40,7 +41,6 @@ from autograd_lab.job.distributed import strategy
 from autograd_lab.job.fit import fit_run, reserve_space, resume_point, stop_reason
 from autograd_lab.job.progress import ProgressLines, StepProgressBar
 from autograd_lab.job.record import new_record, write_record
-from autograd_lab.job.recorder import RunRecorder
 from autograd_lab.job.resumable import numerics
 from autograd_lab.job.rundir import record_failure
 from autograd_lab.job.runner import quiet_libraries
@@ -168,8 +168,7 @@ def _build(members: list[Member], signals, progress_bar) -> Parts:
         m.record["numerics"] = {**run_numerics(m.cfg), "bitwise_vs_fp32_eager": False,
                                 "stacked": True}
         nets.append(model)
-        m.whole_run = {"trainable_params": report.trainable_params,
-                       "frozen_params": report.frozen_params}
+        m.report = report
     net = StackedNet(nets)
     module = StackedClassifier(net, cfg.optim, cfg.train.zero_grad, cfg.eval.grad_mode, [],
                                scheduler=make_scheduler(cfg.scheduler),
@@ -178,14 +177,10 @@ def _build(members: list[Member], signals, progress_bar) -> Parts:
     for m in members:
         purge = m.resumed["from_step"] if m.resumed else None
         m.loggers = make_loggers(m.cfg, m.run_dir, purge_step=purge)
-        r = RunRecorder(m.run_dir, m.cfg.log.flush_every_s,
-                        hparams=identifying_hparams(m.cfg, m.choices, m.overrides),
-                        resumed_from=purge, log_lr_every_step=cfg.scheduler.name != "none")
-        if m.resumed:
-            r.read_killed_csv(m.loggers)
-        r.whole_run, r.hparams_differ = m.whole_run, m.varied
-        r.layout = layout(in_sweep=True)
-        recorders.append(r)
+        recorders.append(make_recorder(
+            m.cfg, m.run_dir, m.loggers, m.resumed, m.report,
+            hparams=identifying_hparams(m.cfg, m.choices, m.overrides), varied=m.varied,
+            board_layout=layout(in_sweep=True)))
         loggers.append(m.loggers)
     fan = StackMembers(recorders, loggers)
     loaded = None

@@ -116,16 +116,15 @@ class StackMembers(L.Callback):
                 logger.save()
 
     def _each(self, hook: str, trainer, *args) -> None:
+        if hook in ("on_train_batch_start", "on_train_batch_end"):
+            # a member's batch as its recorder reads it (len(batch[1]): its B images), made
+            # once a step without touching the tensors: labels are [N, B]
+            *head, batch, idx = args
+            args = (*head, (None, range(batch[1].shape[-1])), idx)
         for r, (t, m) in zip(self.recorders, self.views, strict=True):
             if r.diverged_at is not None and hook not in ("teardown", "on_exception"):
                 continue  # its run ended at the divergence: no rows, times or rates after it
-            if hook == "on_train_batch_end":  # the member's own batch: B images
-                out, batch, idx = args
-                getattr(r, hook)(t, m, out, (None, batch[1][m.index]), idx)
-            elif hook == "on_train_batch_start":
-                getattr(r, hook)(t, m, None, *args[1:])
-            else:
-                getattr(r, hook)(t, m, *args)
+            getattr(r, hook)(t, m, *args)
         if hook == "on_train_batch_end" and all(t.should_stop for t, _ in self.views):
             trainer.should_stop = True
 

@@ -27,7 +27,7 @@ from hydra.core.utils import (
 from omegaconf import OmegaConf, open_dict
 
 from autograd_lab.config.schema import validate
-from autograd_lab.config.stacking import NAME, probes_typed, refusal
+from autograd_lab.config.stacking import refusal
 from autograd_lab.errors import EXIT_USER_ERROR, UserError, error_text
 from autograd_lab.job.checkpoint import RunInterrupted
 from autograd_lab.job.messages import skipped
@@ -35,13 +35,6 @@ from autograd_lab.job.rundir import finished_record, group_choices, record_failu
 from autograd_lab.job.stacked import Member, train_group
 
 log = logging.getLogger(__name__)
-
-def _excluding(config, key: str) -> str:
-    """The Hydra override that adds `key` to the keys job folder names leave out (Hydra names
-    a job's folder when it composes the job's config)."""
-    keys = [*config.hydra.job.config.override_dirname.exclude_keys, key]
-    return f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"
-
 
 def group_key(config: dict) -> str:
     """Jobs with the same key train as one stack: everything but the seed equal."""
@@ -55,12 +48,7 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     config, context = launcher.config, launcher.hydra_context
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     plans = []
-    if not all(probes_typed(o) for o in job_overrides):
-        print(f"autograd-lab: note: {NAME}: probes=off (probes measure one network per "
-              f"step)", file=sys.stderr)
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-        if not probes_typed(overrides):  # a constant of the sweep, as if typed: not in the
-            overrides = [*overrides, "probes=off", _excluding(config, "probes")]  # job names
         sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
