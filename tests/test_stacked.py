@@ -336,3 +336,20 @@ def test_the_stacked_launcher_without_multirun_is_refused(tmp_path, monkeypatch,
                              "jobs of a sweep: add -m, e.g. autograd-lab train -m "
                              "hydra/launcher=stacked seed=0,1,2,3\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_path_names_a_stacked_sweep_with_probes_off():
+    """The CLI, al.multirun and the preflight alike add probes=off, as if typed, right after
+    the launcher where no probes is typed, so the sweep folder's name says it (the preflight
+    names folders: a stacked sweep and the same sweep with probes are other folders)."""
+    from autograd_lab.config.preflight import check_overrides
+    from autograd_lab.config.stacking import stack_overrides
+
+    args = ["-m", "hydra/launcher=stacked", "seed=0,1"]
+    assert stack_overrides(args, True) == ["-m", "hydra/launcher=stacked", "probes=off",
+                                           "seed=0,1"]
+    assert stack_overrides([*args, "probes=off"], True) == [*args, "probes=off"]
+    assert stack_overrides(["seed=0,1"], True) == ["seed=0,1"]
+    plan = check_overrides(["hydra/launcher=stacked", "data=synthetic", "seed=0,1"], True,
+                           files=False)
+    assert "probes=off" in plan.sweep_dir()

@@ -37,6 +37,7 @@ from autograd_lab.cli.landscape import compute as landscape_compute
 from autograd_lab.config.compose import compose
 from autograd_lab.config.preflight import check_overrides
 from autograd_lab.config.schema import validate
+from autograd_lab.config.stacking import stack_overrides
 from autograd_lab.errors import UserError
 from autograd_lab.job.messages import skipped_line
 from autograd_lab.job.rundir import finished_record, read_run_json
@@ -241,7 +242,8 @@ def multirun(study: str | None = None, overrides=(), *, root="multirun",
     some job failed returns normally (see `.failed` and each run's status).
     """
 
-    args = ([f"experiment={study}"] if study else []) + [str(o) for o in overrides]
+    args = stack_overrides(([f"experiment={study}"] if study else [])
+                           + [str(o) for o in overrides], multirun=True)
     plan = check_overrides(args, multirun=True)  # one line for a bad override, before any job
     given = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")), None)
     if given is not None:

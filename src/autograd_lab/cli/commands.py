@@ -12,7 +12,7 @@ import autograd_lab.train as train_app
 from autograd_lab.config.preflight import check_overrides
 from autograd_lab.config.resources import cifar10_present
 from autograd_lab.config.stacking import NAME as STACKED
-from autograd_lab.config.stacking import is_stacked, probes_typed
+from autograd_lab.config.stacking import is_stacked, stack_overrides
 from autograd_lab.config.targets import refuse_running_code
 from autograd_lab.disk.lock import SWEEP_DIRS, check_entries, check_free
 from autograd_lab.errors import UserError, first_line
@@ -35,11 +35,8 @@ def train(args: list[str]) -> int:
     if is_stacked(args) and not multirun:  # Hydra would run one plain job and say nothing
         raise UserError(f"{STACKED}: a launcher runs the jobs of a sweep: add -m, e.g. "
                         f"autograd-lab train -m {STACKED} seed=0,1,2,3")
-    if multirun and is_stacked(args) and not probes_typed(args):
-        # a stack trains with probes off: as if typed, so the sweep's folder says so and is
-        # not the folder of the same sweep with probes (another run of each job)
-        at = next(i for i, a in enumerate(args) if is_stacked([a]))
-        args = [*args[:at + 1], "probes=off", *args[at + 1:]]
+    if stack_overrides(args, multirun) != args:  # probes=off, as if typed
+        args = stack_overrides(args, multirun)
         print(f"autograd-lab: note: {STACKED}: probes=off (probes measure one network per "
               f"step)", file=sys.stderr)
     checked = not any(a.split("=")[0] in _INFO_FLAGS for a in args)

@@ -33,7 +33,7 @@ from autograd_lab.config.keys import (
 )
 from autograd_lab.config.resources import data_problems, memory_problems
 from autograd_lab.config.schema import CHECKS, validate
-from autograd_lab.config.stacking import is_stacked, refusal
+from autograd_lab.config.stacking import is_stacked, refusal, stack_overrides
 from autograd_lab.config.targets import check_arguments, check_targets, shipped_targets
 from autograd_lab.errors import UserError, did_you_mean, first_line
 
@@ -176,6 +176,7 @@ def check_overrides(overrides: list[str], multirun: bool, files: bool = True) ->
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    overrides = stack_overrides(overrides, multirun)
     parser = OverridesParser.create()
     parsed = []
     for text in overrides:

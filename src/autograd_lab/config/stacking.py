@@ -50,9 +50,19 @@ def probes_typed(overrides) -> bool:
     return any(str(o).split("=", 1)[0].lstrip("+~") == "probes" for o in overrides)
 
 
+def stack_overrides(args: list[str], multirun: bool) -> list[str]:
+    """A stacked sweep trains with probes off: `probes=off` added, as if typed, right after
+    hydra/launcher=stacked where no probes is typed, so the sweep's folder name says so (the
+    same sweep with probes is other runs, in another folder). Every path applies it: the CLI,
+    al.multirun and the preflight."""
+    if not multirun or not is_stacked(args) or probes_typed(args):
+        return list(args)
+    at = next(i for i, a in enumerate(args) if is_stacked([a]))
+    return [*args[:at + 1], "probes=off", *args[at + 1:]]
+
+
 def refusal(cfg) -> str | None:
-    """Why this job cannot train in a stack (one line), or None. (`autograd-lab train` adds
-    probes=off to a stacked sweep where none is typed.)"""
+    """Why this job cannot train in a stack (one line), or None."""
     for key, ok, why in SUPPORTED:
         value = OmegaConf.select(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, key,
                                  default=None)
